@@ -1,0 +1,111 @@
+"""Atomic, pickle-free artifact I/O: JSON for numbers, safetensors for tensors.
+
+Every writer goes through a temporary file in the destination folder followed by
+``os.replace``, so an interrupted run never leaves a half-written artifact behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "atomic_write_bytes",
+    "write_json",
+    "read_json",
+    "save_tensors",
+    "load_tensors",
+    "read_tensor_metadata",
+    "to_jsonable",
+]
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert tensors, numpy values, tuples and non-finite floats into plain JSON values."""
+    if isinstance(obj, torch.Tensor):
+        return to_jsonable(obj.detach().cpu().tolist())
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False)
+    return atomic_write_bytes(path, (text + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"artifact not found: {path}")
+    return json.loads(path.read_text())
+
+
+def save_tensors(
+    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
+) -> Path:
+    """Save tensors as safetensors atomically. ``metadata`` values are JSON-encoded strings."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {str(k): json.dumps(to_jsonable(v)) for k, v in (metadata or {}).items()}
+    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(clean, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"artifact not found: {path}")
+    return load_file(str(path))
+
+
+def read_tensor_metadata(path: str | Path) -> dict[str, Any]:
+    """Decode the JSON metadata stored by :func:`save_tensors`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    return {k: json.loads(v) for k, v in meta.items()}

@@ -1,0 +1,117 @@
+"""Exact attribution of attention logits to query subspaces (METHOD §4, Fig. 10).
+
+``q`` is split into orthogonal parts — its projection on the first basis, on the second
+basis orthogonalised against the first, and so on, plus the residual — so every logit
+``q·k_j`` is exactly the sum of the parts' logits, with no double counting where the
+subspaces overlap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .subspace import orthonormalize
+
+__all__ = ["Attribution", "attribute", "sequential_bases"]
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Per-part logits.
+
+    Attributes:
+        names: part names, the bases' names then ``"residual"``.
+        parts: ``[P+1, ..., S]`` logit contributions (same leading shape as the input q).
+        total: ``[..., S]`` the full logits ``q·k_j · scaling``; ``parts.sum(0) == total``.
+        bases: the orthogonalised bases actually used, ``[d, r_i']`` each.
+    """
+
+    names: list[str]
+    parts: torch.Tensor
+    total: torch.Tensor
+    bases: list[torch.Tensor]
+
+    @property
+    def residual(self) -> torch.Tensor:
+        return self.parts[-1]
+
+    def explained_fraction(self) -> float:
+        """``1 − ‖residual‖² / ‖total‖²`` over every logit given."""
+        denom = float((self.total.double() ** 2).sum())
+        if denom == 0:
+            return float("nan")
+        return 1.0 - float((self.residual.double() ** 2).sum()) / denom
+
+    def part(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise ValueError(f"unknown part {name!r}; expected one of {self.names}")
+        return self.parts[self.names.index(name)]
+
+
+def sequential_bases(bases: Sequence[torch.Tensor], tol: float = 1e-8) -> list[torch.Tensor]:
+    """Orthogonalise each basis against all earlier ones (priority = list order)."""
+    out: list[torch.Tensor] = []
+    span = None  # orthonormal basis of everything so far
+    for b in bases:
+        b = b.double()
+        if span is not None:
+            b = b - span @ (span.T @ b)
+        ob = orthonormalize(b, tol)
+        out.append(ob)
+        span = ob if span is None else torch.cat([span, ob], dim=1)
+    return out
+
+
+def attribute(
+    q: torch.Tensor,
+    K: torch.Tensor,
+    bases: Sequence[torch.Tensor] | dict[str, torch.Tensor],
+    *,
+    priority: Sequence[str] | None = None,
+    scaling: float = 1.0,
+) -> Attribution:
+    """Split logits ``q·Kᵀ`` into contributions of query subspaces.
+
+    Args:
+        q: ``[d]`` or ``[n, d]`` queries.
+        K: ``[S, d]`` keys (shared by all queries) or ``[n, S, d]`` per query.
+        bases: query-side bases ``[d, r_i]`` (list, or dict name → basis). Later bases are
+            orthogonalised against earlier ones; ``priority`` reorders a dict's names.
+        scaling: multiply logits (e.g. ``1/√d`` to match attention scores).
+
+    Returns:
+        :class:`Attribution` whose ``parts`` sum exactly (to float rounding) to ``total``.
+    """
+    if isinstance(bases, dict):
+        names = list(priority) if priority is not None else list(bases)
+        unknown = [n for n in names if n not in bases]
+        if unknown:
+            raise ValueError(f"priority names {unknown} are not among the bases {list(bases)}")
+        basis_list = [bases[n] for n in names]
+    else:
+        if priority is not None:
+            raise ValueError("priority needs bases given as a dict name -> basis")
+        basis_list = list(bases)
+        names = [f"basis_{i}" for i in range(len(basis_list))]
+    d = q.shape[-1]
+    if K.shape[-1] != d:
+        raise ValueError(f"K has head dim {K.shape[-1]} but q has {d}")
+    for name, b in zip(names, basis_list, strict=True):
+        if b.ndim != 2 or b.shape[0] != d:
+            raise ValueError(f"basis {name!r} must be [d={d}, r], got {list(b.shape)}")
+    single = q.ndim == 1
+    q2 = q.double().reshape(-1, d)
+    K3 = K.double() if K.ndim == 3 else K.double().unsqueeze(0).expand(q2.shape[0], -1, -1)
+    if K3.shape[0] != q2.shape[0]:
+        raise ValueError(f"K has {K3.shape[0]} key sets for {q2.shape[0]} queries")
+    ortho = sequential_bases(basis_list)
+    q_parts = [q2 @ b @ b.T for b in ortho]
+    q_parts.append(q2 - sum(q_parts) if q_parts else q2)
+    parts = torch.stack([torch.einsum("nd,nsd->ns", qp, K3) for qp in q_parts]) * scaling
+    total = torch.einsum("nd,nsd->ns", q2, K3) * scaling
+    if single:
+        parts, total = parts[:, 0], total[0]
+    return Attribution(names=[*names, "residual"], parts=parts, total=total, bases=ortho)

@@ -1,0 +1,30 @@
+"""``qkcov report DIR``: one self-contained HTML page from the artifacts under DIR."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..report import build_report
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="write DIR/report.html embedding every experiment's figures and key numbers",
+        description=(
+            "Collect every experiment folder under DIR (each has a section.json written by its "
+            "command) into one self-contained DIR/report.html: figures are embedded, interactive "
+            "plots work offline."
+        ),
+    )
+    p.add_argument("dir", help="output folder of one or more qkcov commands (e.g. ./qkcov-demo)")
+    p.add_argument("--title", default="qkcov report", help="page title")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    path = build_report(args.dir, title=args.title)
+    print(path)
+    return 0

@@ -1,0 +1,169 @@
+"""Low-rank query/key subspaces from a contrastive covariance (METHOD §2).
+
+``ΔC = U S Vᵀ``; the feature's rank is the smallest r whose cumulative energy
+``Σ_{i≤r} s_i² / Σ s_i²`` reaches a threshold. Plain tensors only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .config import check_range
+
+__all__ = [
+    "FeatureSubspace",
+    "feature_subspace",
+    "rank_at_energy",
+    "union_basis",
+    "union_subspace",
+    "principal_angles",
+    "random_orthonormal",
+    "orthonormalize",
+]
+
+
+@dataclass(frozen=True)
+class FeatureSubspace:
+    """SVD summary of one ΔC.
+
+    Attributes:
+        rank: r, the number of directions kept.
+        singular_values: all singular values ``[min(d_q, d_k)]``, descending.
+        query_basis: ``U[:, :r]`` ``[d_q, r]``, orthonormal columns.
+        key_basis: ``V[:, :r]`` ``[d_k, r]``, orthonormal columns.
+        energy_curve: cumulative energy ``[min(d_q, d_k)]``.
+        energy: the threshold used to choose ``rank``.
+    """
+
+    rank: int
+    singular_values: torch.Tensor
+    query_basis: torch.Tensor
+    key_basis: torch.Tensor
+    energy_curve: torch.Tensor
+    energy: float
+
+    def to_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Tensors for a safetensors artifact (rank/energy go in JSON or metadata)."""
+        return {
+            f"{prefix}singular_values": self.singular_values,
+            f"{prefix}query_basis": self.query_basis,
+            f"{prefix}key_basis": self.key_basis,
+            f"{prefix}energy_curve": self.energy_curve,
+        }
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "rank": self.rank,
+            "energy": self.energy,
+            "singular_values": self.singular_values.tolist(),
+            "energy_curve": self.energy_curve.tolist(),
+        }
+
+
+def rank_at_energy(singular_values: torch.Tensor, energy: float = 0.99) -> int:
+    """Smallest r with ``Σ_{i≤r} s_i² / Σ s_i² ≥ energy`` (0 for an all-zero spectrum)."""
+    check_range("energy", energy, 0.0, 1.0, low_open=True)
+    s2 = singular_values.double() ** 2
+    total = s2.sum()
+    if total <= 0:
+        return 0
+    curve = torch.cumsum(s2, 0) / total
+    # tolerance so that energy=1.0 does not demand beyond-rounding precision
+    return int((curve < energy - 1e-12).sum().item()) + 1
+
+
+def feature_subspace(
+    delta: torch.Tensor, energy: float = 0.99, rank: int | None = None
+) -> FeatureSubspace:
+    """SVD of ``delta [d_q, d_k]``; keep the rank reaching ``energy`` (or a fixed ``rank``)."""
+    if not isinstance(delta, torch.Tensor) or delta.ndim != 2:
+        shape = list(delta.shape) if isinstance(delta, torch.Tensor) else type(delta).__name__
+        raise ValueError(f"delta must be a 2-D tensor [d_q, d_k], got {shape}")
+    if not torch.isfinite(delta).all():
+        raise ValueError("delta contains NaN or inf")
+    check_range("energy", energy, 0.0, 1.0, low_open=True)
+    d = delta.double()
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    total = (s**2).sum()
+    curve = torch.cumsum(s**2, 0) / total if total > 0 else torch.zeros_like(s)
+    if rank is None:
+        r = rank_at_energy(s, energy)
+    else:
+        if not 0 <= rank <= s.numel():
+            raise ValueError(f"rank must be in [0, {s.numel()}], got {rank}")
+        r = rank
+    return FeatureSubspace(
+        rank=r,
+        singular_values=s,
+        query_basis=u[:, :r].contiguous(),
+        key_basis=vh[:r].T.contiguous(),
+        energy_curve=curve,
+        energy=float(energy),
+    )
+
+
+def orthonormalize(basis: torch.Tensor, tol: float = 1e-8) -> torch.Tensor:
+    """Orthonormal basis ``[d, r']`` of the column span of ``basis [d, r]`` (r' = numerical rank)."""
+    if basis.ndim != 2:
+        raise ValueError(f"basis must be 2-D [d, r], got {list(basis.shape)}")
+    if basis.shape[1] == 0:
+        return basis.double()
+    u, s, _ = torch.linalg.svd(basis.double(), full_matrices=False)
+    keep = s > tol * max(float(s[0]), 1.0) if s.numel() else s.bool()
+    return u[:, keep].contiguous()
+
+
+def union_basis(bases: Sequence[torch.Tensor], tol: float = 1e-8) -> torch.Tensor:
+    """Stack several ``[d, r_i]`` bases and re-orthonormalise into one ``[d, r]`` basis."""
+    if not bases:
+        raise ValueError("union_basis needs at least one basis")
+    dims = {b.shape[0] for b in bases}
+    if len(dims) != 1:
+        raise ValueError(f"bases must share their first dimension, got {sorted(dims)}")
+    return orthonormalize(torch.cat([b.double() for b in bases], dim=1), tol)
+
+
+def union_subspace(
+    subspaces: Sequence[FeatureSubspace], tol: float = 1e-8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Union of several feature subspaces: ``(query_basis [d_q, r], key_basis [d_k, r'])``."""
+    return (
+        union_basis([s.query_basis for s in subspaces], tol),
+        union_basis([s.key_basis for s in subspaces], tol),
+    )
+
+
+def principal_angles(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Principal angles (radians, ascending) between the column spans of ``a [d, r_a]`` and ``b [d, r_b]``."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"bases must be [d, r] with equal d, got {list(a.shape)} and {list(b.shape)}"
+        )
+    qa, qb = orthonormalize(a), orthonormalize(b)
+    if qa.shape[1] == 0 or qb.shape[1] == 0:
+        return torch.empty(0, dtype=torch.float64)
+    cos = torch.linalg.svdvals(qa.T @ qb).clamp(-1.0, 1.0)
+    return torch.arccos(cos)
+
+
+def random_orthonormal(
+    dim: int,
+    rank: int,
+    seed: int | torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Haar-random orthonormal basis ``[dim, rank]`` (QR of a Gaussian matrix, sign-fixed)."""
+    if not (isinstance(dim, int) and dim >= 1):
+        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    if not (isinstance(rank, int) and 0 <= rank <= dim):
+        raise ValueError(f"rank must be an integer in [0, {dim}], got {rank!r}")
+    gen = (
+        seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed or 0))
+    )
+    g = torch.randn(dim, rank, generator=gen, dtype=torch.float64)
+    q, r = torch.linalg.qr(g)
+    q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(()))
+    return q.to(dtype)
