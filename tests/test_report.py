@@ -1,0 +1,56 @@
+"""The HTML report embeds every section found under a folder, offline."""
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import plotly.graph_objects as go  # noqa: E402
+import pytest  # noqa: E402
+
+from qkcov.cli import main  # noqa: E402
+from qkcov.report import build_report, write_section  # noqa: E402
+
+
+def _section(folder, key, order):
+    folder.mkdir(parents=True)
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    fig.savefig(folder / "fig.png")
+    plt.close(fig)
+    (folder / "fig.plotly.json").write_text(go.Figure(go.Scatter(x=[1, 2], y=[3, 4])).to_json())
+    write_section(
+        folder,
+        key=key,
+        title=f"Section {key}",
+        order=order,
+        summary={"rank": 3, "delta_p": 0.25},
+        tables=[{"caption": "t", "columns": ["a", "b"], "rows": [[1, 2.5]]}],
+        figures=[{"file": "fig.png", "caption": "a line"}],
+        interactive=[{"file": "fig.plotly.json", "caption": "interactive"}],
+    )
+
+
+def test_report_embeds_sections_in_order(tmp_path):
+    _section(tmp_path / "b", "second", 2)
+    _section(tmp_path / "a", "first", 1)
+    out = build_report(tmp_path)
+    page = out.read_text()
+    assert page.index("Section first") < page.index("Section second")
+    assert page.count("<img ") == 2
+    assert "Plotly.newPlot" in page and "<script src=" not in page  # plotly.js embedded offline
+    index = json.loads((tmp_path / "report_index.json").read_text())
+    assert [s["key"] for s in index["sections"]] == ["first", "second"]
+
+
+def test_section_with_missing_figure_is_rejected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        write_section(
+            tmp_path, key="x", title="x", figures=[{"file": "missing.png", "caption": ""}]
+        )
+
+
+def test_report_cli_errors_on_empty_folder(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no section.json" in capsys.readouterr().err
