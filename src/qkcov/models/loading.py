@@ -122,10 +122,12 @@ def model_info(model: PreTrainedModel) -> ModelInfo:
     )
 
 
-def _default_attn(config: Any) -> str:
+def _default_attn(config: Any, current: str) -> str:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     # sdpa cannot soft-cap attention logits (Gemma-2); eager can.
-    return "eager" if getattr(text, "attn_logit_softcapping", None) else "sdpa"
+    if getattr(text, "attn_logit_softcapping", None) or current not in ("sdpa", "eager"):
+        return "eager"
+    return current
 
 
 def _resolve(name_or_path: str, gguf_file: str | None) -> tuple[str, str | None, str]:
@@ -185,7 +187,7 @@ def _load_cached(
             location,
             dtype=dtype,
             device_map=device_map,
-            attn_implementation=attn_implementation or "sdpa",
+            attn_implementation=attn_implementation,  # None: sdpa where supported, else eager
             **kwargs,
         )
     except OSError as err:
@@ -193,7 +195,7 @@ def _load_cached(
             f"could not load model {display!r} from {location!r}: {err}. "
             f"Presets: {', '.join(sorted(PRESETS))}"
         ) from err
-    attn = attn_implementation or _default_attn(model.config)
+    attn = attn_implementation or _default_attn(model.config, model.config._attn_implementation)
     if model.config._attn_implementation != attn:
         model.set_attn_implementation(attn)
     if device_map is None:

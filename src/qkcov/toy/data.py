@@ -8,6 +8,12 @@ Everything is batched over ``K`` independent *cells* (one cell = one DGP + one m
 so a whole experiment grid is simulated with a handful of tensor ops. Latent dimensions
 are padded to a common ``L = max(N, M)``; padded coordinates are always zero and the
 padded columns of the maps are zero, so padding changes nothing numerically.
+
+Gaussian latents are drawn on the sphere by default (``latent_norm="sphere"``): ``z ~ N(0, I_N)``
+rescaled to norm ``√N``. With raw Gaussian latents a distractor with a large norm out-scores
+the target under any dot-product (bilinear) match, capping every attention head below 100%;
+on the sphere the target is the unique maximiser of ``z*ᵀ z_i`` (Cauchy–Schwarz) while
+``E[z zᵀ] = I`` is unchanged, so the analytic ΔC is the same. ``"raw"`` keeps plain Gaussians.
 """
 
 from __future__ import annotations
@@ -20,8 +26,12 @@ import torch
 from ..config import ConfigMixin, check_positive_int, check_range
 
 __all__ = [
+    "check_factor",
+    "check_variant",
+    "check_latent_norm",
     "VARIANTS",
     "FACTORS",
+    "LATENT_NORMS",
     "ToyConfig",
     "ToyDGP",
     "ToyBatch",
@@ -31,11 +41,17 @@ __all__ = [
 
 VARIANTS = ("binary", "gaussian")
 FACTORS = ("z1", "z2", "both")
+LATENT_NORMS = ("sphere", "raw")
 
 
 def check_variant(variant: str) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
+
+
+def check_latent_norm(latent_norm: str) -> None:
+    if latent_norm not in LATENT_NORMS:
+        raise ValueError(f"latent_norm must be one of {list(LATENT_NORMS)}, got {latent_norm!r}")
 
 
 def check_factor(factor: str) -> None:
@@ -48,7 +64,8 @@ class ToyConfig(ConfigMixin):
     """One cell of the simplified setting.
 
     Attributes:
-        variant: ``"binary"`` (z ∈ {-1,+1}^N) or ``"gaussian"`` (z ~ N(0, I)).
+        variant: ``"binary"`` (z ∈ {-1,+1}^N) or ``"gaussian"`` (z ~ N(0, I), see
+            ``latent_norm``).
         n_z1: N, dimension of latent z1.
         n_z2: M, dimension of latent z2.
         d_model: token dimension.
@@ -57,6 +74,12 @@ class ToyConfig(ConfigMixin):
         n_payload: P, number of payload classes.
         noise: std of the isotropic Gaussian noise added to every token.
         seed: seeds the fixed random maps and the model's initial weights.
+        latent_norm: gaussian variant only. ``"sphere"`` (default) rescales each drawn
+            ``z ~ N(0, I_N)`` to norm ``√N`` (uniform direction; ``E[z zᵀ] = I`` still), so
+            every key has the same latent norm and the target is the unique bilinear
+            maximiser; ``"raw"`` keeps the plain Gaussian, where a distractor with a larger
+            norm can out-score the target under any dot-product head (accuracy ceiling
+            recorded as ``oracle_accuracy``). Binary latents already have norm ``√N``.
     """
 
     variant: str = "binary"
@@ -68,9 +91,11 @@ class ToyConfig(ConfigMixin):
     n_payload: int = 10
     noise: float = 0.05
     seed: int = 0
+    latent_norm: str = "sphere"
 
     def __post_init__(self) -> None:
         check_variant(self.variant)
+        check_latent_norm(self.latent_norm)
         for name in ("n_z1", "n_z2", "d_model", "d_head", "n_payload"):
             check_positive_int(name, getattr(self, name))
         check_positive_int("context", self.context, minimum=2)
@@ -84,7 +109,8 @@ class ToyConfig(ConfigMixin):
 
     @property
     def name(self) -> str:
-        return f"{self.variant}_N{self.n_z1}_M{self.n_z2}_s{self.seed}"
+        raw = "_raw" if self.variant == "gaussian" and self.latent_norm == "raw" else ""
+        return f"{self.variant}{raw}_N{self.n_z1}_M{self.n_z2}_s{self.seed}"
 
     def cell_seed(self) -> int:
         """Deterministic per-cell seed (same cell → same maps/init whatever batch it is in)."""
@@ -128,7 +154,8 @@ class ToyDGP:
 
     Tensors: ``A1, A2, B1, B2 [K, d_model, L]`` (zero beyond N resp. M), ``E [K, P, d_model]``
     (payload embeddings as rows), ``mask1, mask2 [K, L]`` (active latent coordinates),
-    ``binary [K]`` (variant per cell), ``noise [K]``.
+    ``binary [K]`` (variant per cell), ``sphere [K]`` (gaussian cells with
+    ``latent_norm="sphere"``), ``noise [K]``.
     """
 
     def __init__(self, configs: Sequence[ToyConfig]) -> None:
@@ -142,7 +169,9 @@ class ToyDGP:
                 first.context,
                 first.n_payload,
             ):
-                raise ValueError("cells trained together must share d_model, d_head, context, n_payload")
+                raise ValueError(
+                    "cells trained together must share d_model, d_head, context, n_payload"
+                )
         self.configs = list(configs)
         self.d_model, self.context, self.n_payload = first.d_model, first.context, first.n_payload
         self.L = max(max(c.n_z1, c.n_z2) for c in configs)
@@ -164,6 +193,9 @@ class ToyDGP:
             self.mask1[k, : c.n_z1] = True
             self.mask2[k, : c.n_z2] = True
         self.binary = torch.tensor([c.variant == "binary" for c in configs])
+        self.sphere = torch.tensor(
+            [c.variant == "gaussian" and c.latent_norm == "sphere" for c in configs]
+        )
         self.noise = torch.tensor([float(c.noise) for c in configs])
 
     @property
@@ -178,22 +210,50 @@ class ToyDGP:
     def sample_latents(
         self, shape: Sequence[int], gen: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fresh ``(z1, z2)``, each ``[K, *shape, L]``; zero beyond N / M."""
-        K, L = self.n_cells, self.L
-        out = []
-        for mask in (self.mask1, self.mask2):
-            g = torch.randn(K, *shape, L, generator=gen)
+        """Fresh ``(z1, z2)``, each ``[K, *shape, L]``; zero beyond N / M.
+
+        Binary cells: signs of ``N(0, 1)`` draws. Gaussian cells: ``N(0, I)``; with
+        ``latent_norm="sphere"`` each vector is rescaled to norm ``√dim`` (uniform on that
+        sphere, so ``E[z zᵀ] = I`` as for the other variants).
+        """
+        g = torch.randn(self.n_cells, *shape, 2, self.L, generator=gen)
+        if bool(self.binary.any()):
             binary = self._bshape(self.binary, g.ndim)
-            z = torch.where(binary, torch.sign(g), g)
-            z = torch.where(z == 0, torch.ones_like(z), z) if bool(self.binary.any()) else z
-            out.append(z * self._bshape(mask, g.ndim))
-        return out[0], out[1]
+            g = torch.where(binary, torch.where(g >= 0, 1.0, -1.0), g)
+        mask = torch.stack([self.mask1, self.mask2], 1)  # [K, 2, L]
+        g = g * self._bshape(mask, g.ndim)
+        if bool(self.sphere.any()):
+            dim = mask.sum(-1, keepdim=True).to(g.dtype)  # [K, 2, 1]: N and M
+            radius = self._bshape(dim.sqrt(), g.ndim)
+            scaled = g * radius / torch.linalg.vector_norm(g, dim=-1, keepdim=True).clamp_min(1e-12)
+            g = torch.where(self._bshape(self.sphere, g.ndim), scaled, g)
+        return g[..., 0, :], g[..., 1, :]
+
+    def second_moment(self, factor: str) -> torch.Tensor:
+        """Exact ``E[z zᵀ] − E[z z'ᵀ]`` ``[K, L, L]`` of ``factor``'s latent under contrast sampling.
+
+        ``z'`` is a fresh independent draw (``E[z z'ᵀ] = 0``, latents are zero-mean) and
+        ``E[z zᵀ] = I`` for binary, raw Gaussian and sphere-normalised Gaussian latents alike
+        (the sphere of radius ``√dim`` is isotropic: ``E[z zᵀ] = (‖z‖²/dim) I``); padded
+        coordinates are zero. ``"both"`` is block-diagonal over ``(z1, z2)``: not returned.
+        """
+        check_factor(factor)
+        if factor == "both":
+            raise ValueError("second_moment takes factor 'z1' or 'z2'")
+        mask = self.mask1 if factor == "z1" else self.mask2
+        return torch.diag_embed(mask.to(torch.float64))
 
     def _noise(self, shape: Sequence[int], gen: torch.Generator) -> torch.Tensor:
         eps = torch.randn(self.n_cells, *shape, self.d_model, generator=gen)
         return eps * self._bshape(self.noise, eps.ndim)
 
     # --------------------------------------------------------------- encoders
+    def _linear(self, feats: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """``feats [K, *batch, f]`` times per-cell ``maps [K, d_model, f]`` → ``[K, *batch, d_model]``."""
+        K = self.n_cells
+        flat = feats.reshape(K, -1, feats.shape[-1])
+        return torch.bmm(flat, maps.transpose(1, 2)).reshape(*feats.shape[:-1], self.d_model)
+
     def encode_keys(
         self, z1: torch.Tensor, z2: torch.Tensor, payload: torch.Tensor | None, gen: torch.Generator
     ) -> torch.Tensor:
@@ -201,63 +261,56 @@ class ToyDGP:
 
         ``z1, z2 [K, *batch, L]``; ``payload [K, *batch]`` class ids or ``None`` (no payload).
         """
-        K = self.n_cells
-        flat1, flat2 = z1.reshape(K, -1, self.L), z2.reshape(K, -1, self.L)
-        x = flat1 @ self.A1.transpose(1, 2) + flat2 @ self.A2.transpose(1, 2)
+        parts, maps = [z1, z2], [self.A1, self.A2]
         if payload is not None:
-            idx = payload.reshape(K, -1, 1).expand(-1, -1, self.d_model)
-            x = x + self.E.gather(1, idx)
-        x = x.reshape(*z1.shape[:-1], self.d_model)
+            parts.append(torch.nn.functional.one_hot(payload, self.n_payload).to(z1.dtype))
+            maps.append(self.E.transpose(1, 2))
+        x = self._linear(torch.cat(parts, -1), torch.cat(maps, -1))
         return x + self._noise(z1.shape[1:-1], gen)
 
-    def encode_query(self, z1: torch.Tensor, z2: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def encode_query(
+        self, z1: torch.Tensor, z2: torch.Tensor, gen: torch.Generator
+    ) -> torch.Tensor:
         """Query tokens ``B1 z1 + B2 z2 + noise`` ``[K, *batch, d_model]`` from ``z [K, *batch, L]``."""
-        K = self.n_cells
-        flat1, flat2 = z1.reshape(K, -1, self.L), z2.reshape(K, -1, self.L)
-        x = flat1 @ self.B1.transpose(1, 2) + flat2 @ self.B2.transpose(1, 2)
-        return x.reshape(*z1.shape[:-1], self.d_model) + self._noise(z1.shape[1:-1], gen)
+        x = self._linear(torch.cat([z1, z2], -1), torch.cat([self.B1, self.B2], -1))
+        return x + self._noise(z1.shape[1:-1], gen)
 
     def random_payload(self, shape: Sequence[int], gen: torch.Generator) -> torch.Tensor:
         return torch.randint(0, self.n_payload, (self.n_cells, *shape), generator=gen)
 
     # --------------------------------------------------------------- sampling
-    def same_latents(
-        self, z1a: torch.Tensor, z2a: torch.Tensor, z1b: torch.Tensor, z2b: torch.Tensor
-    ) -> torch.Tensor:
-        """Whether two latent pairs are identical on the active coordinates ``[K, *batch]``."""
-        return (z1a == z1b).all(-1) & (z2a == z2b).all(-1)
-
     def sample_sequences(self, batch: int, gen: torch.Generator) -> ToyBatch:
         """``batch`` retrieval sequences per cell.
 
         Distractors are i.i.d. like the target; a binary distractor whose latents equal the
-        target's exactly (an ambiguous sequence) gets one active coordinate flipped.
+        target's exactly (an ambiguous sequence) gets one active coordinate flipped (the
+        first of z1 or of z2, at random).
         """
-        K, C = self.n_cells, self.context
+        K, C, L = self.n_cells, self.context, self.L
         z1, z2 = self.sample_latents((batch, C), gen)
         target = torch.randint(0, C, (K, batch), generator=gen)
         payload = self.random_payload((batch, C), gen)
+        t_idx = target[..., None, None].expand(-1, -1, 1, L)
         if bool(self.binary.any()):
-            t_idx = target[..., None, None].expand(-1, -1, 1, self.L)
-            z1t, z2t = z1.gather(2, t_idx), z2.gather(2, t_idx)
-            clash = self.same_latents(z1, z2, z1t, z2t)  # [K, B, C]
-            clash &= torch.arange(C)[None, None, :] != target[..., None]
+            z = torch.cat([z1, z2], -1)  # [K, B, C, 2L]
+            zt = z.gather(2, t_idx.repeat(1, 1, 1, 2))
+            clash = (z == zt).all(-1)
+            clash &= torch.arange(C) != target[..., None]
             if bool(clash.any()):
-                flip_z1 = torch.rand(K, batch, C, generator=gen) < 0.5
-                first = torch.zeros(self.L)
-                first[0] = 1.0
-                f1 = (clash & flip_z1)[..., None] * first
-                f2 = (clash & ~flip_z1)[..., None] * first
-                z1, z2 = z1 * (1 - 2 * f1), z2 * (1 - 2 * f2)
+                flip = torch.zeros(K, batch, C, 2 * L)
+                which = torch.randint(0, 2, (K, batch, C, 1), generator=gen) * L
+                flip.scatter_(-1, which, clash[..., None].float())
+                z = z * (1 - 2 * flip)
+                z1, z2 = z[..., :L], z[..., L:]
         x_ctx = self.encode_keys(z1, z2, payload, gen)
-        t_idx = target[..., None, None].expand(-1, -1, 1, self.L)
         x_q = self.encode_query(z1.gather(2, t_idx)[:, :, 0], z2.gather(2, t_idx)[:, :, 0], gen)
         return ToyBatch(x_ctx=x_ctx, x_q=x_q, target=target, payload=payload, z1=z1, z2=z2)
 
     def oracle_accuracy(self, batch: ToyBatch) -> torch.Tensor:
         """Accuracy ``[K]`` of the ideal bilinear matcher ``argmax_i z*·z_i`` (noise-free).
 
-        1 for binary latents; below 1 for Gaussian latents, where a distractor with a large
+        1 for binary and sphere-normalised Gaussian latents (equal norms: the target is the
+        unique maximiser); below 1 for raw Gaussian latents, where a distractor with a large
         norm can out-score the target under any dot-product match.
         """
         t_idx = batch.target[..., None, None].expand(-1, -1, 1, self.L)
@@ -299,7 +352,7 @@ class ToyDGP:
             self.n_payload,
             self.L,
         )
-        for name in ("A1", "A2", "B1", "B2", "E", "mask1", "mask2", "binary", "noise"):
+        for name in ("A1", "A2", "B1", "B2", "E", "mask1", "mask2", "binary", "sphere", "noise"):
             setattr(sub, name, getattr(self, name)[idx].clone())
         return sub
 

@@ -1,0 +1,392 @@
+"""Contrast records → token positions → ΔC per head and group (METHOD §2, §4).
+
+The generic runner every LLM experiment shares: :func:`resolve_records` maps each record's
+character spans to token positions of its (optionally chat-templated) prompt,
+:func:`run_contrast` streams the records through the capture engine and accumulates one
+:class:`~qkcov.covariance.ContrastiveCovariance` per head inside the forward pass, and
+:func:`collect_qk` keeps the (few) query/key vectors needed for projections and figures.
+
+Per record, the query vector is paired with the *mean* of its positive keys and the mean of
+its negative keys (``q k̄ᵀ`` = mean of ``q k_iᵀ``, the outer product being linear in k), so
+every record weighs the same whatever its number of items. A record with only one side
+(e.g. the lexical binding design) adds only that side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifacts import load_tensors, read_tensor_metadata, save_tensors
+from .covariance import ContrastiveCovariance
+from .models.capture import CapturedQK, QKSites, capture_prompts
+from .models.heads import format_head
+from .models.loading import format_prompt, model_info
+from .models.positions import encode, token_at_char
+from .subspace import FeatureSubspace, feature_subspace, union_basis
+from .tasks.records import ContrastRecord, Span
+
+__all__ = [
+    "KeySite",
+    "ResolvedRecord",
+    "resolve_records",
+    "ContrastResult",
+    "run_contrast",
+    "HeadVectors",
+    "collect_qk",
+    "POOLED",
+]
+
+POOLED = "pooled"
+Head = tuple[int, int]
+
+
+# --------------------------------------------------------------------------- positions
+@dataclass(frozen=True)
+class KeySite:
+    """One key of a record: ``pos`` is the token used as the key (span's last token by
+    default); ``first`` the span's first token (its id is the item's answer token)."""
+
+    pos: int
+    first: int
+    positive: bool
+    label: str | None = None
+
+
+@dataclass
+class ResolvedRecord:
+    """A record with token positions in its formatted prompt (unpadded coordinates)."""
+
+    index: int
+    record: ContrastRecord
+    text: str
+    input_ids: list[int]
+    query: int
+    keys: list[KeySite]
+
+    @property
+    def positives(self) -> list[int]:
+        return [k.pos for k in self.keys if k.positive]
+
+    @property
+    def negatives(self) -> list[int]:
+        return [k.pos for k in self.keys if not k.positive]
+
+    @property
+    def key_positions(self) -> list[int]:
+        return [k.pos for k in self.keys]
+
+    def answer_token(self, pos: int) -> int:
+        """Token id of the first token of the key span whose key position is ``pos``."""
+        for k in self.keys:
+            if k.pos == pos:
+                return self.input_ids[k.first]
+        raise ValueError(f"record {self.index}: no key at position {pos}")
+
+
+def _token_range(offsets: list[tuple[int, int]], c0: int, c1: int, where: str) -> tuple[int, int]:
+    try:
+        return token_at_char(offsets, c0), token_at_char(offsets, c1 - 1)
+    except ValueError as err:
+        raise ValueError(
+            f"{where}: characters [{c0}, {c1}) are not covered by tokens ({err})"
+        ) from None
+
+
+def resolve_records(
+    tokenizer: Any, records: Sequence[ContrastRecord], *, chat: bool = False
+) -> list[ResolvedRecord]:
+    """Token positions of every record's query and key spans.
+
+    With ``chat=True`` the prompt becomes the user message (``record.system`` the system
+    message) of the tokenizer's chat template; spans are shifted to where the prompt text
+    sits inside the templated string. ``query=None`` is the last token of the formatted text.
+    """
+    if not records:
+        raise ValueError("resolve_records: no records given")
+    out: list[ResolvedRecord] = []
+    for i, rec in enumerate(records):
+        where = f"record {i}"
+        if chat:
+            msgs = ([{"role": "system", "content": rec.system}] if rec.system else []) + [
+                {"role": "user", "content": rec.prompt}
+            ]
+            text = format_prompt(tokenizer, msgs, chat=True)
+            offset = text.find(rec.prompt)
+            if offset < 0:
+                raise ValueError(
+                    f"{where}: the chat template changed the prompt text; cannot map spans"
+                )
+        else:
+            text, offset = rec.prompt, 0
+        ids, offsets = encode(tokenizer, text)
+        if not ids:
+            raise ValueError(f"{where}: prompt encodes to zero tokens")
+
+        def site(span: Span, positive: bool, what: str, offsets=offsets, offset=offset) -> KeySite:
+            first, last = _token_range(
+                offsets, offset + span.start, offset + span.end, f"{where} {what}"
+            )
+            return KeySite(last if span.token == "last" else first, first, positive, span.label)
+
+        keys = [site(s, True, f"positives[{j}]") for j, s in enumerate(rec.positives)]
+        keys += [site(s, False, f"negatives[{j}]") for j, s in enumerate(rec.negatives)]
+        query = len(ids) - 1 if rec.query is None else site(rec.query, True, "query").pos
+        positions = [k.pos for k in keys]
+        if len(set(positions)) != len(positions):
+            raise ValueError(
+                f"{where}: two key spans resolve to the same token position {positions}"
+            )
+        if any(p > query for p in positions):
+            raise ValueError(
+                f"{where}: a key comes after the query token {query}; causal attention cannot see it"
+            )
+        out.append(ResolvedRecord(i, rec, text, ids, query, keys))
+    return out
+
+
+def _groups_of(resolved: Sequence[ResolvedRecord]) -> list[str]:
+    names = sorted({r.record.group for r in resolved if r.record.group is not None})
+    return names or ["all"]
+
+
+def _layer_heads(heads: Sequence[Head]) -> dict[int, list[int]]:
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, [])
+        if head not in by_layer[layer]:
+            by_layer[layer].append(head)
+    return by_layer
+
+
+# --------------------------------------------------------------------------- ΔC runner
+@dataclass
+class ContrastResult:
+    """One accumulator per studied head, groups = the records' group labels."""
+
+    heads: list[Head]
+    groups: list[str]
+    accumulators: dict[Head, ContrastiveCovariance]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def delta(self, head: Head, group: str | None = None) -> torch.Tensor:
+        """ΔC ``[D, D]`` of one head for ``group`` (``None`` or ``"pooled"`` pools all groups)."""
+        acc = self._acc(head)
+        return acc.delta(None if group in (None, POOLED) else group)
+
+    def _acc(self, head: Head) -> ContrastiveCovariance:
+        head = (int(head[0]), int(head[1]))
+        if head not in self.accumulators:
+            have = ", ".join(format_head(*h) for h in self.heads)
+            raise ValueError(f"head {format_head(*head)} was not accumulated; have {have}")
+        return self.accumulators[head]
+
+    def subspaces(self, head: Head, energy: float = 0.99) -> dict[str, FeatureSubspace]:
+        """Feature subspace of every group with both sides counted, plus ``"pooled"``."""
+        acc = self._acc(head)
+        out = {}
+        for g in self.groups:
+            n_pos, n_neg = acc.counts(g)
+            if n_pos and n_neg:
+                out[g] = feature_subspace(acc.delta(g), energy)
+        out[POOLED] = feature_subspace(acc.delta(None), energy)
+        return out
+
+    def union_key_basis(self, head: Head, energy: float = 0.99) -> torch.Tensor:
+        """Per-group key subspaces stacked and re-orthonormalised ``[D, r]``."""
+        subs = {g: s for g, s in self.subspaces(head, energy).items() if g != POOLED}
+        if not subs:
+            return self.subspaces(head, energy)[POOLED].key_basis
+        return union_basis([s.key_basis for s in subs.values()])
+
+    def union_query_basis(self, head: Head, energy: float = 0.99) -> torch.Tensor:
+        subs = {g: s for g, s in self.subspaces(head, energy).items() if g != POOLED}
+        if not subs:
+            return self.subspaces(head, energy)[POOLED].query_basis
+        return union_basis([s.query_basis for s in subs.values()])
+
+    def save(self, path: str | Path) -> Path:
+        tensors: dict[str, torch.Tensor] = {}
+        for h, acc in self.accumulators.items():
+            state = acc.state_dict()
+            state.pop("config")
+            tensors.update({f"{format_head(*h)}.{k}": v for k, v in state.items()})
+        meta = {"heads": self.heads, "groups": self.groups, "meta": self.meta}
+        meta["dims"] = {format_head(*h): [a.d_q, a.d_k] for h, a in self.accumulators.items()}
+        return save_tensors(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ContrastResult:
+        tensors, meta = load_tensors(path), read_tensor_metadata(path)
+        heads = [tuple(h) for h in meta["heads"]]
+        accs = {}
+        for h in heads:
+            name = format_head(*h)
+            d_q, d_k = meta["dims"][name]
+            prefix = f"{name}."
+            state: dict[str, Any] = {
+                k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)
+            }
+            state["config"] = {"d_q": d_q, "d_k": d_k, "groups": meta["groups"], "center": False}
+            accs[h] = ContrastiveCovariance.from_state_dict(state)
+        return cls(heads, list(meta["groups"]), accs, meta.get("meta", {}))
+
+
+def run_contrast(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    resolved: Sequence[ResolvedRecord],
+    heads: Sequence[Head],
+    *,
+    batch_size: int = 8,
+    pre_rope: bool = False,
+    center: bool = False,
+    padding_side: str = "left",
+    progress: bool = True,
+) -> ContrastResult:
+    """Accumulate ΔC for every head in ``heads`` over ``resolved`` records.
+
+    Only each record's query row and key rows are gathered inside the attention hook and
+    folded into the float64 accumulators there; nothing of size ``[B, H, S, D]`` is kept.
+    """
+    if not resolved:
+        raise ValueError("run_contrast: no records")
+    if not heads:
+        raise ValueError("run_contrast: no heads to study")
+    info = model_info(model)
+    heads = [(int(layer), int(head)) for layer, head in heads]
+    groups = _groups_of(resolved)
+    group_index = {g: i for i, g in enumerate(groups)}
+    by_layer = _layer_heads(heads)
+    accs = {
+        h: ContrastiveCovariance(info.head_dim, info.head_dim, groups, center=center) for h in heads
+    }
+
+    texts = [r.text for r in resolved]
+    sites = QKSites([[r.query] for r in resolved], [r.key_positions for r in resolved])
+    # Static per-record layout of key rows: rows of record i are contiguous, in key order.
+    n_keys = torch.tensor([len(r.keys) for r in resolved])
+    pos_flag = torch.tensor([k.positive for r in resolved for k in r.keys], dtype=torch.bool)
+    rec_of_row = torch.repeat_interleave(torch.arange(len(resolved)), n_keys)
+    row_start = torch.cumsum(n_keys, 0) - n_keys
+    rec_group = torch.tensor([group_index[r.record.group or "all"] for r in resolved])
+
+    def on_capture(layer: int, cap: CapturedQK) -> None:
+        # cap.q: [n_batch_records, H_layer, D]; cap.k: [n_batch_key_rows, H_layer, D]
+        recs = cap.q_index[:, 0].cpu()  # global record indices of this batch
+        first, last = int(row_start[recs[0]]), int(row_start[recs[-1]] + n_keys[recs[-1]])
+        local_rec = rec_of_row[first:last] - recs[0]
+        flags = pos_flag[first:last]
+        nb = recs.numel()
+        for j, h in enumerate(cap.heads):
+            if (layer, h) not in accs:
+                continue
+            q = cap.q[:, j].double().cpu()
+            k = cap.k[:, j].double().cpu()
+            means = {}
+            for side, sel in (("pos", flags), ("neg", ~flags)):
+                summed = torch.zeros(nb, k.shape[-1], dtype=torch.float64).index_add_(
+                    0, local_rec[sel], k[sel]
+                )
+                count = torch.zeros(nb, dtype=torch.float64).index_add_(
+                    0, local_rec[sel], torch.ones(int(sel.sum()), dtype=torch.float64)
+                )
+                means[side] = (summed / count.clamp_min(1)[:, None], count > 0)
+            g = rec_group[recs]
+            for side in ("pos", "neg"):
+                kbar, has = means[side]
+                if has.any():
+                    kw = (
+                        {"k_pos": kbar[has], "k_neg": None}
+                        if side == "pos"
+                        else {"k_pos": None, "k_neg": kbar[has]}
+                    )
+                    accs[(layer, h)].update(q[has], group=g[has], **kw)
+
+    capture_prompts(
+        model,
+        tokenizer,
+        texts,
+        sites,
+        sorted(by_layer),
+        sorted({h for _, h in heads}),
+        batch_size=batch_size,
+        padding_side=padding_side,
+        pre_rope=pre_rope,
+        on_capture=on_capture,
+        progress=progress,
+    )
+    meta = {"n_records": len(resolved), "pre_rope": pre_rope, "center": center}
+    return ContrastResult(heads, groups, accs, meta)
+
+
+# --------------------------------------------------------------------------- vectors
+@dataclass
+class HeadVectors:
+    """Vectors of one head for figures: ``q [n, D]`` (one per record), ``keys [m, D]``,
+    ``key_record [m]`` (record index), ``key_positive [m]`` (bool), ``key_labels`` (m)."""
+
+    q: torch.Tensor
+    keys: torch.Tensor
+    key_record: torch.Tensor
+    key_positive: torch.Tensor
+    key_labels: list[str | None]
+    record_groups: list[str | None]
+
+    def to_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        return {
+            f"{prefix}q": self.q,
+            f"{prefix}keys": self.keys,
+            f"{prefix}key_record": self.key_record,
+            f"{prefix}key_positive": self.key_positive,
+        }
+
+
+def collect_qk(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    resolved: Sequence[ResolvedRecord],
+    heads: Sequence[Head],
+    *,
+    batch_size: int = 8,
+    pre_rope: bool = False,
+    progress: bool = True,
+) -> dict[Head, HeadVectors]:
+    """Each record's query vector and every key-site vector for ``heads`` (float32)."""
+    if not resolved:
+        raise ValueError("collect_qk: no records")
+    heads = [(int(layer), int(head)) for layer, head in heads]
+    by_layer = _layer_heads(heads)
+    sites = QKSites([[r.query] for r in resolved], [r.key_positions for r in resolved])
+    caps = capture_prompts(
+        model,
+        tokenizer,
+        [r.text for r in resolved],
+        sites,
+        sorted(by_layer),
+        sorted({h for _, h in heads}),
+        batch_size=batch_size,
+        pre_rope=pre_rope,
+        progress=progress,
+    )
+    key_record = torch.tensor([r.index for r in resolved for _ in r.keys])
+    key_positive = torch.tensor([k.positive for r in resolved for k in r.keys], dtype=torch.bool)
+    labels = [k.label for r in resolved for k in r.keys]
+    groups = [r.record.group for r in resolved]
+    out = {}
+    for layer, head in heads:
+        cap = caps[layer]
+        j = cap.heads.index(head)
+        out[(layer, head)] = HeadVectors(
+            cap.q[:, j].float().cpu(),
+            cap.k[:, j].float().cpu(),
+            key_record,
+            key_positive,
+            labels,
+            groups,
+        )
+    return out

@@ -1,0 +1,1 @@
+"""Figures drawn from saved artifacts (never from live models)."""

@@ -1,0 +1,192 @@
+"""Head scan: which heads attend from the query to the positive keys (METHOD §4).
+
+:func:`attention_rows` computes, inside the attention hook of every layer, each record's
+query-row attention for every head (``softmax(softcap(scaling·q·kᵀ) + mask)`` with the
+model's own mask, i.e. exactly the model's attention) and keeps only that row. :func:`scan_heads`
+ranks heads by mean attention on positive vs negative keys with bootstrap intervals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .intervention import attention_weights
+from .models.capture import LayerCall, attention_hooks, position_ids_from_mask, tokenize_batch
+from .models.heads import format_head, parse_heads
+from .models.loading import model_info
+
+__all__ = ["attention_rows", "scan_heads", "select_heads", "scan_matrix"]
+
+
+def attention_rows(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    resolved: Sequence[Any],
+    *,
+    batch_size: int = 8,
+    padding_side: str = "left",
+    progress: bool = True,
+) -> torch.Tensor:
+    """Query-row attention of every head: ``[n_records, L, H, S_max]`` (float32).
+
+    Row ``[i, l, h]`` is record i's attention from its query token over its own tokens in
+    unpadded coordinates (zeros past its length). One forward pass per batch.
+    """
+    if not resolved:
+        raise ValueError("attention_rows: no records")
+    info = model_info(model)
+    device = next(model.parameters()).device
+    s_max = max(len(r.input_ids) for r in resolved)
+    out = torch.zeros(len(resolved), info.n_layers, info.n_heads, s_max)
+    starts = range(0, len(resolved), batch_size)
+    for start in tqdm(starts, desc="head scan", unit="batch", disable=not progress):
+        batch = resolved[start : start + batch_size]
+        ids, mask = tokenize_batch(tokenizer, [r.text for r in batch], padding_side)
+        ids, mask = ids.to(device), mask.to(device)
+        B, S = ids.shape
+        real = mask.bool()
+        lengths = real.sum(1)
+        # padded index of each record's query and of its k-th real token
+        offset = (S - lengths) if padding_side == "left" else torch.zeros_like(lengths)
+        q_pad = offset + torch.tensor([r.query for r in batch], device=device)
+        rows_b = torch.arange(B, device=device)
+
+        def hook(call: LayerCall, q_pad=q_pad, rows_b=rows_b) -> None:
+            q = call.query[rows_b, :, q_pad][:, :, None]  # [B, H, 1, D]
+            k = call.key.repeat_interleave(call.group_size, dim=1)  # [B, H, S, D]
+            m = call.mask()
+            m = m[rows_b if m.shape[0] > 1 else torch.zeros_like(rows_b), :, q_pad][
+                :, :, None
+            ]  # [B, 1|H, 1, S]
+            a = attention_weights(
+                q.float(), k.float(), m, call.scaling, call.softcap
+            )  # [B, H, 1, S]
+            store[call.layer] = a[:, :, 0]
+
+        store: dict[int, torch.Tensor] = {}
+        hooks = dict.fromkeys(range(info.n_layers), hook)
+        with torch.no_grad(), attention_hooks(model, hooks) as session:
+            model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids_from_mask(mask),
+                use_cache=False,
+                logits_to_keep=1,
+            )
+        session.check_called(model, list(range(info.n_layers)))
+        stacked = torch.stack([store[l] for l in range(info.n_layers)], dim=1).cpu()  # [B, L, H, S]
+        for b in range(B):
+            n = int(lengths[b])
+            o = int(offset[b])
+            out[start + b, :, :, :n] = stacked[b, :, :, o : o + n]
+    return out
+
+
+def _per_record(
+    rows: torch.Tensor, resolved: Sequence[Any]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean attention on positives / negatives per record ``[n, L, H]`` and top-match ``[n, L, H]``,
+    over records that have both sides."""
+    pos, neg, top = [], [], []
+    for i, r in enumerate(resolved):
+        if not r.positives or not r.negatives:
+            continue
+        row = rows[i]  # [L, H, S]
+        pos.append(row[..., r.positives].mean(-1))
+        neg.append(row[..., r.negatives].mean(-1))
+        keys = torch.tensor(r.key_positions)
+        is_pos = torch.tensor([k.positive for k in r.keys])
+        top.append(is_pos[row[..., keys].argmax(-1)].float())
+    if not pos:
+        raise ValueError("head scan needs records with both positive and negative keys")
+    return torch.stack(pos).double(), torch.stack(neg).double(), torch.stack(top).double()
+
+
+def scan_heads(
+    rows: torch.Tensor,
+    resolved: Sequence[Any],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> list[dict[str, Any]]:
+    """Rank every head by how much more its query attends to positive than negative keys.
+
+    Returns one dict per head, sorted by ``diff`` (descending): ``layer``, ``head``, ``name``,
+    ``mean_pos``, ``mean_neg`` (mean attention per key), ``ratio``, ``diff``, ``diff_ci``
+    (bootstrap over records), ``top_match`` (fraction of records whose most-attended key is
+    positive).
+    """
+    pos, neg, top = _per_record(rows, resolved)
+    n, L, H = pos.shape
+    diff = pos - neg
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(n_boot, n, dtype=torch.float64)
+    counts.scatter_add_(
+        1,
+        torch.randint(0, n, (n_boot, n), generator=gen),
+        torch.ones(n_boot, n, dtype=torch.float64),
+    )
+    boot = (counts @ diff.reshape(n, -1) / n).reshape(n_boot, L, H)
+    lo = torch.quantile(boot, (1 - ci) / 2, dim=0)
+    hi = torch.quantile(boot, 1 - (1 - ci) / 2, dim=0)
+    mp, mn, md, mt = pos.mean(0), neg.mean(0), diff.mean(0), top.mean(0)
+    table = []
+    for layer in range(L):
+        for head in range(H):
+            table.append(
+                {
+                    "layer": layer,
+                    "head": head,
+                    "name": format_head(layer, head),
+                    "mean_pos": float(mp[layer, head]),
+                    "mean_neg": float(mn[layer, head]),
+                    "ratio": float(mp[layer, head] / max(float(mn[layer, head]), 1e-12)),
+                    "diff": float(md[layer, head]),
+                    "diff_ci": [float(lo[layer, head]), float(hi[layer, head])],
+                    "top_match": float(mt[layer, head]),
+                    "n_records": n,
+                }
+            )
+    table.sort(key=lambda row: row["diff"], reverse=True)
+    return table
+
+
+def scan_matrix(scan: Sequence[dict[str, Any]], key: str = "diff") -> torch.Tensor:
+    """A scan table back to a ``[L, H]`` matrix of ``key`` (for heatmaps)."""
+    L = max(r["layer"] for r in scan) + 1
+    H = max(r["head"] for r in scan) + 1
+    m = torch.full((L, H), float("nan"))
+    for r in scan:
+        m[r["layer"], r["head"]] = r[key]
+    return m
+
+
+def select_heads(
+    spec: str | Sequence[str],
+    scan: Sequence[dict[str, Any]] | None,
+    n_layers: int,
+    n_heads: int,
+    k: int = 3,
+) -> list[tuple[int, int]]:
+    """Heads to study: ``"auto"`` (or ``"auto:K"``) = the top-K heads of ``scan``; otherwise a
+    head list such as ``"L20H26,L16H19"`` (validated against the model's shape)."""
+    if isinstance(spec, str) and spec.strip().lower().startswith("auto"):
+        parts = spec.strip().split(":")
+        if len(parts) == 2:
+            try:
+                k = int(parts[1])
+            except ValueError:
+                raise ValueError(
+                    f"heads spec {spec!r}: expected 'auto' or 'auto:K' with an integer K"
+                ) from None
+        if k < 1:
+            raise ValueError(f"heads spec {spec!r}: K must be >= 1")
+        if not scan:
+            raise ValueError("heads 'auto' needs a head scan")
+        return [(r["layer"], r["head"]) for r in scan[:k]]
+    return parse_heads(spec, n_layers, n_heads)

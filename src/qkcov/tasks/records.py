@@ -1,0 +1,380 @@
+"""Contrast records: the shape every task shares (METHOD §2, §4).
+
+A :class:`ContrastRecord` is one prompt plus *character* spans in it: the query span
+(``None`` = the last token of the formatted prompt), positive key spans (the key's
+feature matches the query's) and negative key spans (it differs). Token positions are
+resolved later, from the tokenizer's offset mapping, by the runner.
+
+Either side may be empty (not both): the lexical binding design emits a factual record
+with only positives and a paired counterfactual record with only negatives, and the
+covariance accumulator adds only the side a record provides.
+
+Users give records as JSONL (see ``docs/contrast-records.md``); :func:`load_records`
+validates every line and raises one ``ValueError`` listing all problems with their line
+numbers, so nothing is ever computed from a half-valid file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..artifacts import atomic_write_bytes, to_jsonable
+
+__all__ = [
+    "Span",
+    "ContrastRecord",
+    "find_spans",
+    "load_records",
+    "save_records",
+    "parse_records",
+    "MAX_ERRORS_SHOWN",
+]
+
+TOKEN_CHOICES = ("last", "first")
+MAX_ERRORS_SHOWN = 20
+_SPAN_KEYS = {"text", "occurrence", "start", "end", "token", "label"}
+_RECORD_KEYS = {"prompt", "positives", "negatives", "query", "group", "system", "meta"}
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def find_spans(text: str, needle: str, *, ignore_case: bool = False) -> list[tuple[int, int]]:
+    """All ``[start, end)`` occurrences of ``needle`` in ``text`` as a whole word.
+
+    Word boundaries are required on a side only where ``needle`` begins/ends with a word
+    character, so ``"pear"`` is not found inside ``"pearl"`` while ``"Box A"`` or ``","``
+    still match. Occurrences do not overlap.
+    """
+    if not needle:
+        raise ValueError("find_spans: empty needle")
+    pattern = re.escape(needle)
+    if re.match(r"\w", needle[0]):
+        pattern = r"(?<!\w)" + pattern
+    if re.match(r"\w", needle[-1]):
+        pattern = pattern + r"(?!\w)"
+    flags = re.IGNORECASE if ignore_case else 0
+    return [(m.start(), m.end()) for m in re.finditer(pattern, text, flags)]
+
+
+@dataclass(frozen=True)
+class Span:
+    """A ``[start, end)`` character span of the record's prompt text.
+
+    ``token`` says which token of the span is the position (``"last"`` or ``"first"``);
+    ``label`` is a display name (e.g. the item word).
+    """
+
+    start: int
+    end: int
+    token: str = "last"
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        errors = _span_field_errors(self.start, self.end, self.token, self.label)
+        if errors:
+            raise ValueError("Span: " + "; ".join(errors))
+
+    def text(self, prompt: str) -> str:
+        """The covered text of ``prompt``."""
+        return prompt[self.start : self.end]
+
+    def overlaps(self, other: Span) -> bool:
+        return self.start < other.end and other.start < self.end
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"start": self.start, "end": self.end, "token": self.token}
+        if self.label is not None:
+            d["label"] = self.label
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], prompt: str | None = None) -> Span:
+        """Build from ``{"start", "end"}`` or (given ``prompt``) ``{"text", "occurrence"}``."""
+        span, errors = _parse_span(data, prompt, "span")
+        if errors or span is None:
+            raise ValueError("; ".join(errors))
+        return span
+
+
+def _span_field_errors(start: Any, end: Any, token: Any, label: Any) -> list[str]:
+    errors = []
+    if not _is_int(start) or not _is_int(end):
+        errors.append(f"start/end must be integers, got {start!r}/{end!r}")
+    elif start < 0 or end <= start:
+        errors.append(f"need 0 <= start < end, got [{start}, {end})")
+    if token not in TOKEN_CHOICES:
+        errors.append(f"token must be one of {list(TOKEN_CHOICES)}, got {token!r}")
+    if label is not None and not isinstance(label, str):
+        errors.append(f"label must be a string, got {label!r}")
+    return errors
+
+
+def _parse_span(obj: Any, prompt: str | None, where: str) -> tuple[Span | None, list[str]]:
+    """Parse one span entry; return ``(span, errors)`` with errors prefixed by ``where``."""
+    if isinstance(obj, Span):
+        obj = obj.to_dict()
+    if not isinstance(obj, dict):
+        return None, [f"{where}: must be an object, got {type(obj).__name__}"]
+    errors: list[str] = []
+    unknown = sorted(set(obj) - _SPAN_KEYS)
+    if unknown:
+        errors.append(f"{where}: unknown key(s) {unknown}; allowed {sorted(_SPAN_KEYS)}")
+    token = obj.get("token", "last")
+    label = obj.get("label")
+    has_text = "text" in obj
+    has_pos = "start" in obj or "end" in obj
+    if has_text and has_pos:
+        errors.append(f"{where}: give either 'text' or 'start'/'end', not both")
+        return None, errors
+    if not has_text and not has_pos:
+        errors.append(f"{where}: needs 'text' (with optional 'occurrence') or 'start'/'end'")
+        return None, errors
+    if has_text:
+        text, occ = obj["text"], obj.get("occurrence", 0)
+        if not isinstance(text, str) or not text:
+            errors.append(f"{where}: 'text' must be a non-empty string, got {text!r}")
+            return None, errors
+        if not _is_int(occ):
+            errors.append(f"{where}: 'occurrence' must be an integer, got {occ!r}")
+            return None, errors
+        if prompt is None:
+            errors.append(f"{where}: 'text' spans need the prompt")
+            return None, errors
+        found = find_spans(prompt, text)
+        if not found:
+            errors.append(f"{where}: {text!r} not found in prompt")
+            return None, errors
+        if not -len(found) <= occ < len(found):
+            errors.append(
+                f"{where}: occurrence {occ} of {text!r} out of range ({len(found)} found)"
+            )
+            return None, errors
+        start, end = found[occ]
+        if label is None:
+            label = text
+    else:
+        start, end = obj.get("start"), obj.get("end")
+    field_errors = _span_field_errors(start, end, token, label)
+    if field_errors:
+        return None, errors + [f"{where}: {e}" for e in field_errors]
+    if prompt is not None and end > len(prompt):
+        errors.append(f"{where}: [{start}, {end}) exceeds the prompt length {len(prompt)}")
+    if errors:
+        return None, errors
+    return Span(start, end, token, label), []
+
+
+def _record_errors(
+    prompt: Any,
+    positives: tuple[Span, ...],
+    negatives: tuple[Span, ...],
+    query: Span | None,
+    group: Any,
+    system: Any,
+    meta: Any,
+) -> list[str]:
+    errors: list[str] = []
+    if not isinstance(prompt, str) or not prompt:
+        errors.append(f"prompt must be a non-empty string, got {prompt!r}")
+        prompt = None
+    if not positives and not negatives:
+        errors.append("needs at least one positive or negative span (both are empty)")
+    for name, spans in (("positives", positives), ("negatives", negatives)):
+        for i, s in enumerate(spans):
+            if not isinstance(s, Span):
+                errors.append(f"{name}[{i}]: must be a Span, got {type(s).__name__}")
+            elif prompt is not None and s.end > len(prompt):
+                errors.append(
+                    f"{name}[{i}]: [{s.start}, {s.end}) exceeds the prompt length {len(prompt)}"
+                )
+    if query is not None:
+        if not isinstance(query, Span):
+            errors.append(f"query: must be a Span or None, got {type(query).__name__}")
+        elif prompt is not None and query.end > len(prompt):
+            errors.append(
+                f"query: [{query.start}, {query.end}) exceeds the prompt length {len(prompt)}"
+            )
+    for i, p in enumerate(positives):
+        for j, n in enumerate(negatives):
+            if isinstance(p, Span) and isinstance(n, Span) and p.overlaps(n):
+                errors.append(
+                    f"positives[{i}] [{p.start}, {p.end}) and negatives[{j}] "
+                    f"[{n.start}, {n.end}) overlap"
+                )
+    if group is not None and not isinstance(group, str):
+        errors.append(f"group must be a string or null, got {group!r}")
+    if system is not None and not isinstance(system, str):
+        errors.append(f"system must be a string or null, got {system!r}")
+    if not isinstance(meta, dict):
+        errors.append(f"meta must be an object, got {type(meta).__name__}")
+    return errors
+
+
+@dataclass(frozen=True)
+class ContrastRecord:
+    """One prompt with its query span and positive / negative key spans.
+
+    ``prompt`` is the text the model sees (the user message when chat templating);
+    spans index into it. ``query=None`` means the last token of the formatted prompt.
+    ``group`` labels the record for per-group ΔC (e.g. the asked category); ``system``
+    is an optional system message; ``meta`` is free JSON-able metadata.
+    """
+
+    prompt: str
+    positives: tuple[Span, ...]
+    negatives: tuple[Span, ...]
+    query: Span | None = None
+    group: str | None = None
+    system: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "positives", tuple(self.positives))
+        object.__setattr__(self, "negatives", tuple(self.negatives))
+        errors = _record_errors(
+            self.prompt,
+            self.positives,
+            self.negatives,
+            self.query,
+            self.group,
+            self.system,
+            self.meta,
+        )
+        if errors:
+            raise ValueError("ContrastRecord: " + "; ".join(errors))
+
+    def span_text(self, span: Span) -> str:
+        """The text of ``span`` in this record's prompt."""
+        return self.prompt[span.start : span.end]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Canonical JSON form (spans as ``start``/``end``)."""
+        return {
+            "prompt": self.prompt,
+            "positives": [s.to_dict() for s in self.positives],
+            "negatives": [s.to_dict() for s in self.negatives],
+            "query": None if self.query is None else self.query.to_dict(),
+            "group": self.group,
+            "system": self.system,
+            "meta": to_jsonable(self.meta),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ContrastRecord:
+        """Validate and build; spans may use the ``text``/``occurrence`` form."""
+        record, errors = _parse_record(data)
+        if errors or record is None:
+            raise ValueError("invalid contrast record: " + "; ".join(errors))
+        return record
+
+
+def _parse_record(obj: Any) -> tuple[ContrastRecord | None, list[str]]:
+    if not isinstance(obj, dict):
+        return None, [f"record must be a JSON object, got {type(obj).__name__}"]
+    errors: list[str] = []
+    unknown = sorted(set(obj) - _RECORD_KEYS)
+    if unknown:
+        errors.append(f"unknown key(s) {unknown}; allowed {sorted(_RECORD_KEYS)}")
+    if "prompt" not in obj:
+        errors.append("missing required key 'prompt'")
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        if "prompt" in obj:
+            errors.append(f"prompt must be a non-empty string, got {prompt!r}")
+        prompt = None
+    sides: dict[str, list[Span]] = {}
+    for name in ("positives", "negatives"):
+        raw = obj.get(name, [])
+        if raw is None:
+            raw = []
+        if not isinstance(raw, (list, tuple)):
+            errors.append(f"{name} must be a list, got {type(raw).__name__}")
+            raw = []
+        sides[name] = []
+        for i, entry in enumerate(raw):
+            if prompt is None:
+                continue
+            span, errs = _parse_span(entry, prompt, f"{name}[{i}]")
+            errors.extend(errs)
+            if span is not None:
+                sides[name].append(span)
+    query = None
+    if obj.get("query") is not None and prompt is not None:
+        query, errs = _parse_span(obj["query"], prompt, "query")
+        errors.extend(errs)
+    if errors:
+        return None, errors
+    positives, negatives = tuple(sides["positives"]), tuple(sides["negatives"])
+    group, system, meta = obj.get("group"), obj.get("system"), obj.get("meta", {})
+    if meta is None:
+        meta = {}
+    errors = _record_errors(prompt, positives, negatives, query, group, system, meta)
+    if errors:
+        return None, errors
+    return ContrastRecord(prompt, positives, negatives, query, group, system, dict(meta)), []
+
+
+def parse_records(lines: list[str], source: str = "records") -> list[ContrastRecord]:
+    """Validate JSONL ``lines`` (blank lines skipped); all-or-nothing.
+
+    Raises one ``ValueError`` listing every bad line as ``"line N: field: problem"``
+    (the first :data:`MAX_ERRORS_SHOWN` shown), or if there is no record at all.
+    """
+    records: list[ContrastRecord] = []
+    errors: list[str] = []
+    bad_lines = 0
+    n_nonblank = 0
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        n_nonblank += 1
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            errors.append(f"line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})")
+            bad_lines += 1
+            continue
+        record, errs = _parse_record(obj)
+        if errs:
+            bad_lines += 1
+            errors.extend(f"line {lineno}: {e}" for e in errs)
+        elif record is not None:
+            records.append(record)
+    if n_nonblank == 0:
+        raise ValueError(f"{source}: no records (empty file)")
+    if errors:
+        shown = errors[:MAX_ERRORS_SHOWN]
+        more = len(errors) - len(shown)
+        msg = (
+            f"{source}: {bad_lines} invalid record line(s); nothing was loaded:\n  "
+            + "\n  ".join(shown)
+        )
+        if more:
+            msg += f"\n  ... and {more} more error(s)"
+        raise ValueError(msg)
+    return records
+
+
+def load_records(path: str | Path) -> list[ContrastRecord]:
+    """Load and validate a JSONL file of contrast records (see ``docs/contrast-records.md``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"records file not found: {path}")
+    return parse_records(path.read_text(encoding="utf-8").splitlines(), source=str(path))
+
+
+def save_records(path: str | Path, records: list[ContrastRecord]) -> Path:
+    """Write records atomically as JSONL, one canonical object per line."""
+    records = list(records)
+    if not records:
+        raise ValueError("save_records: no records to save")
+    lines = [
+        json.dumps(to_jsonable(r.to_dict()), ensure_ascii=False, allow_nan=False) for r in records
+    ]
+    return atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))

@@ -1,0 +1,165 @@
+"""Contrast-record schema: round trip, JSONL validation, span resolution."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qkcov.tasks.records import (
+    ContrastRecord,
+    Span,
+    find_spans,
+    load_records,
+    parse_records,
+    save_records,
+)
+
+PROMPT = "- apple\n- pearl\n- pear\n- horse\nWhat are the fruits in the list?"
+
+
+def _record(**kw) -> ContrastRecord:
+    base = dict(
+        prompt=PROMPT,
+        positives=(Span(2, 7, label="apple"),),
+        negatives=(Span(26, 31, "first", "horse"),),
+        group="fruits",
+        meta={"answer": "apple", "items": [1, 2]},
+    )
+    base.update(kw)
+    return ContrastRecord(**base)
+
+
+def _write(path, objs) -> None:
+    lines = [o if isinstance(o, str) else json.dumps(o) for o in objs]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_find_spans_respects_word_boundaries() -> None:
+    assert find_spans(PROMPT, "pear") == [(18, 22)]
+    assert find_spans("Box A, Box AB", "Box A") == [(0, 5)]
+    assert find_spans("a, b, c", ",") == [(1, 2), (4, 5)]
+    assert find_spans("The Apple", "apple", ignore_case=True) == [(4, 9)]
+
+
+def test_round_trip_dict_and_jsonl(tmp_path) -> None:
+    rec = _record(query=Span(35, 39, "first"), system="Be brief.")
+    assert ContrastRecord.from_dict(rec.to_dict()) == rec
+    json.dumps(rec.to_dict())  # JSON-able
+    path = save_records(tmp_path / "r.jsonl", [rec, _record(group=None)])
+    loaded = load_records(path)
+    assert loaded == [rec, _record(group=None)]
+
+
+def test_text_spans_resolve_to_intended_words(tmp_path) -> None:
+    path = tmp_path / "r.jsonl"
+    _write(
+        path,
+        [
+            {
+                "prompt": PROMPT,
+                "positives": [{"text": "pear"}, {"text": "apple", "occurrence": -1}],
+                "negatives": [{"text": "horse", "token": "first"}, {"start": 10, "end": 15}],
+                "query": {"text": "list"},
+                "group": "fruits",
+                "meta": {"k": 1},
+            },
+            "",
+            {"prompt": "a b", "negatives": [{"text": "b"}]},
+        ],
+    )
+    recs = load_records(path)
+    assert len(recs) == 2
+    r = recs[0]
+    assert [r.span_text(s) for s in r.positives] == ["pear", "apple"]
+    assert [r.span_text(s) for s in r.negatives] == ["horse", "pearl"]
+    assert r.negatives[0].token == "first" and r.positives[0].label == "pear"
+    assert r.span_text(r.query) == "list"
+    assert recs[1].positives == () and recs[1].query is None
+
+
+def test_two_bad_lines_reported_and_nothing_loaded(tmp_path) -> None:
+    good = {"prompt": PROMPT, "positives": [{"text": "apple"}], "negatives": [{"text": "horse"}]}
+    bad_word = {
+        "prompt": PROMPT,
+        "positives": [{"text": "apple"}, {"text": "kiwi"}],
+        "negatives": [{"text": "horse"}],
+    }
+    path = tmp_path / "r.jsonl"
+    _write(path, [good, good, "", bad_word, good, "{not json"])
+    with pytest.raises(ValueError) as exc:
+        load_records(path)
+    msg = str(exc.value)
+    assert "line 4: positives[1]: 'kiwi' not found in prompt" in msg
+    assert "line 6: invalid JSON" in msg
+    assert "2 invalid record line(s)" in msg
+
+
+@pytest.mark.parametrize(
+    "obj, fragment",
+    [
+        ({"positives": [{"text": "a"}]}, "missing required key 'prompt'"),
+        ({"prompt": "", "positives": []}, "prompt must be a non-empty string"),
+        ({"prompt": "a b", "positives": [], "negatives": []}, "at least one positive"),
+        (
+            {"prompt": "a b", "positives": [{"text": "a"}], "negatives": [{"start": 0, "end": 1}]},
+            "overlap",
+        ),
+        ({"prompt": "a b", "positives": [{"start": 0, "end": 9}]}, "exceeds the prompt length"),
+        ({"prompt": "a b", "positives": [{"start": 2, "end": 2}]}, "start < end"),
+        ({"prompt": "a b", "positives": [{"text": "a", "token": "mid"}]}, "token must be one of"),
+        ({"prompt": "a b", "positives": [{"text": "a", "occurrence": 1}]}, "out of range"),
+        ({"prompt": "a b", "positives": [{"text": "a", "start": 0, "end": 1}]}, "not both"),
+        ({"prompt": "a b", "positives": [{"text": "a"}], "colour": 1}, "unknown key"),
+        ({"prompt": "a b", "positives": [{"text": "a"}], "group": 3}, "group must be a string"),
+        ({"prompt": "a b", "positives": "a"}, "positives must be a list"),
+        ({"prompt": "a b", "positives": [{"text": "a"}], "meta": []}, "meta must be an object"),
+    ],
+)
+def test_invalid_lines(tmp_path, obj, fragment) -> None:
+    path = tmp_path / "r.jsonl"
+    _write(path, [obj])
+    with pytest.raises(ValueError, match="line 1") as exc:
+        load_records(path)
+    assert fragment in str(exc.value)
+
+
+def test_empty_file_and_error_cap(tmp_path) -> None:
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(ValueError, match="no records"):
+        load_records(path)
+    _write(path, [{"prompt": "x"}] * 30)
+    with pytest.raises(ValueError, match="and 10 more") as exc:
+        load_records(path)
+    assert "30 invalid record line(s)" in str(exc.value)
+    with pytest.raises(FileNotFoundError):
+        load_records(tmp_path / "missing.jsonl")
+
+
+def test_direct_construction_validates() -> None:
+    with pytest.raises(ValueError, match="overlap"):
+        _record(negatives=(Span(3, 9),))
+    with pytest.raises(ValueError, match="at least one"):
+        _record(positives=(), negatives=())
+    with pytest.raises(ValueError, match="exceeds"):
+        _record(query=Span(0, 999))
+    with pytest.raises(ValueError, match="start < end"):
+        Span(3, 3)
+    with pytest.raises(ValueError, match="token"):
+        Span(0, 1, "middle")
+    assert _record(positives=[Span(2, 7)]).positives == (Span(2, 7),)  # lists become tuples
+    with pytest.raises(ValueError, match="no records"):
+        save_records("unused.jsonl", [])
+
+
+def test_documented_example_parses() -> None:
+    doc = Path(__file__).resolve().parents[2] / "docs" / "contrast-records.md"
+    block = doc.read_text().split("### Example\n\n```json\n")[1].split("```")[0]
+    recs = parse_records(block.splitlines())
+    assert [[r.span_text(s) for s in r.positives] for r in recs] == [
+        ["apple", "banana"],
+        ["F"],
+        ["F"],
+    ]
