@@ -97,6 +97,14 @@ def _token_range(offsets: list[tuple[int, int]], c0: int, c1: int, where: str) -
         ) from None
 
 
+def _site(
+    offsets: list[tuple[int, int]], offset: int, span: Span, positive: bool, where: str
+) -> KeySite:
+    """Token positions of a character span shifted by ``offset`` into the formatted text."""
+    first, last = _token_range(offsets, offset + span.start, offset + span.end, where)
+    return KeySite(last if span.token == "last" else first, first, positive, span.label)
+
+
 def resolve_records(
     tokenizer: Any, records: Sequence[ContrastRecord], *, chat: bool = False
 ) -> list[ResolvedRecord]:
@@ -127,15 +135,19 @@ def resolve_records(
         if not ids:
             raise ValueError(f"{where}: prompt encodes to zero tokens")
 
-        def site(span: Span, positive: bool, what: str, offsets=offsets, offset=offset) -> KeySite:
-            first, last = _token_range(
-                offsets, offset + span.start, offset + span.end, f"{where} {what}"
-            )
-            return KeySite(last if span.token == "last" else first, first, positive, span.label)
-
-        keys = [site(s, True, f"positives[{j}]") for j, s in enumerate(rec.positives)]
-        keys += [site(s, False, f"negatives[{j}]") for j, s in enumerate(rec.negatives)]
-        query = len(ids) - 1 if rec.query is None else site(rec.query, True, "query").pos
+        keys = [
+            _site(offsets, offset, s, True, f"{where} positives[{j}]")
+            for j, s in enumerate(rec.positives)
+        ]
+        keys += [
+            _site(offsets, offset, s, False, f"{where} negatives[{j}]")
+            for j, s in enumerate(rec.negatives)
+        ]
+        query = (
+            len(ids) - 1
+            if rec.query is None
+            else _site(offsets, offset, rec.query, True, f"{where} query").pos
+        )
         positions = [k.pos for k in keys]
         if len(set(positions)) != len(positions):
             raise ValueError(

@@ -54,8 +54,9 @@ def attention_rows(
         offset = (S - lengths) if padding_side == "left" else torch.zeros_like(lengths)
         q_pad = offset + torch.tensor([r.query for r in batch], device=device)
         rows_b = torch.arange(B, device=device)
+        store: dict[int, torch.Tensor] = {}  # layer -> [B, H, S] query-row attention
 
-        def hook(call: LayerCall, q_pad=q_pad, rows_b=rows_b) -> None:
+        def hook(call: LayerCall, q_pad=q_pad, rows_b=rows_b, store=store) -> None:
             q = call.query[rows_b, :, q_pad][:, :, None]  # [B, H, 1, D]
             k = call.key.repeat_interleave(call.group_size, dim=1)  # [B, H, S, D]
             m = call.mask()
@@ -67,7 +68,6 @@ def attention_rows(
             )  # [B, H, 1, S]
             store[call.layer] = a[:, :, 0]
 
-        store: dict[int, torch.Tensor] = {}
         hooks = dict.fromkeys(range(info.n_layers), hook)
         with torch.no_grad(), attention_hooks(model, hooks) as session:
             model(
