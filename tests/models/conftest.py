@@ -18,7 +18,7 @@ PROMPTS = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny(arch: str, dtype: torch.dtype = torch.float32):
     return tiny_model(arch).to(dtype)
 

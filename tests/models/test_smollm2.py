@@ -8,7 +8,14 @@ import torch
 from qkcov.cli import main
 from qkcov.covariance import ContrastiveCovariance
 from qkcov.intervention import attention_weights, swap_in_subspace
-from qkcov.models import QKSites, capture_prompts, capture_qk, find_span, format_prompt, tokenize_batch
+from qkcov.models import (
+    QKSites,
+    capture_prompts,
+    capture_qk,
+    find_span,
+    format_prompt,
+    tokenize_batch,
+)
 from qkcov.models.intervene import KeySwap, swap_keys_forward
 from qkcov.models.verify import causal_mask, verify_parity
 
@@ -57,7 +64,10 @@ def test_delta_padding_invariance_real(smollm2):
     model, tok = smollm2.model, smollm2.tokenizer
     orders = [[0, 1, 2], [3, 4, 1, 2], [1, 0], [2, 3, 4, 0, 1]]
     texts = [_prompt(tok, o) for o in orders]
-    keys = [[find_span(tok, t, ITEMS[o[0]]).last, find_span(tok, t, ITEMS[o[-1]]).last] for t, o in zip(texts, orders)]
+    keys = [
+        [find_span(tok, t, ITEMS[o[0]]).last, find_span(tok, t, ITEMS[o[-1]]).last]
+        for t, o in zip(texts, orders, strict=True)
+    ]
     sites = QKSites([[-1]] * len(texts), keys)
 
     def run(batch_size, side):
@@ -81,12 +91,14 @@ def test_swap_real_model(smollm2):
     model, tok = smollm2.model, smollm2.tokenizer
     texts = [_prompt(tok, [0, 1, 2]), _prompt(tok, [1, 3, 4, 2])]
     ids, mask = tokenize_batch(tok, texts, "left")
-    a = [find_span(tok, t, w).last for t, w in zip(texts, ["apple", "banana"])]
-    b = [find_span(tok, t, w).last for t, w in zip(texts, ["car", "cat"])]
+    a = [find_span(tok, t, w).last for t, w in zip(texts, ["apple", "banana"], strict=True)]
+    b = [find_span(tok, t, w).last for t, w in zip(texts, ["car", "cat"], strict=True)]
     g = torch.Generator().manual_seed(0)
     V = torch.linalg.qr(torch.randn(64, 4, generator=g))[0]
     layer, head = 12, 4
-    res = swap_keys_forward(model, ids, mask, layer, head, [KeySwap(a[0], b[0], V), KeySwap(a[1], b[1], V)])
+    res = swap_keys_forward(
+        model, ids, mask, layer, head, [KeySwap(a[0], b[0], V), KeySwap(a[1], b[1], V)]
+    )
     lens = mask.sum(1).tolist()
     every = [list(range(n)) for n in lens]
     cap = capture_qk(model, ids, mask, QKSites([[-1], [-1]], every), [layer], [head])[layer]

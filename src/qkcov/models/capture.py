@@ -249,7 +249,9 @@ def _register(base: str) -> str:
     if name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
         mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(base)
         if mask_fn is None:
-            raise ValueError(f"attention implementation {base!r} has no mask builder; use sdpa or eager")
+            raise ValueError(
+                f"attention implementation {base!r} has no mask builder; use sdpa or eager"
+            )
         AttentionMaskInterface.register(name, mask_fn)
     return name
 
@@ -309,7 +311,9 @@ def _pre_rope(attn: nn.Module, side: str, proj: torch.Tensor, head_dim: int) -> 
     return x.transpose(1, 2)
 
 
-def _pre_rope_hooks(session: HookSession, mods: dict[int, nn.Module], layers: Sequence[int]) -> list:
+def _pre_rope_hooks(
+    session: HookSession, mods: dict[int, nn.Module], layers: Sequence[int]
+) -> list:
     handles = []
     for layer in layers:
         attn = mods[layer]
@@ -409,7 +413,9 @@ def _sites_tensors(sites: QKSites, mask: torch.Tensor, offset: int):
         if pos is None:
             out[side] = None
             continue
-        ex, padded, unpadded = resolve_positions(pos, mask, "query position" if side == "q" else "key position")
+        ex, padded, unpadded = resolve_positions(
+            pos, mask, "query position" if side == "q" else "key position"
+        )
         out[side] = (ex, padded, torch.stack([ex + offset, unpadded], dim=1))
     if out["q"] is None and out["k"] is None:
         raise ValueError("QKSites has neither query nor key positions")
@@ -442,7 +448,9 @@ def capture_qk(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {list(attention_mask.shape)} != input_ids {list(input_ids.shape)}")
+        raise ValueError(
+            f"attention_mask {list(attention_mask.shape)} != input_ids {list(input_ids.shape)}"
+        )
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     idx = _sites_tensors(sites, attention_mask, example_offset)
@@ -468,7 +476,10 @@ def capture_qk(
         else:
             results[call.layer] = rec
 
-    with torch.no_grad(), attention_hooks(model, dict.fromkeys(layers, hook), pre_rope=pre_rope) as s:
+    with (
+        torch.no_grad(),
+        attention_hooks(model, dict.fromkeys(layers, hook), pre_rope=pre_rope) as s,
+    ):
         model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -52,7 +52,9 @@ def check_layers(layers: int | Iterable[int], n_layers: int) -> list[int]:
     out = set()
     for layer in raw:
         if isinstance(layer, bool) or not isinstance(layer, int):
-            raise ValueError(f"layer {layer!r} is not an integer; valid layers are [0, {n_layers - 1}]")
+            raise ValueError(
+                f"layer {layer!r} is not an integer; valid layers are [0, {n_layers - 1}]"
+            )
         if not -n_layers <= layer < n_layers:
             raise ValueError(f"layer {layer} out of range; valid layers are [0, {n_layers - 1}]")
         out.add(layer % n_layers)

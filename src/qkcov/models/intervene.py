@@ -21,7 +21,13 @@ from .capture import LayerCall, attention_hooks, position_ids_from_mask, resolve
 from .heads import check_heads, check_layers
 from .loading import model_info
 
-__all__ = ["KeySwap", "HeadEditResult", "edit_head_forward", "swap_keys_forward", "last_token_logits"]
+__all__ = [
+    "KeySwap",
+    "HeadEditResult",
+    "edit_head_forward",
+    "swap_keys_forward",
+    "last_token_logits",
+]
 
 # edit(q_h [B, S, D], k_h [B, S, D]) -> (q_h, k_h); padded coordinates, may edit in place.
 EditFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -170,11 +176,21 @@ def swap_keys_forward(
     for b in rows:
         V = swaps[b].basis
         if V.ndim != 2 or V.shape[0] != d:
-            raise ValueError(f"swap basis of example {b} must be [head_dim={d}, r], got {list(V.shape)}")
+            raise ValueError(
+                f"swap basis of example {b} must be [head_dim={d}, r], got {list(V.shape)}"
+            )
     mask = attention_mask.to(next(model.parameters()).device)
     sub = mask[rows] if rows else mask[:0]
-    _, pa, _ = resolve_positions([[swaps[b].pos_a] for b in rows], sub, "swap position") if rows else (0, [], 0)
-    _, pb, _ = resolve_positions([[swaps[b].pos_b] for b in rows], sub, "swap position") if rows else (0, [], 0)
+    _, pa, _ = (
+        resolve_positions([[swaps[b].pos_a] for b in rows], sub, "swap position")
+        if rows
+        else (0, [], 0)
+    )
+    _, pb, _ = (
+        resolve_positions([[swaps[b].pos_b] for b in rows], sub, "swap position")
+        if rows
+        else (0, [], 0)
+    )
 
     def edit(q_h: torch.Tensor, k_h: torch.Tensor):
         for i, b in enumerate(rows):

@@ -108,7 +108,9 @@ class LoadedModel:
 
 def model_info(model: PreTrainedModel) -> ModelInfo:
     """Layer/head counts of a causal LM (uses the text sub-config when there is one)."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = (
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    )
     n_heads = int(cfg.num_attention_heads)
     n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
@@ -205,7 +207,9 @@ def _load_cached(
         # Any id works: padded positions are masked out and never read.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     source = {"location": location, "gguf_file": gguf_file, "dtype": str(dtype), "attn": attn}
-    return LoadedModel(model=model, tokenizer=tokenizer, name=display, info=model_info(model), source=source)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=display, info=model_info(model), source=source
+    )
 
 
 def load_model(
@@ -226,12 +230,21 @@ def load_model(
     dispatch through ``AttentionInterface``, which capture relies on.
     """
     if not isinstance(name_or_path, str) or not name_or_path.strip():
-        raise ValueError(f"model name must be a non-empty string; presets: {', '.join(sorted(PRESETS))}")
+        raise ValueError(
+            f"model name must be a non-empty string; presets: {', '.join(sorted(PRESETS))}"
+        )
     if attn_implementation is not None and attn_implementation.startswith("qkcov"):
         raise ValueError(f"attn_implementation {attn_implementation!r} is reserved for capture")
     location, gguf, display = _resolve(name_or_path, gguf_file)
     return _load_cached(
-        location, gguf, display, dtype, str(device), device_map, attn_implementation, trust_remote_code
+        location,
+        gguf,
+        display,
+        dtype,
+        str(device),
+        device_map,
+        attn_implementation,
+        trust_remote_code,
     )
 
 

@@ -146,14 +146,18 @@ TINY_ARCHS: dict[str, Callable[[], tuple[type, object]]] = {
 }
 
 
-def tiny_model(arch: str, *, seed: int = 0, attn_implementation: str | None = None) -> PreTrainedModel:
+def tiny_model(
+    arch: str, *, seed: int = 0, attn_implementation: str | None = None
+) -> PreTrainedModel:
     """Random-weight float32 model of ``arch`` (one of :data:`TINY_ARCHS`), in eval mode.
 
     Default attention is ``sdpa``, or ``eager`` when the config soft-caps attention logits
     (sdpa cannot).
     """
     if arch not in TINY_ARCHS:
-        raise ValueError(f"unknown tiny architecture {arch!r}; expected one of {sorted(TINY_ARCHS)}")
+        raise ValueError(
+            f"unknown tiny architecture {arch!r}; expected one of {sorted(TINY_ARCHS)}"
+        )
     cls, cfg = TINY_ARCHS[arch]()
     if attn_implementation is None:
         attn_implementation = "eager" if getattr(cfg, "attn_logit_softcapping", None) else "sdpa"

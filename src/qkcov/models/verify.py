@@ -43,7 +43,9 @@ def causal_mask(n: int, sliding_window: int | None = None, device=None) -> torch
     return allowed
 
 
-def _eager_attentions(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _eager_attentions(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
     current = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
@@ -77,7 +79,11 @@ def verify_parity(
     ``max_abs_diff_by_layer``, ``tolerance`` and ``passed`` (``max_abs_diff <= tolerance``).
     """
     if isinstance(loaded_or_model, LoadedModel):
-        model, tokenizer, name = loaded_or_model.model, loaded_or_model.tokenizer, loaded_or_model.name
+        model, tokenizer, name = (
+            loaded_or_model.model,
+            loaded_or_model.tokenizer,
+            loaded_or_model.name,
+        )
     else:
         model, name = loaded_or_model, type(loaded_or_model).__name__
     if tokenizer is None:

@@ -216,18 +216,29 @@ class ToyDGP:
         ``latent_norm="sphere"`` each vector is rescaled to norm ``√dim`` (uniform on that
         sphere, so ``E[z zᵀ] = I`` as for the other variants).
         """
+        g = self._latents(shape, gen)
+        return g[..., 0, :], g[..., 1, :]
+
+    def _latents(self, shape: Sequence[int], gen: torch.Generator) -> torch.Tensor:
+        """``(z1, z2)`` stacked as one contiguous ``[K, *shape, 2, L]`` tensor (see above)."""
         g = torch.randn(self.n_cells, *shape, 2, self.L, generator=gen)
         if bool(self.binary.any()):
-            binary = self._bshape(self.binary, g.ndim)
-            g = torch.where(binary, torch.where(g >= 0, 1.0, -1.0), g)
+            signs = torch.copysign(torch.ones(()), g)  # ±1, never 0
+            g = (
+                signs
+                if bool(self.binary.all())
+                else torch.where(self._bshape(self.binary, g.ndim), signs, g)
+            )
         mask = torch.stack([self.mask1, self.mask2], 1)  # [K, 2, L]
-        g = g * self._bshape(mask, g.ndim)
+        g.mul_(self._bshape(mask, g.ndim))
         if bool(self.sphere.any()):
+            # per-vector factor [K, *shape, 2, 1]: √dim / ‖z‖ on sphere cells, 1 elsewhere
             dim = mask.sum(-1, keepdim=True).to(g.dtype)  # [K, 2, 1]: N and M
             radius = self._bshape(dim.sqrt(), g.ndim)
-            scaled = g * radius / torch.linalg.vector_norm(g, dim=-1, keepdim=True).clamp_min(1e-12)
-            g = torch.where(self._bshape(self.sphere, g.ndim), scaled, g)
-        return g[..., 0, :], g[..., 1, :]
+            norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True).clamp_min_(1e-12)
+            factor = torch.where(self._bshape(self.sphere, g.ndim), radius / norm, 1.0)
+            g.mul_(factor)
+        return g
 
     def second_moment(self, factor: str) -> torch.Tensor:
         """Exact ``E[z zᵀ] − E[z z'ᵀ]`` ``[K, L, L]`` of ``factor``'s latent under contrast sampling.
@@ -245,7 +256,7 @@ class ToyDGP:
 
     def _noise(self, shape: Sequence[int], gen: torch.Generator) -> torch.Tensor:
         eps = torch.randn(self.n_cells, *shape, self.d_model, generator=gen)
-        return eps * self._bshape(self.noise, eps.ndim)
+        return eps.mul_(self._bshape(self.noise, eps.ndim))
 
     # --------------------------------------------------------------- encoders
     def _linear(self, feats: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
@@ -266,14 +277,14 @@ class ToyDGP:
             parts.append(torch.nn.functional.one_hot(payload, self.n_payload).to(z1.dtype))
             maps.append(self.E.transpose(1, 2))
         x = self._linear(torch.cat(parts, -1), torch.cat(maps, -1))
-        return x + self._noise(z1.shape[1:-1], gen)
+        return x.add_(self._noise(z1.shape[1:-1], gen))
 
     def encode_query(
         self, z1: torch.Tensor, z2: torch.Tensor, gen: torch.Generator
     ) -> torch.Tensor:
         """Query tokens ``B1 z1 + B2 z2 + noise`` ``[K, *batch, d_model]`` from ``z [K, *batch, L]``."""
         x = self._linear(torch.cat([z1, z2], -1), torch.cat([self.B1, self.B2], -1))
-        return x + self._noise(z1.shape[1:-1], gen)
+        return x.add_(self._noise(z1.shape[1:-1], gen))
 
     def random_payload(self, shape: Sequence[int], gen: torch.Generator) -> torch.Tensor:
         return torch.randint(0, self.n_payload, (self.n_cells, *shape), generator=gen)
@@ -287,21 +298,19 @@ class ToyDGP:
         first of z1 or of z2, at random).
         """
         K, C, L = self.n_cells, self.context, self.L
-        z1, z2 = self.sample_latents((batch, C), gen)
+        z = self._latents((batch, C), gen).view(K, batch, C, 2 * L)  # [z1 | z2]
         target = torch.randint(0, C, (K, batch), generator=gen)
         payload = self.random_payload((batch, C), gen)
         t_idx = target[..., None, None].expand(-1, -1, 1, L)
-        if bool(self.binary.any()):
-            z = torch.cat([z1, z2], -1)  # [K, B, C, 2L]
+        if bool(self.binary.any()):  # Gaussian latents coincide with probability 0
             zt = z.gather(2, t_idx.repeat(1, 1, 1, 2))
             clash = (z == zt).all(-1)
             clash &= torch.arange(C) != target[..., None]
             if bool(clash.any()):
-                flip = torch.zeros(K, batch, C, 2 * L)
-                which = torch.randint(0, 2, (K, batch, C, 1), generator=gen) * L
-                flip.scatter_(-1, which, clash[..., None].float())
-                z = z * (1 - 2 * flip)
-                z1, z2 = z[..., :L], z[..., L:]
+                k, b, c = clash.nonzero(as_tuple=True)
+                which = torch.randint(0, 2, (k.numel(),), generator=gen) * L
+                z[k, b, c, which] = -z[k, b, c, which]
+        z1, z2 = z[..., :L], z[..., L:]
         x_ctx = self.encode_keys(z1, z2, payload, gen)
         x_q = self.encode_query(z1.gather(2, t_idx)[:, :, 0], z2.gather(2, t_idx)[:, :, 0], gen)
         return ToyBatch(x_ctx=x_ctx, x_q=x_q, target=target, payload=payload, z1=z1, z2=z2)
