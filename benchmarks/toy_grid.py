@@ -38,8 +38,9 @@ def main() -> None:
     head = f"{'variant':9s} {'norm':6s} {'N':>2s} {'M':>2s} {'r1':>3s} {'r2':>3s} {'val_acc':>8s} {'oracle':>7s} {'err_z1':>7s} {'err_z2':>7s} {'steps':>5s}"
     print(head)
     for r in rows:
+        norm = r["latent_norm"] if r["variant"] == "gaussian" else "-"
         print(
-            f"{r['variant']:9s} {r['latent_norm']:6s} {r['N']:2d} {r['M']:2d} {r['rank_z1']:3d} {r['rank_z2']:3d} "
+            f"{r['variant']:9s} {norm:6s} {r['N']:2d} {r['M']:2d} {r['rank_z1']:3d} {r['rank_z2']:3d} "
             f"{r['val_accuracy']:8.4f} {r['oracle_accuracy']:7.4f} {r['analytic_rel_err_z1']:7.4f} "
             f"{r['analytic_rel_err_z2']:7.4f} {r['steps']:5d}"
         )

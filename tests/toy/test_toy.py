@@ -21,11 +21,49 @@ def trained():
     return train_cells([ToyConfig(variant="binary", n_z1=3, n_z2=5)], TrainConfig(), progress=False)
 
 
+@pytest.fixture(scope="module")
+def trained_gaussian():
+    """One sphere-normalised Gaussian cell N=3, M=3 (a few seconds)."""
+    return train_cells([ToyConfig(variant="gaussian", n_z1=3, n_z2=3)], progress=False)
+
+
 def test_unknown_variant_names_the_argument():
     with pytest.raises(ValueError, match="variant"):
         ToyConfig(variant="ternary")
     with pytest.raises(ValueError, match="n_z1"):
         ToyConfig(n_z1=0)
+
+
+def test_unknown_latent_norm_names_the_argument():
+    with pytest.raises(ValueError, match="latent_norm.*'unit'"):
+        ToyConfig(variant="gaussian", latent_norm="unit")
+    assert ToyConfig(variant="gaussian").latent_norm == "sphere"
+
+
+def test_gaussian_sphere_latents_have_norm_sqrt_dim_and_identity_moment():
+    cfgs = [
+        ToyConfig("gaussian", 3, 5),
+        ToyConfig("gaussian", 3, 5, latent_norm="raw"),
+        ToyConfig("binary", 7, 3),
+    ]
+    dgp = make_dgp(cfgs)
+    n = 100_000
+    z1, z2 = dgp.sample_latents((n,), torch.Generator().manual_seed(0))
+    norms1, norms2 = z1.norm(dim=-1), z2.norm(dim=-1)
+    torch.testing.assert_close(norms1[0], torch.full((n,), math.sqrt(3)))
+    torch.testing.assert_close(norms2[0], torch.full((n,), math.sqrt(5)))
+    assert norms1[1].std() > 0.3  # raw Gaussian: norms vary
+    torch.testing.assert_close(norms1[2], torch.full((n,), math.sqrt(7)))  # binary
+    for k, (nz1, nz2) in enumerate([(3, 5), (3, 5), (7, 3)]):
+        for z, dim in ((z1[k], nz1), (z2[k], nz2)):
+            second = z.T @ z / n  # empirical E[z zᵀ] (padded coordinates are zero)
+            expected = torch.diag((torch.arange(dgp.L) < dim).float())
+            torch.testing.assert_close(second, expected, atol=0.02, rtol=0)
+    # the analytic prediction uses exactly this second moment
+    torch.testing.assert_close(dgp.second_moment("z1")[0], torch.diag(dgp.mask1[0].double()))
+    # sphere latents: the target is the unique bilinear maximiser; raw ones cap the oracle
+    oracle = dgp.oracle_accuracy(dgp.sample_sequences(2048, torch.Generator().manual_seed(1)))
+    assert oracle[0] == 1.0 and oracle[2] == 1.0 and oracle[1] < 0.9
 
 
 def test_dgp_shapes_and_latents():
@@ -99,11 +137,25 @@ def test_estimation_error_shrinks_like_inverse_sqrt_n(trained):
     assert 4 * 0.75 < ratio < 4 * 1.25, ratio  # √16 = 4
 
 
+def test_gaussian_cell_trains_and_matches_analytic(trained_gaussian):
+    assert float(trained_gaussian.val_accuracy[0]) >= 0.95
+    for f in ("z1", "z2"):
+        acc = estimate_deltas(trained_gaussian.model, trained_gaussian.dgp, f, n=50_000)[0]
+        ana = analytic_deltas(trained_gaussian.model, trained_gaussian.dgp, f)[0]
+        assert relative_error(acc.delta(), ana) < 0.05
+        assert feature_subspace(acc.delta()).rank == 3
+
+
 def test_batched_training_matches_cells():
-    cfgs = [ToyConfig("binary", 3, 3), ToyConfig("gaussian", 3, 3)]
+    cfgs = [
+        ToyConfig("binary", 3, 3),
+        ToyConfig("gaussian", 3, 3),
+        ToyConfig("gaussian", 3, 3, latent_norm="raw"),
+    ]
     res = train_cells(cfgs, TrainConfig(max_steps=20, min_steps=20), progress=False)
-    assert res.model.W_Q.shape == (2, 16, 32)
-    assert res.oracle_accuracy[0] == 1.0 and res.oracle_accuracy[1] < 1.0
+    assert res.model.W_Q.shape == (3, 16, 32)
+    assert res.oracle_accuracy[0] == 1.0 and res.oracle_accuracy[1] == 1.0
+    assert res.oracle_accuracy[2] < 1.0
 
 
 def test_cli_end_to_end(tmp_path):
@@ -134,6 +186,7 @@ def test_cli_end_to_end(tmp_path):
     assert len(rows) == 1
     required = {
         "variant",
+        "latent_norm",
         "N",
         "M",
         "d_head",
@@ -170,5 +223,7 @@ def test_cli_end_to_end(tmp_path):
 def test_cli_bad_input_exit_code(capsys):
     assert main(["toy", "ranks", "--out", "unused", "--variants", "ternary"]) == 2
     assert "variant" in capsys.readouterr().err
+    assert main(["toy", "ranks", "--out", "unused", "--latent-norm", "unit"]) == 2
+    assert "latent_norm" in capsys.readouterr().err
     assert main(["toy", "swap", "--out", "unused", "--energy", "1.5"]) == 2
     assert main(["toy", "projections", "--out", "unused", "--N", "0"]) == 2

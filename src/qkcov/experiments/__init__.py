@@ -1,0 +1,1 @@
+"""Experiment orchestration: records → scan → ΔC → subspaces → projections → swaps → artifacts."""
