@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from qkcov.contrast import ContrastResult, collect_qk, resolve_records, run_contrast
-from qkcov.models.capture import position_ids_from_mask, tokenize_batch
+from qkcov.models.capture import tokenize_batch
 from qkcov.models.tiny import tiny_model, tiny_tokenizer
+from qkcov.models.verify import _eager_attentions
 from qkcov.scan import attention_rows, scan_heads, select_heads
 from qkcov.swaps import run_swaps, swap_pairs
 from qkcov.tasks.records import ContrastRecord, Span
@@ -97,21 +98,10 @@ def test_attention_rows_equal_eager_attention(setup):
     model, tok, resolved = setup
     rows = attention_rows(model, tok, resolved, batch_size=5, padding_side="right", progress=False)
     ids, mask = tokenize_batch(tok, [r.text for r in resolved], "right")
-    current = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=position_ids_from_mask(mask),
-                output_attentions=True,
-            )
-    finally:
-        model.set_attn_implementation(current)
+    eager_all = _eager_attentions(model, ids, mask)  # per layer [B, H, S, S]
     for i, r in enumerate(resolved):
         n = len(r.input_ids)
-        eager = torch.stack([a[i, :, r.query, :n] for a in out.attentions])  # [L, H, n]
+        eager = torch.stack([a[i, :, r.query, :n] for a in eager_all])  # [L, H, n]
         torch.testing.assert_close(rows[i, :, :, :n], eager, atol=1e-5, rtol=0)
         assert rows[i, :, :, n:].abs().sum() == 0
 
