@@ -70,6 +70,12 @@ def register(subparsers: Any) -> None:
         help="held-out records per design (default %(default)s)",
     )
     p.add_argument(
+        "--n-swap",
+        type=int,
+        default=d["n_swap"].default,
+        help="held-out prompts used for the swaps, 0 = all (default %(default)s)",
+    )
+    p.add_argument(
         "--energy",
         type=float,
         default=d["energy"].default,
@@ -129,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         n_heads=args.n_heads,
         n_build=args.n_build,
         n_heldout=args.n_heldout,
+        n_swap=args.n_swap,
         energy=args.energy,
         n_random=args.n_random,
         batch_size=args.batch_size,

@@ -77,6 +77,8 @@ class BindingConfig(ConfigMixin):
         n_heads: K for ``heads="auto"``.
         n_build: records per design for ΔC (lexical rounds up to even).
         n_heldout: held-out records per design (projections, swaps, attribution).
+        n_swap: held-out order records used for the swaps (each costs 3 + 3·n_random + 2
+            forward passes per head); 0 = all.
         energy: cumulative singular-value energy that fixes each rank.
         n_random: random equal-rank subspaces per swap condition (>= 10).
         batch_size: prompts per forward pass.
@@ -94,6 +96,7 @@ class BindingConfig(ConfigMixin):
     n_heads: int = 2
     n_build: int = 96
     n_heldout: int = 24
+    n_swap: int = 16
     energy: float = 0.99
     n_random: int = 10
     batch_size: int = 8
@@ -120,6 +123,7 @@ class BindingConfig(ConfigMixin):
         check_positive_int("n_heads", self.n_heads, 1)
         check_positive_int("n_build", self.n_build, 2)
         check_positive_int("n_heldout", self.n_heldout, 2)
+        check_positive_int("n_swap", self.n_swap, 0)
         check_range("energy", self.energy, 0.0, 1.0, low_open=True)
         check_positive_int("n_random", self.n_random, 10)
         check_positive_int("batch_size", self.batch_size, 1)
@@ -330,6 +334,8 @@ def explain_logits(
             orthogonalised against earlier ones; the residual is added as the last part.
 
     Returns ``explained_fraction`` (mean over prompts of ``1 − ‖resid‖²/‖total‖²``),
+    ``explained_fraction_centred`` (the same after subtracting each part's mean over keys,
+    which softmax ignores; the uncentred number is dominated by the shared offset),
     ``per_prompt`` fractions, ``share`` per part (mean ``⟨part, total⟩/‖total‖²``; the
     shares sum to 1), ``norm_fraction`` per part (mean ``‖part‖²/‖total‖²``),
     ``max_abs_error`` (max |Σ parts − total|), ``names`` and the per-prompt
@@ -347,7 +353,7 @@ def explain_logits(
     for i, k in enumerate(keys):
         if k.ndim != 2 or k.shape[1] != d:
             raise ValueError(f"keys of prompt {i} must be [S, D={d}], got {list(k.shape)}")
-    atts, fracs, err = [], [], 0.0
+    atts, fracs, centred, err = [], [], [], 0.0
     shares: list[torch.Tensor] = []
     norms: list[torch.Tensor] = []
     for i in range(n):
@@ -356,6 +362,9 @@ def explain_logits(
         fracs.append(a.explained_fraction())
         err = max(err, float((a.parts.sum(0) - a.total).abs().max()))
         tot2 = float((a.total**2).sum())
+        # softmax ignores a shift shared by all keys: also score the centred logits
+        pc, tc = a.parts - a.parts.mean(-1, keepdim=True), a.total - a.total.mean()
+        centred.append(1.0 - float((pc[-1] ** 2).sum() / (tc**2).sum()))
         shares.append((a.parts * a.total).sum(-1) / tot2)
         norms.append((a.parts**2).sum(-1) / tot2)
     names = atts[0].names
@@ -364,6 +373,7 @@ def explain_logits(
         "names": names,
         "explained_fraction": sum(fracs) / n,
         "per_prompt": fracs,
+        "explained_fraction_centred": sum(centred) / n,
         "share": dict(zip(names, mean(shares), strict=True)),
         "norm_fraction": dict(zip(names, mean(norms), strict=True)),
         "max_abs_error": err,
@@ -580,6 +590,8 @@ def run_binding(
         # Fig. 9: in-forward swaps of the answer key with another letter's key.
         _log(progress, f"{name}: swaps (order rank {Vo.shape[1]}, lexical rank {Vl.shape[1]})")
         pairs = swap_pairs(res_oh, rows[:, layer, head], seed=cfg.seed)
+        if cfg.n_swap:
+            pairs = [pr if i < cfg.n_swap else None for i, pr in enumerate(pairs)]
         bases = {"order": Vo, "lexical": Vl, "both": both}
         bases = {k: v for k, v in bases.items() if v.shape[1] > 0}
         sw = run_swaps(
@@ -594,7 +606,7 @@ def run_binding(
             fk["q"], fk["keys"], qb, priority=cfg.priority_order(), scaling=fk["scaling"]
         )
         ex_letters = _letter_fraction(ex["attributions"], res_oh)
-        rand_fracs = []
+        rand_fracs, rand_centred = [], []
         for d in range(cfg.n_random):
             rb = {
                 "order": random_orthonormal(D, max(Uo.shape[1], 1), seed=cfg.seed * 1000 + 2 * d),
@@ -602,12 +614,13 @@ def run_binding(
                     D, max(Ul.shape[1], 1), seed=cfg.seed * 1000 + 2 * d + 1
                 ),
             }
-            rand_fracs.append(
-                explain_logits(
-                    fk["q"], fk["keys"], rb, priority=cfg.priority_order(), scaling=fk["scaling"]
-                )["explained_fraction"]
+            rex = explain_logits(
+                fk["q"], fk["keys"], rb, priority=cfg.priority_order(), scaling=fk["scaling"]
             )
+            rand_fracs.append(rex["explained_fraction"])
+            rand_centred.append(rex["explained_fraction_centred"])
         rf = torch.tensor(rand_fracs, dtype=torch.float64)
+        rc = torch.tensor(rand_centred, dtype=torch.float64)
         parity = _attention_parity(ex["attributions"], rows[:, layer, head])
         a0 = ex["attributions"][0]
         tensors[p + "attribution.parts"] = a0.parts.float()  # [3, S]
@@ -637,6 +650,11 @@ def run_binding(
                 },
                 "explained_fraction": ex["explained_fraction"],
                 "explained_fraction_letters": ex_letters,
+                "explained_fraction_centred": ex["explained_fraction_centred"],
+                "explained_fraction_centred_random": {
+                    "mean": float(rc.mean()),
+                    "std": float(rc.std()),
+                },
                 "explained_fraction_random": {
                     "mean": float(rf.mean()),
                     "std": float(rf.std()),
@@ -652,7 +670,7 @@ def run_binding(
     result = {
         "config": cfg.to_dict(),
         "model": {
-            "name": cfg.model if loaded is None else type(model).__name__,
+            "name": cfg.model,
             "architecture": info.architecture,
             "n_layers": info.n_layers,
             "n_heads": info.n_heads,
@@ -733,6 +751,8 @@ def _fmt_head_row(h: Mapping[str, Any]) -> list[Any]:
         round(h["ceiling"]["delta_p"], 3),
         round(h["explained_fraction"], 3),
         round(h["explained_fraction_random"]["mean"], 3),
+        round(h["explained_fraction_centred"], 3),
+        round(h["explained_fraction_centred_random"]["mean"], 3),
     ]
 
 
@@ -768,11 +788,13 @@ def _write_section(
         "Attribution splits the query into its order part, its lexical part (orthogonalised "
         f"against {result['attribution_priority'][0]}) and the residual; the parts sum exactly to "
         "the logits. The explained fraction is 1 − ‖resid‖²/‖total‖² over all key positions, "
-        "next to random subspaces of the same ranks.",
+        "next to random subspaces of the same ranks; 'centred' first removes each part's mean "
+        "over the keys (softmax ignores it), since the shared offset — which the uncentred ΔC's "
+        "top query direction (the mean query) captures — otherwise dominates the number.",
     ]
     columns = [
         "head", "rank order", "rank lexical", "min angle (deg)", "order Δp", "random Δp",
-        "lexical Δp", "both Δp", "ceiling Δp", "explained", "explained (random)",
+        "lexical Δp", "both Δp", "ceiling Δp", "explained", "explained (random)", "explained centred", "centred (random)",
     ]  # fmt: skip
     tables = [
         {

@@ -1,0 +1,95 @@
+"""``qkcov contrast`` on small JSONL files (tiny random model through the CLI code path)."""
+
+import json
+
+import pytest
+
+from qkcov.artifacts import load_tensors, read_json
+from qkcov.cli import main
+from qkcov.cli.contrast import run_contrast_file
+from qkcov.models.tiny import tiny_model, tiny_tokenizer
+
+GOOD = [
+    {"prompt": "- apple\n- horse\n- pear\n- car\nFruits? Answer:", "positives": [{"text": "apple"}, {"text": "pear"}],
+     "negatives": [{"text": "horse"}, {"text": "car"}], "group": "fruits"},
+    {"prompt": "- dog\n- plum\n- bus\n- cat\nAnimals? Answer:", "positives": [{"text": "dog"}, {"text": "cat"}],
+     "negatives": [{"text": "plum"}, {"text": "bus"}], "group": "animals"},
+    {"prompt": "- kiwi\n- cow\n- fig\n- van\nFruits? Answer:", "positives": [{"text": "kiwi"}, {"text": "fig"}],
+     "negatives": [{"text": "cow"}, {"text": "van"}], "group": "fruits"},
+    {"prompt": "- lime\n- ant\n- taxi\n- bee\nAnimals? Answer:", "positives": [{"text": "ant"}, {"text": "bee"}],
+     "negatives": [{"text": "lime"}, {"text": "taxi"}], "group": "animals"},
+]  # fmt: skip
+
+
+def _write(path, rows):
+    path.write_text("\n".join(json.dumps(r) if isinstance(r, dict) else r for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return tiny_model("llama"), tiny_tokenizer()
+
+
+@pytest.mark.parametrize("heads", ["L0H1,L1H3", "auto:2"])
+def test_contrast_writes_artifacts(tmp_path, loaded, heads):
+    data = _write(tmp_path / "recs.jsonl", GOOD)
+    out = tmp_path / "out"
+    payload = run_contrast_file(data, out, heads=heads, loaded=loaded, progress=False)
+    for name in ("contrast.json", "contrast.safetensors", "section.json"):
+        assert (out / name).is_file()
+    info = read_json(out / "contrast.json")
+    assert info == json.loads(json.dumps(payload))
+    assert info["groups"] == ["animals", "fruits"] and info["n_records"] == 4
+    assert len(info["heads"]) == 2
+    assert (info["scan"] is None) == (heads != "auto:2")
+    tensors = load_tensors(out / "contrast.safetensors")
+    for h in info["heads"]:
+        assert set(h["ranks"]) == {"animals", "fruits", "pooled", "union"}
+        assert h["counts"]["pooled"] == {"n_pos": 4, "n_neg": 4}
+        assert h["counts"]["fruits"] == {"n_pos": 2, "n_neg": 2}
+        for g in ("animals", "fruits", "pooled"):
+            assert tensors[f"{h['name']}.{g}.delta"].shape == (16, 16)
+            assert tensors[f"{h['name']}.{g}.key_basis"].shape == (16, h["ranks"][g])
+
+
+def test_bad_line_reports_line_number_and_writes_nothing(tmp_path, capsys):
+    bad = dict(GOOD[1], positives=[{"text": "kiwi"}])  # not in that prompt
+    data = _write(tmp_path / "bad.jsonl", [GOOD[0], bad, GOOD[2], "{not json"])
+    out = tmp_path / "out"
+    code = main(
+        ["contrast", "--model", "smollm2-135m", "--data", str(data), "--out", str(out), "--quiet"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "line 2" in err and "kiwi" in err and "line 4" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--heads", "L0X1"], "bad head spec"),
+        (["--heads", "auto:zero"], "auto:K"),
+        (["--energy", "1.5"], "energy"),
+    ],
+)
+def test_bad_arguments_exit_2_before_loading(tmp_path, capsys, argv, message):
+    data = _write(tmp_path / "recs.jsonl", GOOD)
+    out = tmp_path / "out"
+    code = main(["contrast", "--data", str(data), "--out", str(out), "--quiet", *argv])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_head_out_of_range(tmp_path, loaded):
+    data = _write(tmp_path / "recs.jsonl", GOOD)
+    with pytest.raises(ValueError, match="out of range"):
+        run_contrast_file(data, tmp_path / "out", heads="L5H0", loaded=loaded, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_file_exit_2(tmp_path, capsys):
+    code = main(["contrast", "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")])
+    assert code == 2 and "not found" in capsys.readouterr().err
