@@ -373,6 +373,10 @@ def attention_hooks(
 
 
 # --------------------------------------------------------------------------- capture
+class _StopForward(Exception):
+    """Raised inside the deepest hooked layer to end a capture-only forward pass early."""
+
+
 @dataclass
 class CapturedQK:
     """Captured rows of one layer for the selected heads.
@@ -433,12 +437,15 @@ def capture_qk(
     pre_rope: bool = False,
     on_capture: Callable[[int, CapturedQK], None] | None = None,
     example_offset: int = 0,
+    stop_early: bool = True,
 ) -> dict[int, CapturedQK]:
     """One forward pass capturing q/k of ``heads`` (default all) at ``sites`` in ``layers``.
 
     ``input_ids``/``attention_mask``: ``[B, S]`` (any padding side). With ``on_capture``,
     each layer's :class:`CapturedQK` is handed to it inside the forward pass and not kept
     (returns ``{}``). ``example_offset`` is added to the example column of the indices.
+    ``stop_early`` ends the forward pass right after the deepest requested layer (the
+    later layers and the LM head cannot change what is captured).
     """
     info = model_info(model)
     layers = check_layers(layers, info.n_layers)
@@ -456,6 +463,8 @@ def capture_qk(
     idx = _sites_tensors(sites, attention_mask, example_offset)
     hq = torch.tensor(head_list, dtype=torch.long, device=device)
     results: dict[int, CapturedQK] = {}
+
+    last_layer = max(layers)
 
     def hook(call: LayerCall) -> None:
         qsrc = call.pre_query if pre_rope and call.pre_query is not None else call.query
@@ -475,17 +484,20 @@ def capture_qk(
             on_capture(call.layer, rec)
         else:
             results[call.layer] = rec
+        if stop_early and call.layer == last_layer:
+            raise _StopForward  # nothing after the deepest requested layer is used
 
     with (
         torch.no_grad(),
         attention_hooks(model, dict.fromkeys(layers, hook), pre_rope=pre_rope) as s,
+        contextlib.suppress(_StopForward),
     ):
         model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
-            logits_to_keep=1,  # logits are not used; skip most of the LM head
+            logits_to_keep=1,
         )
     s.check_called(model, layers)
     return results
@@ -505,6 +517,7 @@ def capture_prompts(
     on_capture: Callable[[int, CapturedQK], None] | None = None,
     add_special_tokens: bool | None = None,
     progress: bool = True,
+    stop_early: bool = True,
 ) -> dict[int, CapturedQK]:
     """:func:`capture_qk` over many prompts in batches (tqdm progress bar).
 
@@ -527,7 +540,7 @@ def capture_prompts(
         )
         out = capture_qk(
             model, ids, mask, sites.subset(start, stop), layers, heads,
-            pre_rope=pre_rope, on_capture=on_capture, example_offset=start,
+            pre_rope=pre_rope, on_capture=on_capture, example_offset=start, stop_early=stop_early,
         )  # fmt: skip
         for layer, rec in out.items():
             parts.setdefault(layer, []).append(rec)
