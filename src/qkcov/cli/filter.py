@@ -69,6 +69,14 @@ def register(subparsers: Any) -> None:
         help=f"held-out prompts used for swaps, 0 = all (default {d.n_swap})",
     )
     p.add_argument(
+        "--swap-subspace",
+        choices=("pooled", "union"),
+        default=d.swap_subspace,
+        help="headline swap condition: the pooled ΔC's key subspace (asked-category items vs "
+        "the rest) or the union of per-category key subspaces; both are always run and saved "
+        f"(default {d.swap_subspace})",
+    )
+    p.add_argument(
         "--n-centroid",
         type=int,
         default=d.n_centroid,
@@ -122,6 +130,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         n_heldout=args.n_heldout,
         n_scan=args.n_scan,
         n_swap=args.n_swap,
+        swap_subspace=args.swap_subspace,
         n_centroid=args.n_centroid,
         categories=cats,
         n_categories_per_prompt=args.n_categories_per_prompt,

@@ -94,9 +94,9 @@ class BindingConfig(ConfigMixin):
     chat: bool = False
     heads: str = "auto"
     n_heads: int = 2
-    n_build: int = 96
-    n_heldout: int = 24
-    n_swap: int = 16
+    n_build: int = 160
+    n_heldout: int = 48
+    n_swap: int = 32
     energy: float = 0.99
     n_random: int = 10
     batch_size: int = 8
@@ -172,7 +172,7 @@ def _check_heads_spec(spec: Any) -> None:
 # and gemma3-270m 0.53/0.47/0.35/0.40 for 2/3/4/5 pairs (chance 0.50/0.33/0.25/0.20); chat is
 # no better (smollm2) or unavailable (the gemma3 GGUF has no chat template). No setting solves
 # the task; 3 plain pairs is above chance for both models and the cheapest informative one.
-DEMO_CONFIG: dict[str, Any] = {"n_pairs": 3, "chat": False, "n_build": 96, "n_heldout": 24}
+DEMO_CONFIG: dict[str, Any] = {"n_pairs": 3, "chat": False}
 
 
 # ------------------------------------------------------------------ records

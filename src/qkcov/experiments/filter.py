@@ -116,6 +116,11 @@ class FilterConfig(ConfigMixin):
         n_random: random equal-rank subspaces per swap condition and random 3-D bases for
             the clustering baseline (at least 10).
         batch_size, seed: batching and the seed of records, pairs and random bases.
+        swap_subspace: the headline swap condition reported as ``swap``/``random``:
+            ``"pooled"`` = key subspace of the pooled ΔC (asked-category items vs the rest,
+            over all categories: the predicate-match feature the head reads) or ``"union"``
+            = the per-category key subspaces stacked (one direction or more per category).
+            Both are always run and stored (``swap_pooled``, ``swap_union``).
     """
 
     model: str = DEFAULT_MODEL
@@ -124,8 +129,8 @@ class FilterConfig(ConfigMixin):
     scan_key: str = "diff"
     n_build: int = 300
     n_heldout: int = 200
-    n_scan: int = 150
-    n_swap: int = 32
+    n_scan: int = 0
+    n_swap: int = 64
     n_centroid: int = 96
     categories: tuple[str, ...] | None = None
     n_categories_per_prompt: int = 3
@@ -138,8 +143,13 @@ class FilterConfig(ConfigMixin):
     batch_size: int = 16
     seed: int = 0
     n_boot: int = 200
+    swap_subspace: str = "pooled"
 
     def __post_init__(self) -> None:
+        if self.swap_subspace not in ("pooled", "union"):
+            raise ValueError(
+                f"swap_subspace must be 'pooled' or 'union', got {self.swap_subspace!r}"
+            )
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError(f"model must be a non-empty string, got {self.model!r}")
         _check_heads_spec(self.heads)
@@ -394,9 +404,10 @@ def _write_section(out: Path, result: Mapping[str, Any], figures: list, interact
                 h["name"],
                 h["rank"][POOLED],
                 h["rank"]["union"],
-                round(h["swap"]["delta_p"], 3),
                 round(h["swap_pooled"]["delta_p"], 3),
-                f"{h['random']['delta_p']['mean']:.3f} ± {h['random']['delta_p']['std']:.3f}",
+                f"{h['random_pooled']['delta_p']['mean']:.3f} ± {h['random_pooled']['delta_p']['std']:.3f}",
+                round(h["swap_union"]["delta_p"], 3),
+                f"{h['random_union']['delta_p']['mean']:.3f} ± {h['random_union']['delta_p']['std']:.3f}",
                 round(h["ceiling"]["delta_p"], 3),
                 round(h["swap"]["flip_items"], 3),
                 round(h["cluster_acc"]["subspace"], 3),
@@ -413,7 +424,7 @@ def _write_section(out: Path, result: Mapping[str, Any], figures: list, interact
     if best is not None:
         summary.update(
             {
-                "swap Δp (category subspace)": round(best["swap"]["delta_p"], 3),
+                f"swap Δp ({best['swap_subspace']} subspace)": round(best["swap"]["delta_p"], 3),
                 "swap Δp (random, mean)": round(best["random"]["delta_p"]["mean"], 3),
                 "swap Δp (full key)": round(best["ceiling"]["delta_p"], 3),
                 "3-D cluster accuracy (subspace / random / PCA)": (
@@ -454,9 +465,10 @@ def _write_section(out: Path, result: Mapping[str, Any], figures: list, interact
                     "head",
                     "rank pooled",
                     "rank union",
-                    "Δp category",
                     "Δp pooled",
-                    "Δp random",
+                    "Δp random (pooled rank)",
+                    "Δp union",
+                    "Δp random (union rank)",
                     "Δp ceiling",
                     "flip items",
                     "acc subspace",
@@ -590,10 +602,14 @@ def run_filter(
             batch_size=cfg.batch_size,
             progress=progress,
         )
-        hinfo["swap"] = _summ(sw["conditions"][CATEGORY])
-        hinfo["random"] = _rand_summ(sw["random"][CATEGORY])
+        hinfo["swap_union"] = _summ(sw["conditions"][CATEGORY])
+        hinfo["random_union"] = _rand_summ(sw["random"][CATEGORY])
         hinfo["swap_pooled"] = _summ(sw["conditions"][POOLED])
         hinfo["random_pooled"] = _rand_summ(sw["random"][POOLED])
+        # the headline condition (cfg.swap_subspace); both stay in the artifact
+        hinfo["swap_subspace"] = cfg.swap_subspace
+        hinfo["swap"] = hinfo[f"swap_{cfg.swap_subspace}"]
+        hinfo["random"] = hinfo[f"random_{cfg.swap_subspace}"]
         hinfo["ceiling"] = _summ(sw["ceiling"])
         hinfo["swap_detail"] = {
             "n": sw["n"],
@@ -608,7 +624,7 @@ def run_filter(
         head_infos.append(hinfo)
         t = tick(f"swaps_{name}", t)
 
-    # best head: largest margin of the category-subspace swap over its random baseline
+    # best head: largest margin of the headline swap over its equal-rank random baseline
     best = max(head_infos, key=lambda h: h["swap"]["delta_p"] - h["random"]["delta_p"]["mean"])
     result: dict[str, Any] = {
         "config": cfg.to_dict(),

@@ -172,8 +172,8 @@ def plot_swaps(out_dir: str | Path) -> Entries:
     metrics = [("delta_p", "Δp = Δ a_tgt/(a_orig+a_tgt)"), ("flip_items", "flip rate (items)")]
     fig, axes = plt.subplots(1, 2, figsize=(4 + 2.2 * len(heads), 3.6), squeeze=False)
     conds = [
-        ("category", "#1f77b4"),
-        ("random", "#aaaaaa"),
+        ("union", "#1f77b4"),
+        ("random union", "#aaaaaa"),
         ("pooled", "#2ca02c"),
         ("random pooled", "#dddddd"),
         ("full key", "#333333"),
@@ -184,15 +184,15 @@ def plot_swaps(out_dir: str | Path) -> Entries:
         for ci, (cond, color) in enumerate(conds):
             vals, errs = [], []
             for h in heads:
-                if cond == "category":
-                    vals.append(h["swap"][m])
+                if cond == "union":
+                    vals.append(h["swap_union"][m])
                     errs.append(0.0)
                 elif cond == "pooled":
                     vals.append(h["swap_pooled"][m])
                     errs.append(0.0)
-                elif cond == "random":
-                    vals.append(h["random"][m]["mean"])
-                    errs.append(h["random"][m]["std"])
+                elif cond == "random union":
+                    vals.append(h["random_union"][m]["mean"])
+                    errs.append(h["random_union"][m]["std"])
                 elif cond == "random pooled":
                     vals.append(h["random_pooled"][m]["mean"])
                     errs.append(h["random_pooled"][m]["std"])
