@@ -8,6 +8,8 @@ ranks heads by mean attention on positive vs negative keys with bootstrap interv
 
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +21,7 @@ from .models.capture import LayerCall, attention_hooks, position_ids_from_mask, 
 from .models.heads import format_head, parse_heads
 from .models.loading import model_info
 
-__all__ = ["attention_rows", "scan_heads", "select_heads", "scan_matrix"]
+__all__ = ["attention_rows", "scan_heads", "select_heads", "check_heads_spec", "scan_matrix"]
 
 
 def attention_rows(
@@ -166,6 +168,24 @@ def scan_matrix(scan: Sequence[dict[str, Any]], key: str = "diff") -> torch.Tens
     return m
 
 
+def check_heads_spec(spec: object) -> None:
+    """Syntax check of a heads spec before any model is loaded (ranges are checked later):
+    ``"auto"``, ``"auto:K"`` (K >= 1) or a list such as ``"L20H26,L16H19"``."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(
+            f"heads must be 'auto', 'auto:K' or a list like 'L20H26,L16H19', got {spec!r}"
+        )
+    s = spec.strip()
+    if s.lower().startswith("auto"):
+        m = re.fullmatch(r"(?i)auto(?::(\d+))?", s)
+        if m is None or (m.group(1) is not None and int(m.group(1)) < 1):
+            raise ValueError(
+                f"heads spec {spec!r}: expected 'auto' or 'auto:K' with an integer K >= 1"
+            )
+        return
+    parse_heads(s, sys.maxsize, sys.maxsize)
+
+
 def select_heads(
     spec: str | Sequence[str],
     scan: Sequence[dict[str, Any]] | None,
@@ -175,17 +195,10 @@ def select_heads(
 ) -> list[tuple[int, int]]:
     """Heads to study: ``"auto"`` (or ``"auto:K"``) = the top-K heads of ``scan``; otherwise a
     head list such as ``"L20H26,L16H19"`` (validated against the model's shape)."""
-    if isinstance(spec, str) and spec.strip().lower().startswith("auto"):
-        parts = spec.strip().split(":")
-        if len(parts) == 2:
-            try:
-                k = int(parts[1])
-            except ValueError:
-                raise ValueError(
-                    f"heads spec {spec!r}: expected 'auto' or 'auto:K' with an integer K"
-                ) from None
-        if k < 1:
-            raise ValueError(f"heads spec {spec!r}: K must be >= 1")
+    check_heads_spec(spec)
+    if spec.strip().lower().startswith("auto"):
+        if ":" in spec:
+            k = int(spec.split(":")[1])
         if not scan:
             raise ValueError("heads 'auto' needs a head scan")
         return [(r["layer"], r["head"]) for r in scan[:k]]

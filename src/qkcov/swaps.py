@@ -21,7 +21,7 @@ from .models.intervene import KeySwap, swap_keys_forward
 from .models.loading import model_info
 from .subspace import random_orthonormal
 
-__all__ = ["swap_pairs", "run_swaps", "METRICS"]
+__all__ = ["swap_pairs", "run_swaps", "metric_summary", "random_summary", "METRICS"]
 
 METRICS = ("delta_p", "flip_items", "flip_all", "logprob_shift")
 
@@ -184,3 +184,13 @@ def run_swaps(
         },
         "ceiling": metrics(("ceiling", None)),
     }
+
+
+def metric_summary(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The headline :data:`METRICS` of one condition of :func:`run_swaps`."""
+    return {m: float(metrics[m]) for m in METRICS}
+
+
+def random_summary(random: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Mean and std over draws of the headline metrics of a random-baseline condition."""
+    return {m: {"mean": float(random[m]["mean"]), "std": float(random[m]["std"])} for m in METRICS}

@@ -78,15 +78,14 @@ def run_contrast_file(
     """
     from ..artifacts import save_tensors, write_json
     from ..contrast import POOLED, resolve_records, run_contrast
-    from ..experiments.filter import _check_heads_spec
     from ..models.heads import format_head
     from ..models.loading import DEFAULT_MODEL, model_info
-    from ..scan import attention_rows, scan_heads, select_heads
+    from ..scan import attention_rows, check_heads_spec, scan_heads, select_heads
     from ..tasks.records import load_records
 
     t0 = time.perf_counter()
     _check_args(energy, batch_size, n_heads)
-    _check_heads_spec(heads)
+    check_heads_spec(heads)
     records = load_records(data)  # raises one error listing every bad line
     model_name = model or DEFAULT_MODEL
     if loaded is None:

@@ -21,7 +21,6 @@ Artifacts: ``binding.json``, ``binding.safetensors``, figures drawn from them, a
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,9 +38,9 @@ from ..models.capture import QKSites, capture_qk
 from ..models.heads import format_head
 from ..models.loading import DEFAULT_MODEL, load_model, model_info
 from ..projection import nearest_centroid_accuracy, project
-from ..scan import attention_rows, scan_heads, select_heads
+from ..scan import attention_rows, check_heads_spec, scan_heads, select_heads
 from ..subspace import principal_angles, random_orthonormal, union_basis
-from ..swaps import METRICS, run_swaps, swap_pairs
+from ..swaps import metric_summary, random_summary, run_swaps, swap_pairs
 from ..tasks.binding import MAX_PAIRS, MIN_PAIRS, BindingTaskConfig, build_binding_records
 from ..tasks.records import ContrastRecord
 
@@ -60,7 +59,6 @@ __all__ = [
 
 Head = tuple[int, int]
 PRIORITIES = ("order", "lexical")
-_HEAD_ITEM = re.compile(r"^L\d+H\d+$", re.IGNORECASE)
 _N_PROJ = 3  # coordinates kept per projection for figures
 
 
@@ -119,7 +117,7 @@ class BindingConfig(ConfigMixin):
             )
         if not isinstance(self.chat, bool):
             raise ValueError(f"chat must be a bool, got {self.chat!r}")
-        _check_heads_spec(self.heads)
+        check_heads_spec(self.heads)
         check_positive_int("n_heads", self.n_heads, 1)
         check_positive_int("n_build", self.n_build, 2)
         check_positive_int("n_heldout", self.n_heldout, 2)
@@ -152,20 +150,6 @@ class BindingConfig(ConfigMixin):
 
     def priority_order(self) -> list[str]:
         return ["order", "lexical"] if self.priority == "order" else ["lexical", "order"]
-
-
-def _check_heads_spec(spec: Any) -> None:
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"heads must be 'auto', 'auto:K' or a list like 'L3H4,L5H1', got {spec!r}")
-    s = spec.strip()
-    if s.lower() == "auto" or re.fullmatch(r"(?i)auto:\d+", s):
-        return
-    bad = [item for item in s.split(",") if not _HEAD_ITEM.match(item.strip())]
-    if bad:
-        raise ValueError(
-            f"heads spec {spec!r}: {bad} are not of the form L<layer>H<head>; use 'auto' or "
-            "e.g. 'L3H4,L5H1'"
-        )
 
 
 # Demo defaults. Measured accuracy (40-60 plain prompts): smollm2-135m 0.52/0.38-0.47/0.48/0.37
@@ -428,18 +412,6 @@ def _degrees(rad: Sequence[float]) -> list[float]:
     return [float(x) * 180.0 / torch.pi for x in rad]
 
 
-def _summ(metrics: Mapping[str, Any]) -> dict[str, float]:
-    return {m: float(metrics[m]) for m in METRICS if m in metrics}
-
-
-def _random_summ(rand: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    return {
-        m: {"mean": float(v["mean"]), "std": float(v["std"])}
-        for m, v in rand.items()
-        if m in METRICS
-    }
-
-
 def _proj_coords(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     """First ``_N_PROJ`` coordinates of ``x`` in ``basis`` (zero-padded), float32."""
     c = project(x, basis[:, :_N_PROJ]) if basis.shape[1] else torch.zeros(x.shape[0], 0)
@@ -641,10 +613,10 @@ def run_binding(
                 "principal_angles": _degrees(_angles(Vo, Vl)),
                 "principal_angles_query": _degrees(_angles(Uo, Ul)),
                 "decoding": decode,
-                "swap": {k: _summ(v) for k, v in sw["conditions"].items()},
-                "random": {k: _random_summ(v) for k, v in sw["random"].items()},
-                "ceiling": _summ(sw["ceiling"]),
-                "null": _summ(sw["null"]),
+                "swap": {k: metric_summary(v) for k, v in sw["conditions"].items()},
+                "random": {k: random_summary(v) for k, v in sw["random"].items()},
+                "ceiling": metric_summary(sw["ceiling"]),
+                "null": metric_summary(sw["null"]),
                 "swap_n": sw["n"],
                 "swap_attention": {
                     k: {m: float(v[m]) for m in v if m.startswith("attn_")}

@@ -53,9 +53,9 @@ from ..contrast import (
 from ..models.heads import format_head, parse_heads
 from ..models.loading import DEFAULT_MODEL, model_info
 from ..projection import nearest_centroid_accuracy, pca_basis, project
-from ..scan import attention_rows, scan_heads, scan_matrix, select_heads
+from ..scan import attention_rows, check_heads_spec, scan_heads, scan_matrix, select_heads
 from ..subspace import principal_angles, random_orthonormal, union_basis
-from ..swaps import METRICS, run_swaps, swap_pairs
+from ..swaps import metric_summary, random_summary, run_swaps, swap_pairs
 from ..tasks.filter import FilterTaskConfig, build_filter_records, check_words_tokenize
 from ..tasks.records import ContrastRecord
 
@@ -75,23 +75,6 @@ SCAN_KEYS = ("diff", "ratio", "top_match", "mean_pos")
 CATEGORY = "category"  # swap condition: union of per-category key subspaces
 PROJ_DIMS = 3
 Head = tuple[int, int]
-
-
-def _check_heads_spec(spec: Any) -> None:
-    """Syntax check of a head spec before any model is loaded (ranges are checked later)."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(
-            f"heads must be 'auto', 'auto:K' or a list like 'L20H26,L16H19', got {spec!r}"
-        )
-    s = spec.strip().lower()
-    if s.startswith("auto"):
-        parts = s.split(":")
-        if s != "auto" and not (len(parts) == 2 and parts[1].isdigit() and int(parts[1]) >= 1):
-            raise ValueError(
-                f"heads spec {spec!r}: expected 'auto' or 'auto:K' with an integer K >= 1"
-            )
-        return
-    parse_heads(spec, 10**6, 10**6)  # syntax only
 
 
 @dataclass
@@ -152,7 +135,7 @@ class FilterConfig(ConfigMixin):
             )
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError(f"model must be a non-empty string, got {self.model!r}")
-        _check_heads_spec(self.heads)
+        check_heads_spec(self.heads)
         check_positive_int("n_heads", self.n_heads, 1)
         if self.scan_key not in SCAN_KEYS:
             raise ValueError(f"scan_key must be one of {list(SCAN_KEYS)}, got {self.scan_key!r}")
@@ -244,14 +227,6 @@ def _subset(n: int, k: int, seed: int) -> list[int]:
 def _balanced_subset(resolved: Sequence[ResolvedRecord], k: int) -> list[int]:
     """First records in order, ``k`` in all (records are already category-balanced cycles)."""
     return list(range(len(resolved))) if k == 0 or k >= len(resolved) else list(range(k))
-
-
-def _summ(m: Mapping[str, Any]) -> dict[str, float]:
-    return {k: float(m[k]) for k in METRICS}
-
-
-def _rand_summ(m: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    return {k: {"mean": float(m[k]["mean"]), "std": float(m[k]["std"])} for k in METRICS}
 
 
 def _degrees(rad: torch.Tensor) -> list[float]:
@@ -602,15 +577,15 @@ def run_filter(
             batch_size=cfg.batch_size,
             progress=progress,
         )
-        hinfo["swap_union"] = _summ(sw["conditions"][CATEGORY])
-        hinfo["random_union"] = _rand_summ(sw["random"][CATEGORY])
-        hinfo["swap_pooled"] = _summ(sw["conditions"][POOLED])
-        hinfo["random_pooled"] = _rand_summ(sw["random"][POOLED])
+        hinfo["swap_union"] = metric_summary(sw["conditions"][CATEGORY])
+        hinfo["random_union"] = random_summary(sw["random"][CATEGORY])
+        hinfo["swap_pooled"] = metric_summary(sw["conditions"][POOLED])
+        hinfo["random_pooled"] = random_summary(sw["random"][POOLED])
         # the headline condition (cfg.swap_subspace); both stay in the artifact
         hinfo["swap_subspace"] = cfg.swap_subspace
         hinfo["swap"] = hinfo[f"swap_{cfg.swap_subspace}"]
         hinfo["random"] = hinfo[f"random_{cfg.swap_subspace}"]
-        hinfo["ceiling"] = _summ(sw["ceiling"])
+        hinfo["ceiling"] = metric_summary(sw["ceiling"])
         hinfo["swap_detail"] = {
             "n": sw["n"],
             "ranks": sw["ranks"],
