@@ -209,8 +209,16 @@ def train_cells(
     if isinstance(configs, ToyConfig):
         configs = [configs]
     tc = train_config or TrainConfig()
+    previous = torch.get_num_threads()
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    try:
+        return _train(list(configs), tc, progress)
+    finally:
+        torch.set_num_threads(previous)  # the thread count is process-wide: give it back
+
+
+def _train(configs: list[ToyConfig], tc: TrainConfig, progress: bool) -> TrainResult:
     t0 = time.perf_counter()
     dgp = make_dgp(configs)
     model = ToyModel(configs)
