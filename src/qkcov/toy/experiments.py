@@ -210,7 +210,7 @@ def run_ranks(
         out,
         key="toy_ranks",
         title="Toy model: rank recovery (Fig. 2)",
-        order=20,
+        order=10,
         summary={
             "cells": len(rows),
             "exact_ranks": exact,
@@ -375,7 +375,7 @@ def run_projections(
         out,
         key="toy_projections",
         title="Toy model: projections onto the feature subspaces (Fig. 3)",
-        order=21,
+        order=11,
         summary={k: info[k] for k in ("rank_z1", "rank_z2", "n_points")} | {"cell": cfg.name},
         text=[
             "Queries (W_Q x_q) and their target keys (W_K x_i*) projected onto the query/key "
@@ -526,7 +526,7 @@ def run_swap(
         out,
         key="toy_swap",
         title="Toy model: key swaps inside the feature subspaces (Fig. 4)",
-        order=22,
+        order=12,
         summary=summary,
         text=[
             "For each sequence the true target key i_orig and another key i_target (built to "
@@ -610,7 +610,7 @@ def run_interaction(
         out,
         key="toy_interaction",
         title="Toy model: latent interaction matrix (Fig. 5)",
-        order=23,
+        order=13,
         summary={
             "cell": cfg.name,
             "off_block_fraction": off,
