@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .intervention import attention_weights
-from .models.capture import LayerCall, attention_hooks, position_ids_from_mask, tokenize_batch
+from .models.capture import LayerCall, attention_hooks, padded_forward, tokenize_batch
 from .models.heads import format_head, parse_heads
 from .models.loading import model_info
 
@@ -72,13 +72,7 @@ def attention_rows(
 
         hooks = dict.fromkeys(range(info.n_layers), hook)
         with torch.no_grad(), attention_hooks(model, hooks) as session:
-            model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=position_ids_from_mask(mask),
-                use_cache=False,
-                logits_to_keep=1,
-            )
+            padded_forward(model, ids, mask, logits_to_keep=1)
         session.check_called(model, list(range(info.n_layers)))
         stacked = torch.stack([store[l] for l in range(info.n_layers)], dim=1).cpu()  # [B, L, H, S]
         for b in range(B):

@@ -221,7 +221,7 @@ def task_accuracy(
     ``chance`` (1 / n_pairs), ``per_position`` accuracy, ``predicted_position`` counts,
     ``p_answer`` (mean softmax probability of the answer among the candidates), ``n``.
     """
-    from ..models.capture import position_ids_from_mask
+    from ..models.capture import padded_forward
 
     recs = [r for r in resolved if r.record.meta.get("answer_letter") is not None]
     if not recs:
@@ -237,13 +237,7 @@ def task_accuracy(
         ids, mask = _pad_left(batch, pad)
         with torch.no_grad():
             logits = (
-                model(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    position_ids=position_ids_from_mask(mask).to(device),
-                    use_cache=False,
-                    logits_to_keep=1,
-                )
+                padded_forward(model, ids.to(device), mask.to(device), logits_to_keep=1)
                 .logits[:, -1]
                 .double()
                 .cpu()

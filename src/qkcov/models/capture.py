@@ -51,6 +51,7 @@ __all__ = [
     "capture_prompts",
     "tokenize_batch",
     "position_ids_from_mask",
+    "padded_forward",
     "resolve_positions",
 ]
 
@@ -81,6 +82,20 @@ class QKSites:
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """``[B, S]`` position ids ``cumsum(mask) - 1`` clamped at 0 (pads get 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def padded_forward(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any
+) -> Any:
+    """``model(...)`` on a padded batch ``[B, S]`` with ``position_ids`` from the mask and no
+    cache, so a prompt's result does not depend on padding side or batch-mates."""
+    return model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        **kwargs,
+    )
 
 
 def tokenize_batch(
@@ -492,13 +507,7 @@ def capture_qk(
         attention_hooks(model, dict.fromkeys(layers, hook), pre_rope=pre_rope) as s,
         contextlib.suppress(_StopForward),
     ):
-        model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-            logits_to_keep=1,
-        )
+        padded_forward(model, input_ids, attention_mask, logits_to_keep=1)
     s.check_called(model, layers)
     return results
 

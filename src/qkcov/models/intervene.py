@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..intervention import attention_weights, swap_in_subspace
-from .capture import LayerCall, attention_hooks, position_ids_from_mask, resolve_positions
+from .capture import LayerCall, attention_hooks, padded_forward, resolve_positions
 from .heads import check_heads, check_layers
 from .loading import model_info
 
@@ -82,13 +82,7 @@ def _last_index(mask: torch.Tensor) -> torch.Tensor:
 def _forward_logits(model: nn.Module, input_ids, attention_mask) -> torch.Tensor:
     last = _last_index(attention_mask)
     keep, inverse = torch.unique(last, return_inverse=True)  # usually one column (left padding)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-        logits_to_keep=keep,
-    )
+    out = padded_forward(model, input_ids, attention_mask, logits_to_keep=keep)
     return out.logits[torch.arange(input_ids.shape[0], device=input_ids.device), inverse]
 
 

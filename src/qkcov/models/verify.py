@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..intervention import attention_weights
-from .capture import QKSites, capture_qk, position_ids_from_mask, tokenize_batch
+from .capture import QKSites, capture_qk, padded_forward, tokenize_batch
 from .loading import LoadedModel, model_info
 
 __all__ = ["DEFAULT_PROMPTS", "TOLERANCE", "verify_parity", "causal_mask"]
@@ -50,13 +50,7 @@ def _eager_attentions(
     model.set_attn_implementation("eager")
     try:
         with torch.no_grad():
-            out = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=position_ids_from_mask(mask),
-                output_attentions=True,
-                use_cache=False,
-            )
+            out = padded_forward(model, ids, mask, output_attentions=True)
     finally:
         model.set_attn_implementation(current)
     if not out.attentions or out.attentions[0] is None:
