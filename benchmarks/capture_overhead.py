@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from qkcov.covariance import ContrastiveCovariance
+from qkcov.core.covariance import ContrastiveCovariance
 from qkcov.models.capture import QKSites, capture_qk, position_ids_from_mask, tokenize_batch
 from qkcov.models.loading import DEFAULT_MODEL, format_prompt, load_model
 from qkcov.models.positions import find_span

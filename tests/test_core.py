@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from qkcov.artifacts import load_tensors, read_json, save_tensors, write_json
-from qkcov.covariance import ContrastiveCovariance
-from qkcov.intervention import swap_in_subspace
-from qkcov.subspace import feature_subspace, principal_angles, random_orthonormal
+from qkcov.core.covariance import ContrastiveCovariance
+from qkcov.core.intervention import swap_in_subspace
+from qkcov.core.subspace import feature_subspace, principal_angles, random_orthonormal
 
 
 def _pairs(n: int, d_q: int = 12, d_k: int = 10, seed: int = 0):

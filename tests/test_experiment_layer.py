@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from qkcov.contrast import ContrastResult, collect_qk, resolve_records, run_contrast
+from qkcov.engine.contrast import ContrastResult, collect_qk, resolve_records, run_contrast
+from qkcov.engine.scan import attention_rows, scan_heads, select_heads
+from qkcov.engine.swaps import run_swaps, swap_pairs
 from qkcov.models.capture import tokenize_batch
 from qkcov.models.tiny import tiny_model, tiny_tokenizer
 from qkcov.models.verify import _eager_attentions
-from qkcov.scan import attention_rows, scan_heads, select_heads
-from qkcov.swaps import run_swaps, swap_pairs
 from qkcov.tasks.records import ContrastRecord, Span
 
 WORDS = ["red", "cat", "blue", "dog", "green", "cow", "pink", "ant"]

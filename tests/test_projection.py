@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from qkcov.projection import centroids, nearest_centroid_accuracy, pca_basis, project
-from qkcov.subspace import random_orthonormal
+from qkcov.core.projection import centroids, nearest_centroid_accuracy, pca_basis, project
+from qkcov.core.subspace import random_orthonormal
 
 
 def test_project_is_coordinates_on_orthonormal_basis():

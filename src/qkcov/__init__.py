@@ -4,10 +4,10 @@ Contrastive query-key covariances ΔC = E[q k⁺ᵀ] − E[q k⁻ᵀ], their low
 subspaces, causal key swaps inside those subspaces, and exact logit attribution.
 """
 
-from .attribution import Attribution, attribute, sequential_bases
-from .covariance import ContrastiveCovariance
-from .intervention import attention_logits, attention_weights, swap_in_subspace, swap_metrics
-from .subspace import (
+from .core.attribution import Attribution, attribute, sequential_bases
+from .core.covariance import ContrastiveCovariance
+from .core.intervention import attention_logits, attention_weights, swap_in_subspace, swap_metrics
+from .core.subspace import (
     FeatureSubspace,
     feature_subspace,
     orthonormalize,

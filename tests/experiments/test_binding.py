@@ -13,8 +13,8 @@ from qkcov.experiments.binding import (
     explain_logits,
     run_binding,
 )
-from qkcov.figures.binding import plot_all
 from qkcov.models.tiny import tiny_model, tiny_tokenizer
+from qkcov.report.figures.binding import plot_all
 
 SMALL = dict(n_pairs=3, n_build=12, n_heldout=6, n_random=10, n_boot=20, n_heads=1)
 

@@ -7,15 +7,15 @@ import torch
 
 from qkcov.artifacts import load_tensors, read_json
 from qkcov.cli import main
-from qkcov.contrast import collect_qk, resolve_records
+from qkcov.core.intervention import attention_weights, swap_in_subspace
+from qkcov.core.subspace import random_orthonormal
+from qkcov.engine.contrast import collect_qk, resolve_records
+from qkcov.engine.scan import attention_rows
+from qkcov.engine.swaps import METRICS, run_swaps, swap_pairs
 from qkcov.experiments.filter import FilterConfig, check_task_words, records_for, run_filter
-from qkcov.figures.filter import plot_all
-from qkcov.intervention import attention_weights, swap_in_subspace
 from qkcov.models.capture import QKSites, capture_prompts
 from qkcov.models.tiny import tiny_model, tiny_tokenizer
-from qkcov.scan import attention_rows
-from qkcov.subspace import random_orthonormal
-from qkcov.swaps import METRICS, run_swaps, swap_pairs
+from qkcov.report.figures.filter import plot_all
 from qkcov.tasks.filter import FilterTaskConfig, build_filter_records
 
 CATS = ("fruits", "animals", "vehicles", "countries")

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from qkcov.covariance import ContrastiveCovariance
-from qkcov.intervention import attention_weights
+from qkcov.core.covariance import ContrastiveCovariance
+from qkcov.core.intervention import attention_weights
 from qkcov.models.capture import (
     QKSites,
     attention_hooks,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qkcov.intervention import attention_weights, swap_in_subspace
+from qkcov.core.intervention import attention_weights, swap_in_subspace
 from qkcov.models.capture import QKSites, capture_qk, position_ids_from_mask, tokenize_batch
 from qkcov.models.intervene import KeySwap, edit_head_forward, last_token_logits, swap_keys_forward
 from qkcov.models.loading import model_info

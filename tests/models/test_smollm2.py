@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qkcov.cli import main
-from qkcov.covariance import ContrastiveCovariance
-from qkcov.intervention import attention_weights, swap_in_subspace
+from qkcov.core.covariance import ContrastiveCovariance
+from qkcov.core.intervention import attention_weights, swap_in_subspace
 from qkcov.models import (
     QKSites,
     capture_prompts,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qkcov.cli import main
-from qkcov.subspace import feature_subspace, orthonormalize, principal_angles
+from qkcov.core.subspace import feature_subspace, orthonormalize, principal_angles
 from qkcov.toy.analytic import analytic_deltas, estimate_deltas, relative_error
 from qkcov.toy.data import ToyConfig, make_dgp
 from qkcov.toy.model import TrainConfig, train_cells

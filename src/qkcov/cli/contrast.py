@@ -77,10 +77,10 @@ def run_contrast_file(
     Returns the content of ``contrast.json``.
     """
     from ..artifacts import save_tensors, write_json
-    from ..contrast import POOLED, resolve_records, run_contrast
+    from ..engine.contrast import POOLED, resolve_records, run_contrast
+    from ..engine.scan import attention_rows, check_heads_spec, scan_heads, select_heads
     from ..models.heads import format_head
     from ..models.loading import DEFAULT_MODEL, model_info
-    from ..scan import attention_rows, check_heads_spec, scan_heads, select_heads
     from ..tasks.records import load_records
 
     t0 = time.perf_counter()

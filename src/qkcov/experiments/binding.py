@@ -31,16 +31,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..artifacts import save_tensors, write_json
-from ..attribution import attribute
 from ..config import ConfigMixin, check_positive_int, check_range
-from ..contrast import ResolvedRecord, resolve_records, run_contrast
+from ..core.attribution import attribute
+from ..core.projection import nearest_centroid_accuracy, project
+from ..core.subspace import principal_angles, random_orthonormal, union_basis
+from ..engine.contrast import ResolvedRecord, resolve_records, run_contrast
+from ..engine.scan import attention_rows, check_heads_spec, scan_heads, select_heads
+from ..engine.swaps import metric_summary, random_summary, run_swaps, swap_pairs
 from ..models.capture import QKSites, capture_qk
 from ..models.heads import format_head
 from ..models.loading import DEFAULT_MODEL, load_model, model_info
-from ..projection import nearest_centroid_accuracy, project
-from ..scan import attention_rows, check_heads_spec, scan_heads, select_heads
-from ..subspace import principal_angles, random_orthonormal, union_basis
-from ..swaps import metric_summary, random_summary, run_swaps, swap_pairs
 from ..tasks.binding import MAX_PAIRS, MIN_PAIRS, BindingTaskConfig, build_binding_records
 from ..tasks.records import ContrastRecord
 
@@ -319,7 +319,7 @@ def explain_logits(
     ``per_prompt`` fractions, ``share`` per part (mean ``⟨part, total⟩/‖total‖²``; the
     shares sum to 1), ``norm_fraction`` per part (mean ``‖part‖²/‖total‖²``),
     ``max_abs_error`` (max |Σ parts − total|), ``names`` and the per-prompt
-    :class:`~qkcov.attribution.Attribution` objects under ``"attributions"``.
+    :class:`~qkcov.core.attribution.Attribution` objects under ``"attributions"``.
     """
     if queries.ndim != 2:
         raise ValueError(f"queries must be [n, D], got {list(queries.shape)}")
@@ -675,7 +675,7 @@ def run_binding(
     save_tensors(out / "binding.safetensors", tensors, {"heads": [h["name"] for h in head_results]})
     write_json(out / "binding.json", result)
     if figures:
-        from ..figures.binding import plot_all
+        from ..report.figures.binding import plot_all
 
         figs, inter = plot_all(out)
         _write_section(out, result, figs, inter)

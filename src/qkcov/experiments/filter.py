@@ -26,7 +26,7 @@ Pipeline (:func:`run_filter`):
    orthonormal subspaces of equal rank (``n_random`` draws each) and the full-key ceiling.
 
 Artifacts: ``filter.json``, ``filter.safetensors``, figures drawn from those two files only
-(:mod:`qkcov.figures.filter`), and ``section.json`` for ``qkcov report``.
+(:mod:`qkcov.report.figures.filter`), and ``section.json`` for ``qkcov report``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ import torch
 
 from ..artifacts import save_tensors, write_json
 from ..config import ConfigMixin, check_positive_int, check_range
-from ..contrast import (
+from ..core.projection import nearest_centroid_accuracy, pca_basis, project
+from ..core.subspace import principal_angles, random_orthonormal, union_basis
+from ..engine.contrast import (
     POOLED,
     HeadVectors,
     ResolvedRecord,
@@ -50,12 +52,10 @@ from ..contrast import (
     resolve_records,
     run_contrast,
 )
+from ..engine.scan import attention_rows, check_heads_spec, scan_heads, scan_matrix, select_heads
+from ..engine.swaps import metric_summary, random_summary, run_swaps, swap_pairs
 from ..models.heads import format_head, parse_heads
 from ..models.loading import DEFAULT_MODEL, model_info
-from ..projection import nearest_centroid_accuracy, pca_basis, project
-from ..scan import attention_rows, check_heads_spec, scan_heads, scan_matrix, select_heads
-from ..subspace import principal_angles, random_orthonormal, union_basis
-from ..swaps import metric_summary, random_summary, run_swaps, swap_pairs
 from ..tasks.filter import FilterTaskConfig, build_filter_records, check_words_tokenize
 from ..tasks.records import ContrastRecord
 
@@ -636,7 +636,7 @@ def run_filter(
     save_tensors(out / "filter.safetensors", tensors, {"heads": [h["name"] for h in head_infos]})
     write_json(out / "filter.json", result)
 
-    from ..figures.filter import plot_all
+    from ..report.figures.filter import plot_all
 
     figures, interactive = plot_all(out)
     _write_section(out, result, figures, interactive)

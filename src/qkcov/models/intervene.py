@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..intervention import attention_weights, swap_in_subspace
+from ..core.intervention import attention_weights, swap_in_subspace
 from .capture import LayerCall, attention_hooks, padded_forward, resolve_positions
 from .heads import check_heads, check_layers
 from .loading import model_info
@@ -158,7 +158,7 @@ def swap_keys_forward(
     """Batched in-forward key swap: example ``b`` swaps ``swaps[b]`` (``None`` = no edit).
 
     For each swap, ``k_a += V(Vᵀk_b − Vᵀk_a)`` and ``k_b += V(Vᵀk_a − Vᵀk_b)`` on head
-    ``head``'s post-RoPE keys (see :func:`qkcov.intervention.swap_in_subspace`).
+    ``head``'s post-RoPE keys (see :func:`qkcov.core.intervention.swap_in_subspace`).
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..intervention import attention_weights
+from ..core.intervention import attention_weights
 from .capture import QKSites, capture_qk, padded_forward, tokenize_batch
 from .loading import LoadedModel, model_info
 

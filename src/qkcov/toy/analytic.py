@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import check_positive_int
-from ..covariance import ContrastiveCovariance
+from ..core.covariance import ContrastiveCovariance
 from .data import ToyDGP, check_factor
 from .model import ToyModel
 

@@ -1,5 +1,5 @@
 """Toy experiments (paper Fig. 2–5): each writes JSON + safetensors artifacts, then figures
-drawn from those artifacts (:mod:`qkcov.figures.toy`) and a report ``section.json``.
+drawn from those artifacts (:mod:`qkcov.report.figures.toy`) and a report ``section.json``.
 
 - :func:`run_ranks` — rank recovery over a grid of (variant, N, M) cells, trained batched.
 - :func:`run_projections` — q / target-k projected onto the z1 and z2 subspaces.
@@ -19,8 +19,8 @@ import torch
 
 from ..artifacts import load_tensors, read_tensor_metadata, save_tensors, write_json
 from ..config import check_positive_int, check_range
-from ..intervention import attention_weights, swap_in_subspace, swap_metrics
-from ..subspace import FeatureSubspace, feature_subspace, random_orthonormal, union_basis
+from ..core.intervention import attention_weights, swap_in_subspace, swap_metrics
+from ..core.subspace import FeatureSubspace, feature_subspace, random_orthonormal, union_basis
 from .analytic import (
     DEFAULT_N_PAIRS,
     analytic_deltas,
@@ -202,7 +202,7 @@ def run_ranks(
             "train_config": result.train_config.to_dict(),
         },
     )
-    from ..figures.toy import plot_ranks
+    from ..report.figures.toy import plot_ranks
 
     figs = plot_ranks(out)
     exact = sum(r["rank_z1"] == r["N"] and r["rank_z2"] == r["M"] for r in rows)
@@ -368,7 +368,7 @@ def run_projections(
         "energy": energy,
     }
     write_json(out / "projections.json", info)
-    from ..figures.toy import plot_projections
+    from ..report.figures.toy import plot_projections
 
     figs, inter = plot_projections(out)
     _write_section(
@@ -511,7 +511,7 @@ def run_swap(
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "swap.json", info)
-    from ..figures.toy import plot_swap
+    from ..report.figures.toy import plot_swap
 
     figs = plot_swap(out)
     own = {r["condition"]: r for r in rows if r["subspace"] == r["condition"]}
@@ -603,7 +603,7 @@ def run_interaction(
     out.mkdir(parents=True, exist_ok=True)
     save_tensors(out / "interaction.safetensors", {"G": G}, {"config": cfg.to_dict()})
     write_json(out / "interaction.json", info)
-    from ..figures.toy import plot_interaction
+    from ..report.figures.toy import plot_interaction
 
     figs = plot_interaction(out)
     _write_section(

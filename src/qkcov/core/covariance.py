@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .artifacts import load_tensors, read_tensor_metadata, save_tensors
+from ..artifacts import load_tensors, read_tensor_metadata, save_tensors
 
 __all__ = ["ContrastiveCovariance"]
 

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .intervention import attention_weights
-from .models.capture import LayerCall, attention_hooks, padded_forward, tokenize_batch
-from .models.heads import format_head, parse_heads
-from .models.loading import model_info
+from ..core.intervention import attention_weights
+from ..models.capture import LayerCall, attention_hooks, padded_forward, tokenize_batch
+from ..models.heads import format_head, parse_heads
+from ..models.loading import model_info
 
 __all__ = ["attention_rows", "scan_heads", "select_heads", "check_heads_spec", "scan_matrix"]
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import check_range
+from ..config import check_range
 
 __all__ = [
     "FeatureSubspace",

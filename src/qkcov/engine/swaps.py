@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .intervention import swap_metrics
-from .models.capture import tokenize_batch
-from .models.intervene import KeySwap, swap_keys_forward
-from .models.loading import model_info
-from .subspace import random_orthonormal
+from ..core.intervention import swap_metrics
+from ..core.subspace import random_orthonormal
+from ..models.capture import tokenize_batch
+from ..models.intervene import KeySwap, swap_keys_forward
+from ..models.loading import model_info
 
 __all__ = ["swap_pairs", "run_swaps", "metric_summary", "random_summary", "METRICS"]
 
@@ -97,7 +97,7 @@ def run_swaps(
 
     Returns ``{"n", "ranks", "null", "conditions": {name: metrics}, "random": {name:
     {metric: {"mean", "std", "draws"}}}, "ceiling": metrics}`` where metrics are
-    :func:`qkcov.intervention.swap_metrics` plus ``logprob_shift`` (change of
+    :func:`qkcov.core.intervention.swap_metrics` plus ``logprob_shift`` (change of
     ``log p(target's answer token) − log p(orig's answer token)`` at the next token).
     """
     if n_random < 1:

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..artifacts import atomic_write_bytes, load_tensors, read_json  # noqa: E402
+from ...artifacts import atomic_write_bytes, load_tensors, read_json  # noqa: E402
 
 __all__ = ["plot_projections", "plot_swaps", "plot_attribution", "plot_all", "N_OBJECT_COLOURS"]
 

@@ -3,7 +3,7 @@
 The generic runner every LLM experiment shares: :func:`resolve_records` maps each record's
 character spans to token positions of its (optionally chat-templated) prompt,
 :func:`run_contrast` streams the records through the capture engine and accumulates one
-:class:`~qkcov.covariance.ContrastiveCovariance` per head inside the forward pass, and
+:class:`~qkcov.core.covariance.ContrastiveCovariance` per head inside the forward pass, and
 :func:`collect_qk` keeps the (few) query/key vectors needed for projections and figures.
 
 Per record, the query vector is paired with the *mean* of its positive keys and the mean of
@@ -21,14 +21,14 @@ from typing import Any
 
 import torch
 
-from .artifacts import load_tensors, read_tensor_metadata, save_tensors
-from .covariance import ContrastiveCovariance
-from .models.capture import CapturedQK, QKSites, capture_prompts
-from .models.heads import format_head
-from .models.loading import format_prompt, model_info
-from .models.positions import encode, token_at_char
-from .subspace import FeatureSubspace, feature_subspace, union_basis
-from .tasks.records import ContrastRecord, Span
+from ..artifacts import load_tensors, read_tensor_metadata, save_tensors
+from ..core.covariance import ContrastiveCovariance
+from ..core.subspace import FeatureSubspace, feature_subspace, union_basis
+from ..models.capture import CapturedQK, QKSites, capture_prompts
+from ..models.heads import format_head
+from ..models.loading import format_prompt, model_info
+from ..models.positions import encode, token_at_char
+from ..tasks.records import ContrastRecord, Span
 
 __all__ = [
     "KeySite",

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .artifacts import atomic_write_bytes, read_json, write_json
+from ..artifacts import atomic_write_bytes, read_json, write_json
 
 __all__ = ["write_section", "find_sections", "build_report", "SECTION_FILE"]
 

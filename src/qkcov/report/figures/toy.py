@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..artifacts import atomic_write_bytes, load_tensors, read_json  # noqa: E402
+from ...artifacts import atomic_write_bytes, load_tensors, read_json  # noqa: E402
 
 __all__ = ["plot_ranks", "plot_projections", "plot_swap", "plot_interaction", "plot_all"]
 
