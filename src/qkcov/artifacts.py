@@ -108,3 +108,35 @@ def read_tensor_metadata(path: str | Path) -> dict[str, Any]:
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
     return {k: json.loads(v) for k, v in meta.items()}
+
+
+class RunFolder:
+    """Write a run into ``out`` as a whole: ``with RunFolder(out, command=...) as staging:``
+    (minimal form; replaced by the locked, manifest-checked version)."""
+
+    def __init__(self, out: str | Path, *, command: str) -> None:
+        self.out = Path(out)
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--out {self.out}: exists and is not a folder")
+        self.command = command
+
+    def __enter__(self) -> Path:
+        import shutil
+
+        self.staging = self.out.parent / f".{self.out.name}.staging"
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+        return self.staging
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import shutil
+
+        if exc_type is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            return
+        old = self.out.parent / f".{self.out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if self.out.exists():
+            self.out.rename(old)
+        self.staging.rename(self.out)
+        shutil.rmtree(old, ignore_errors=True)

@@ -10,7 +10,17 @@ from collections.abc import Sequence
 __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 
 # Each module defines ``register(subparsers)``, adding its command(s) with ``func=run``.
-COMMAND_MODULES = ("demo", "toy", "verify", "contrast", "filter", "binding", "report")
+COMMAND_MODULES = (
+    "demo",
+    "run",
+    "toy",
+    "verify",
+    "contrast",
+    "filter",
+    "binding",
+    "tasks",
+    "report",
+)
 
 
 class CLIError(ValueError):

@@ -8,14 +8,15 @@ subspaces overlap.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .subspace import orthonormalize
 
-__all__ = ["Attribution", "attribute", "sequential_bases"]
+__all__ = ["Attribution", "attribute", "explain_logits", "sequential_bases"]
 
 
 @dataclass(frozen=True)
@@ -115,3 +116,67 @@ def attribute(
     if single:
         parts, total = parts[:, 0], total[0]
     return Attribution(names=[*names, "residual"], parts=parts, total=total, bases=ortho)
+
+
+def explain_logits(
+    queries: torch.Tensor,
+    keys: Sequence[torch.Tensor],
+    bases: Mapping[str, torch.Tensor],
+    *,
+    priority: Sequence[str] | None = None,
+    scaling: float = 1.0,
+) -> dict[str, Any]:
+    """Exact attribution of each prompt's logits over all its key positions.
+
+    Args:
+        queries: ``[n, D]`` one query per prompt.
+        keys: n tensors ``[S_i, D]`` (every key position of prompt i).
+        bases: name → query-side basis ``[D, r]``; later names (by ``priority``) are
+            orthogonalised against earlier ones; the residual is added as the last part.
+
+    Returns ``explained_fraction`` (mean over prompts of ``1 − ‖resid‖²/‖total‖²``),
+    ``explained_fraction_centred`` (the same after subtracting each part's mean over keys,
+    which softmax ignores; the uncentred number is dominated by the shared offset),
+    ``per_prompt`` fractions, ``share`` per part (mean ``⟨part, total⟩/‖total‖²``; the
+    shares sum to 1), ``norm_fraction`` per part (mean ``‖part‖²/‖total‖²``),
+    ``max_abs_error`` (max |Σ parts − total|), ``names`` and the per-prompt
+    :class:`~qkcov.core.attribution.Attribution` objects under ``"attributions"``.
+    """
+    if queries.ndim != 2:
+        raise ValueError(f"queries must be [n, D], got {list(queries.shape)}")
+    n, d = queries.shape
+    if len(keys) != n:
+        raise ValueError(f"got {len(keys)} key sets for {n} queries")
+    for name, b in bases.items():
+        if not isinstance(b, torch.Tensor) or b.ndim != 2 or b.shape[0] != d:
+            shape = list(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
+            raise ValueError(f"basis {name!r} must be [D={d}, r] (query head dim), got {shape}")
+    for i, k in enumerate(keys):
+        if k.ndim != 2 or k.shape[1] != d:
+            raise ValueError(f"keys of prompt {i} must be [S, D={d}], got {list(k.shape)}")
+    atts, fracs, centred, err = [], [], [], 0.0
+    shares: list[torch.Tensor] = []
+    norms: list[torch.Tensor] = []
+    for i in range(n):
+        a = attribute(queries[i], keys[i], dict(bases), priority=priority, scaling=scaling)
+        atts.append(a)
+        fracs.append(a.explained_fraction())
+        err = max(err, float((a.parts.sum(0) - a.total).abs().max()))
+        tot2 = float((a.total**2).sum())
+        # softmax ignores a shift shared by all keys: also score the centred logits
+        pc, tc = a.parts - a.parts.mean(-1, keepdim=True), a.total - a.total.mean()
+        centred.append(1.0 - float((pc[-1] ** 2).sum() / (tc**2).sum()))
+        shares.append((a.parts * a.total).sum(-1) / tot2)
+        norms.append((a.parts**2).sum(-1) / tot2)
+    names = atts[0].names
+    mean = lambda xs: torch.stack(xs).mean(0).tolist()  # noqa: E731
+    return {
+        "names": names,
+        "explained_fraction": sum(fracs) / n,
+        "per_prompt": fracs,
+        "explained_fraction_centred": sum(centred) / n,
+        "share": dict(zip(names, mean(shares), strict=True)),
+        "norm_fraction": dict(zip(names, mean(norms), strict=True)),
+        "max_abs_error": err,
+        "attributions": atts,
+    }

@@ -167,3 +167,31 @@ def random_orthonormal(
     q, r = torch.linalg.qr(g)
     q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(()))
     return q.to(dtype)
+
+
+def energy_ordered_union(subspaces: Sequence[FeatureSubspace], side: str = "key") -> torch.Tensor:
+    """Union of several subspaces ordered by energy ``[D, r]``: left singular vectors of
+    ``[B_1 S_1, B_2 S_2, ...]`` (each basis weighted by its singular values), so the first
+    columns are the union's dominant directions. ``side`` is ``"key"`` or ``"query"``."""
+    if side not in ("key", "query"):
+        raise ValueError(f"side must be 'key' or 'query', got {side!r}")
+    cols = [getattr(s, f"{side}_basis") * s.singular_values[: s.rank] for s in subspaces]
+    cols = [c.double() for c in cols if c.shape[1] > 0]
+    if not cols:
+        d = getattr(subspaces[0], f"{side}_basis").shape[0] if subspaces else 0
+        return torch.zeros(d, 0, dtype=torch.float64)
+    u, sv, _ = torch.linalg.svd(torch.cat(cols, 1), full_matrices=False)
+    return u[:, sv > 1e-10 * max(float(sv[0]), 1e-300)]
+
+
+def top_directions(basis: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """First ``k`` columns of ``basis`` ``[D, k]``, completed with seeded random directions
+    orthogonal to it when its rank is below ``k`` (for fixed-size projections)."""
+    d = basis.shape[0]
+    b = basis[:, :k].double()
+    if b.shape[1] < k:
+        extra = random_orthonormal(d, k, seed=seed)
+        if b.shape[1]:
+            extra = extra - b @ (b.T @ extra)
+        b = union_basis([b, extra])[:, :k] if b.shape[1] else extra
+    return b

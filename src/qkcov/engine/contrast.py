@@ -38,6 +38,7 @@ __all__ = [
     "run_contrast",
     "HeadVectors",
     "collect_qk",
+    "collect_full_keys",
     "POOLED",
 ]
 
@@ -184,6 +185,9 @@ class ContrastResult:
     groups: list[str]
     accumulators: dict[Head, ContrastiveCovariance]
     meta: dict[str, Any] = field(default_factory=dict)
+    # per head: each record's query and mean positive / negative key (``keep_records=True``),
+    # what the permutation null and the bootstrap resample without recapturing
+    record_stats: dict[Head, Any] | None = None
 
     def delta(self, head: Head, group: str | None = None) -> torch.Tensor:
         """ΔC ``[D, D]`` of one head for ``group`` (``None`` or ``"pooled"`` pools all groups)."""
@@ -259,11 +263,14 @@ def run_contrast(
     center: bool = False,
     padding_side: str = "left",
     progress: bool = True,
+    keep_records: bool = False,
 ) -> ContrastResult:
     """Accumulate ΔC for every head in ``heads`` over ``resolved`` records.
 
     Only each record's query row and key rows are gathered inside the attention hook and
     folded into the float64 accumulators there; nothing of size ``[B, H, S, D]`` is kept.
+    ``keep_records=True`` also keeps, per head, each record's query and mean positive /
+    negative key (:class:`~qkcov.core.statistics.RecordStats`, ``n·(3D+3)`` float64 values).
     """
     if not resolved:
         raise ValueError("run_contrast: no records")
@@ -286,6 +293,7 @@ def run_contrast(
     rec_of_row = torch.repeat_interleave(torch.arange(len(resolved)), n_keys)
     row_start = torch.cumsum(n_keys, 0) - n_keys
     rec_group = torch.tensor([group_index[r.record.group or "all"] for r in resolved])
+    kept: dict[Head, list[tuple[torch.Tensor, ...]]] = {h: [] for h in heads}
 
     def on_capture(layer: int, cap: CapturedQK) -> None:
         # cap.q: [n_batch_records, H_layer, D]; cap.k: [n_batch_key_rows, H_layer, D]
@@ -309,6 +317,8 @@ def run_contrast(
                 )
                 means[side] = (summed / count.clamp_min(1)[:, None], count > 0)
             g = rec_group[recs]
+            if keep_records:
+                kept[(layer, h)].append((q, *means["pos"], *means["neg"], g))
             for side in ("pos", "neg"):
                 kbar, has = means[side]
                 if has.any():
@@ -333,7 +343,15 @@ def run_contrast(
         progress=progress,
     )
     meta = {"n_records": len(resolved), "pre_rope": pre_rope, "center": center}
-    return ContrastResult(heads, groups, accs, meta)
+    stats = None
+    if keep_records:
+        from ..core.statistics import RecordStats
+
+        stats = {}
+        for h, parts in kept.items():
+            q, kp, hp, kn, hn, g = (torch.cat([p[i] for p in parts]) for i in range(6))
+            stats[h] = RecordStats(q, kp * hp[:, None], kn * hn[:, None], hp, hn, g, list(groups))
+    return ContrastResult(heads, groups, accs, meta, stats)
 
 
 # --------------------------------------------------------------------------- vectors
@@ -348,6 +366,23 @@ class HeadVectors:
     key_positive: torch.Tensor
     key_labels: list[str | None]
     record_groups: list[str | None]
+
+    def select(self, records: Sequence[int]) -> HeadVectors:
+        """The vectors of the given records (positions in this object's record order), with
+        ``key_record`` renumbered 0..len(records)-1."""
+        uniq = list(dict.fromkeys(self.key_record.tolist()))  # record order (every record has keys)
+        rank = {r: i for i, r in enumerate(uniq)}
+        local = torch.tensor([rank[int(r)] for r in self.key_record])
+        pick = {int(r): j for j, r in enumerate(records)}
+        rows = [i for i, r in enumerate(local.tolist()) if r in pick]
+        return HeadVectors(
+            self.q[list(records)],
+            self.keys[rows],
+            torch.tensor([pick[int(local[i])] for i in rows], dtype=torch.long),
+            self.key_positive[rows],
+            [self.key_labels[i] for i in rows],
+            [self.record_groups[r] for r in records],
+        )
 
     def to_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
         return {
@@ -401,4 +436,36 @@ def collect_qk(
             labels,
             groups,
         )
+    return out
+
+
+def collect_full_keys(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    resolved: Sequence[ResolvedRecord],
+    heads: Sequence[Head],
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[Head, dict[str, Any]]:
+    """Each record's query and *every* key up to it, for exact logit attribution.
+
+    Returns per head ``{"q": [n, D] float64, "keys": n tensors [query_i + 1, D] float64,
+    "scaling": float}``.
+    """
+    if not resolved:
+        raise ValueError("collect_full_keys: no records")
+    heads = [(int(layer), int(head)) for layer, head in heads]
+    sites = QKSites([[r.query] for r in resolved], [list(range(r.query + 1)) for r in resolved])
+    caps = capture_prompts(
+        model, tokenizer, [r.text for r in resolved], sites, sorted({l for l, _ in heads}),
+        sorted({h for _, h in heads}), batch_size=batch_size, progress=progress,
+    )  # fmt: skip
+    out: dict[Head, dict[str, Any]] = {}
+    for layer, head in heads:
+        cap = caps[layer]
+        j = cap.heads.index(head)
+        kex = cap.k_index[:, 0].cpu()
+        keys = [cap.k[kex == b, j].double().cpu() for b in range(len(resolved))]
+        out[(layer, head)] = {"q": cap.q[:, j].double().cpu(), "keys": keys, "scaling": cap.scaling}
     return out

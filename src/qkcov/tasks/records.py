@@ -37,7 +37,7 @@ __all__ = [
 TOKEN_CHOICES = ("last", "first")
 MAX_ERRORS_SHOWN = 20
 _SPAN_KEYS = {"text", "occurrence", "start", "end", "token", "label"}
-_RECORD_KEYS = {"prompt", "positives", "negatives", "query", "group", "system", "meta"}
+_RECORD_KEYS = {"prompt", "positives", "negatives", "query", "group", "system", "meta", "feature"}
 
 
 def _is_int(x: Any) -> bool:
@@ -223,7 +223,9 @@ class ContrastRecord:
     ``prompt`` is the text the model sees (the user message when chat templating);
     spans index into it. ``query=None`` means the last token of the formatted prompt.
     ``group`` labels the record for per-group ΔC (e.g. the asked category); ``system``
-    is an optional system message; ``meta`` is free JSON-able metadata.
+    is an optional system message; ``meta`` is free JSON-able metadata; ``feature`` names
+    the contrast the record belongs to when one file holds several (one ΔC family each,
+    e.g. ``"order"`` and ``"lexical"``; ``None`` = the single default feature).
     """
 
     prompt: str
@@ -233,8 +235,13 @@ class ContrastRecord:
     group: str | None = None
     system: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    feature: str | None = None
 
     def __post_init__(self) -> None:
+        if self.feature is not None and (not isinstance(self.feature, str) or not self.feature):
+            raise ValueError(
+                f"ContrastRecord: feature must be a non-empty string or null, got {self.feature!r}"
+            )
         object.__setattr__(self, "positives", tuple(self.positives))
         object.__setattr__(self, "negatives", tuple(self.negatives))
         errors = _record_errors(
@@ -263,6 +270,7 @@ class ContrastRecord:
             "group": self.group,
             "system": self.system,
             "meta": to_jsonable(self.meta),
+            **({} if self.feature is None else {"feature": self.feature}),
         }
 
     @classmethod
@@ -315,9 +323,13 @@ def _parse_record(obj: Any) -> tuple[ContrastRecord | None, list[str]]:
     if meta is None:
         meta = {}
     errors = _record_errors(prompt, positives, negatives, query, group, system, meta)
+    feature = obj.get("feature")
+    if feature is not None and (not isinstance(feature, str) or not feature):
+        errors.append(f"feature must be a non-empty string or null, got {feature!r}")
     if errors:
         return None, errors
-    return ContrastRecord(prompt, positives, negatives, query, group, system, dict(meta)), []
+    record = ContrastRecord(prompt, positives, negatives, query, group, system, dict(meta), feature)
+    return record, []
 
 
 def parse_records(lines: list[str], source: str = "records") -> list[ContrastRecord]:

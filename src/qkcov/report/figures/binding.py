@@ -7,7 +7,6 @@ entries ``[{"file": <name relative to out_dir>, "caption": str}, ...]``.
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,18 +18,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ...artifacts import atomic_write_bytes, load_tensors, read_json  # noqa: E402
+from .common import save_png  # noqa: E402
 
 __all__ = ["plot_projections", "plot_swaps", "plot_attribution", "plot_all", "N_OBJECT_COLOURS"]
 
 N_OBJECT_COLOURS = 8  # most frequent objects get colours, the rest are grey
 _CONDITIONS = ("order", "lexical", "both")
-
-
-def _save(fig: plt.Figure, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def _load(out: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -91,7 +84,7 @@ def plot_projections(out_dir: str | Path) -> tuple[list[dict[str, str]], list[di
         ax.set_ylabel("v2")
     fig.suptitle("Held-out letter keys (•) and queries (×) projected onto the ΔC subspaces")
     fig.tight_layout()
-    _save(fig, out / "fig8_projections.png")
+    save_png(fig, out / "fig8_projections.png")
     figures = [
         {
             "file": "fig8_projections.png",
@@ -165,7 +158,7 @@ def plot_swaps(out_dir: str | Path, metric: str = "delta_p") -> list[dict[str, s
             ax.legend(fontsize=7)
     fig.suptitle("Swapping the answer letter's key with another letter's key, in the forward pass")
     fig.tight_layout()
-    _save(fig, out / "fig9_swaps.png")
+    save_png(fig, out / "fig9_swaps.png")
     return [
         {
             "file": "fig9_swaps.png",
@@ -246,7 +239,7 @@ def plot_attribution(out_dir: str | Path) -> list[dict[str, str]]:
     ax3.set_title("explained fraction (held-out mean)", fontsize=9)
     ax3.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, out / "fig10_attribution.png")
+    save_png(fig, out / "fig10_attribution.png")
     return [
         {
             "file": "fig10_attribution.png",

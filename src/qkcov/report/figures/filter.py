@@ -7,7 +7,6 @@ writes its files next to them and returns report entries
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +17,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ...artifacts import atomic_write_bytes, load_tensors, read_json  # noqa: E402
+from .common import save_png  # noqa: E402
 
 __all__ = ["plot_scan", "plot_projection", "plot_swaps", "plot_all"]
 
 Entries = list[dict[str, str]]
-
-
-def _save(fig: plt.Figure, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def _load(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -63,7 +56,7 @@ def plot_scan(out_dir: str | Path) -> Entries:
         fig.colorbar(im, ax=ax, fraction=0.05)
     fig.suptitle(f"Head scan ({info['model']['name']}); boxes = studied heads", fontsize=10)
     fig.tight_layout()
-    _save(fig, out / "filter_scan.png")
+    save_png(fig, out / "filter_scan.png")
     return [
         {
             "file": "filter_scan.png",
@@ -115,7 +108,7 @@ def plot_projection(out_dir: str | Path) -> tuple[Entries, Entries]:
             )
     fig.suptitle("Fig. 6 — held-out keys/queries in the category subspace (top 3 directions)")
     fig.tight_layout()
-    _save(fig, out / "fig6_projections.png")
+    save_png(fig, out / "fig6_projections.png")
 
     import plotly.graph_objects as go
 
@@ -214,7 +207,7 @@ def plot_swaps(out_dir: str | Path) -> Entries:
         f"Fig. 7 — key swaps on held-out prompts (rank category/pooled: {ranks})", fontsize=9
     )
     fig.tight_layout()
-    _save(fig, out / "fig7_swaps.png")
+    save_png(fig, out / "fig7_swaps.png")
     return [
         {
             "file": "fig7_swaps.png",

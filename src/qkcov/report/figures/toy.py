@@ -17,17 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ...artifacts import atomic_write_bytes, load_tensors, read_json  # noqa: E402
+from .common import save_png  # noqa: E402
 
 __all__ = ["plot_ranks", "plot_projections", "plot_swap", "plot_interaction", "plot_all"]
-
-
-def _save(fig: plt.Figure, path: Path) -> None:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 # ------------------------------------------------------------------ Fig. 2
@@ -72,7 +64,7 @@ def plot_ranks(out_dir: str | Path) -> list[dict[str, str]]:
             ax.set_title(f"{variant}: rank of ΔC({f})")
     fig.suptitle("Recovered rank (expected in brackets)")
     fig.tight_layout()
-    _save(fig, out / "fig2_ranks.png")
+    save_png(fig, out / "fig2_ranks.png", dpi=130)
     return [
         {
             "file": "fig2_ranks.png",
@@ -138,7 +130,7 @@ def plot_projections(out_dir: str | Path) -> tuple[list[dict[str, str]], list[di
                 )
         ax.set_title(title + ("" if binary else f" (colour: {latent}[0])"), fontsize=10)
     fig.suptitle("Projections onto the contrastive subspaces (first 3 coordinates)")
-    _save(fig, out / "fig3_projections.png")
+    save_png(fig, out / "fig3_projections.png", dpi=130)
     figures = [
         {
             "file": "fig3_projections.png",
@@ -238,7 +230,7 @@ def plot_swap(out_dir: str | Path) -> list[dict[str, str]]:
     axes[0].legend(fontsize=8)
     fig.suptitle("Swapping i_orig / i_target key coordinates inside a subspace")
     fig.tight_layout()
-    _save(fig, out / "fig4_swap.png")
+    save_png(fig, out / "fig4_swap.png", dpi=130)
     return [
         {
             "file": "fig4_swap.png",
@@ -271,7 +263,7 @@ def plot_interaction(out_dir: str | Path) -> list[dict[str, str]]:
     )
     fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
-    _save(fig, out / "fig5_interaction.png")
+    save_png(fig, out / "fig5_interaction.png", dpi=130)
     return [
         {
             "file": "fig5_interaction.png",

@@ -1,0 +1,751 @@
+"""The one orchestrator: contrast records → the whole method, for any contrast.
+
+:func:`analyze` (notebook) and :func:`run` (``qkcov run`` and the built-in tasks) go through
+the same steps:
+
+1. **plan** (no model): group records by ``feature`` (one ΔC family each, e.g. order-ID and
+   lexical), split them into build / held-out records (``meta["split"]`` when every record
+   pins it, else a seeded ``holdout`` fraction per feature) and check that ΔC is computable;
+2. **scan** every head on build records that hold both a positive and a negative key and pick
+   heads (``auto``, ``auto:K`` or ``L20H26,...``);
+3. **ΔC** per feature, group and pooled on build records; subspaces by the rank rule; unions
+   of group subspaces and their principal angles;
+4. **projections** of held-out keys/queries on each feature's top-3 directions and
+   nearest-centroid group accuracy against random 3-D subspaces and PCA;
+5. **swaps** of held-out records' most-attended positive key with a negative key inside each
+   feature's key subspace, in the forward pass, against equal-rank random subspaces and the
+   full-key ceiling;
+6. **attribution** of held-out logits over the features' query subspaces (exact);
+7. typed results (:mod:`qkcov.results`), artifacts, figures and a report section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigMixin, check_positive_int, check_range
+from .core.attribution import explain_logits
+from .core.projection import nearest_centroid_accuracy, pca_basis, project
+from .core.subspace import (
+    energy_ordered_union,
+    feature_subspace,
+    principal_angles,
+    random_orthonormal,
+    top_directions,
+)
+from .results import (
+    POOLED,
+    AnalysisResult,
+    AttributionResult,
+    FeatureResult,
+    HeadResult,
+    ProjectionResult,
+    SubspaceResult,
+    SwapCondition,
+    SwapResult,
+)
+from .runtime import Timer, sub_seed
+from .tasks.records import ContrastRecord
+
+__all__ = ["RunConfig", "Plan", "plan_records", "analyze", "run", "DEFAULT_FEATURE", "DTYPES"]
+
+DEFAULT_FEATURE = "feature"
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+RANK_RULES = ("null", "energy")
+PROJ_DIMS = 3
+Head = tuple[int, int]
+
+
+def _help(text: str, **kw: Any) -> Any:
+    """A dataclass field carrying its CLI help (flags are derived from the fields)."""
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class RunConfig(ConfigMixin):
+    """Settings of one pipeline run; every ``qkcov run`` flag is one of these fields."""
+
+    model: str = _help("preset, Hugging Face id, local path or .gguf", default="smollm2-135m")
+    device: str = _help("torch device of the forward pass (cpu, cuda, cuda:1)", default="cpu")
+    dtype: str = _help(
+        f"forward dtype, one of {', '.join(DTYPES)}; ΔC accumulates in float64", default="auto"
+    )
+    device_map: str | None = _help(
+        "accelerate device map (e.g. auto) for models bigger than one device", default=None
+    )
+    heads: str = _help(
+        "'auto' (top --n-heads of the head scan), 'auto:K' or L20H26,L16H19", default="auto"
+    )
+    n_heads: int = _help("heads kept by 'auto'", default=3)
+    batch_size: int = _help("prompts per forward pass", default=8)
+    seed: int = _help("seed of the split, swap targets, random subspaces and resampling", default=0)
+    holdout: float = _help(
+        "fraction of records held out for projections, swaps and attribution", default=0.3
+    )
+    chat: bool = _help("format prompts with the tokenizer's chat template", default=False)
+    energy: float = _help("cumulative singular-value energy of the energy rank rule", default=0.99)
+    rank_rule: str = _help(
+        "rank in force: 'null' (above the permutation null) or 'energy'", default="energy"
+    )
+    alpha: float = _help("significance level of the null rank and p-values", default=0.05)
+    n_permutations: int = _help("permutations of the ΔC null (0 = off)", default=200)
+    n_bootstrap: int = _help("bootstrap resamples of records (0 = off)", default=200)
+    n_random: int = _help("random equal-rank subspaces per swap condition", default=20)
+    n_swap: int = _help("held-out records used for swaps (0 = all)", default=64)
+    n_scan: int = _help("build records used for the head scan (0 = all)", default=0)
+    n_attribution: int = _help("held-out records used for attribution (0 = all)", default=64)
+    n_centroid: int = _help(
+        "build records whose keys fit the group centroids (0 = all)", default=96
+    )
+    max_tokens: int | None = _help(
+        "longest prompt allowed (default: the model's positions)", default=None
+    )
+    trust_remote_code: bool = _help(
+        "allow model code from the checkpoint (off by default)", default=False
+    )
+
+    def __post_init__(self) -> None:
+        from .engine.scan import check_heads_spec
+
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"--model must be a non-empty name or path, got {self.model!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.device, str) or not self.device.strip():
+            raise ValueError(
+                f"--device must be a torch device such as cpu or cuda, got {self.device!r}"
+            )
+        try:
+            torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise ValueError(
+                f"--device {self.device!r} is not a torch device (cpu, cuda, cuda:1)"
+            ) from None
+        check_heads_spec(self.heads)
+        for name in ("n_heads", "batch_size"):
+            check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name), 1)
+        for name in (
+            "n_permutations",
+            "n_bootstrap",
+            "n_swap",
+            "n_scan",
+            "n_attribution",
+            "n_centroid",
+        ):
+            check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name), 0)
+        check_positive_int("--n-random", self.n_random, 10)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"--seed must be an integer, got {self.seed!r}")
+        for name, lo, hi, lo_open in (
+            ("holdout", 0.0, 1.0, True),
+            ("energy", 0.0, 1.0, True),
+            ("alpha", 0.0, 1.0, True),
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+                raise ValueError(f"--{name} must be a number, got {v!r}")
+            check_range(f"--{name}", float(v), lo, hi, low_open=lo_open)
+        if self.holdout >= 1.0:
+            raise ValueError(f"--holdout must be in (0, 1), got {self.holdout!r}")
+        if self.rank_rule not in RANK_RULES:
+            raise ValueError(
+                f"--rank-rule must be one of {', '.join(RANK_RULES)}, got {self.rank_rule!r}"
+            )
+        if self.max_tokens is not None:
+            check_positive_int("--max-tokens", self.max_tokens, 1)
+
+
+# --------------------------------------------------------------------------- plan
+@dataclass
+class Plan:
+    """Records grouped by feature and split, checked before any model is loaded.
+
+    ``features``: feature names in first-seen order (the first is the headline feature and
+    has attribution priority). ``split[i]`` is ``"build"`` or ``"heldout"`` for record i.
+    """
+
+    records: list[ContrastRecord]
+    features: list[str]
+    split: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    def feature_of(self, i: int) -> str:
+        return self.records[i].feature or DEFAULT_FEATURE
+
+    def indices(
+        self, split: str | None = None, feature: str | None = None, two_sided: bool | None = None
+    ) -> list[int]:
+        out = []
+        for i, r in enumerate(self.records):
+            if split is not None and self.split[i] != split:
+                continue
+            if feature is not None and self.feature_of(i) != feature:
+                continue
+            if two_sided is not None and (bool(r.positives) and bool(r.negatives)) != two_sided:
+                continue
+            out.append(i)
+        return out
+
+
+def _as_records(records: Sequence[ContrastRecord | Mapping[str, Any]]) -> list[ContrastRecord]:
+    out = []
+    for i, r in enumerate(records):
+        if isinstance(r, ContrastRecord):
+            out.append(r)
+        elif isinstance(r, Mapping):
+            try:
+                out.append(ContrastRecord.from_dict(dict(r)))
+            except ValueError as err:
+                raise ValueError(f"records[{i}]: {err}") from None
+        else:
+            raise ValueError(
+                f"records[{i}] must be a ContrastRecord or a dict, got {type(r).__name__}"
+            )
+    if not out:
+        raise ValueError("no records given")
+    return out
+
+
+def plan_records(records: Sequence[ContrastRecord | Mapping[str, Any]], cfg: RunConfig) -> Plan:
+    """Group, split and check records (``ValueError`` naming the problem; no model needed)."""
+    recs = _as_records(records)
+    features: list[str] = []
+    for r in recs:
+        f = r.feature or DEFAULT_FEATURE
+        if f not in features:
+            features.append(f)
+    pinned = [r.meta.get("split") for r in recs]
+    if all(s in ("build", "heldout") for s in pinned):
+        split = [str(s) for s in pinned]
+    else:
+        split = ["build"] * len(recs)
+        gen = torch.Generator().manual_seed(sub_seed(cfg.seed, "split"))
+        for f in features:
+            idx = [i for i, r in enumerate(recs) if (r.feature or DEFAULT_FEATURE) == f]
+            n_held = min(len(idx) - 1, max(1, round(cfg.holdout * len(idx)))) if len(idx) > 1 else 0
+            for j in torch.randperm(len(idx), generator=gen)[:n_held].tolist():
+                split[idx[j]] = "heldout"
+    plan = Plan(recs, features, split)
+    for f in features:
+        build = plan.indices("build", f)
+        n_pos = sum(1 for i in build if recs[i].positives)
+        n_neg = sum(1 for i in build if recs[i].negatives)
+        if not build or not n_pos or not n_neg:
+            where = "" if f == DEFAULT_FEATURE else f" of feature {f!r}"
+            side = "positive" if not n_pos else "negative"
+            raise ValueError(
+                f"the build records{where} have no {side} key: ΔC = E[q k+ᵀ] − E[q k−ᵀ] needs "
+                f"both sides ({len(build)} build records, {n_pos} with positives, {n_neg} with negatives)"
+            )
+    if cfg.heads.strip().lower().startswith("auto") and not plan.indices("build", two_sided=True):
+        raise ValueError(
+            "--heads auto scans heads on records holding both a positive and a negative key, "
+            "and no build record does; name the heads instead (e.g. --heads L3H1,L5H0)"
+        )
+    if not plan.indices("heldout", two_sided=True):
+        plan.notes.append(
+            "swaps skipped: no held-out record holds both a positive and a negative key, so no "
+            "swap pair exists"
+        )
+    return plan
+
+
+# --------------------------------------------------------------------------- steps
+def _subspace_results(
+    contrast: Any, head: Head, feature: str, cfg: RunConfig, stats: Any = None
+) -> FeatureResult:
+    acc = contrast.accumulators[head]
+    groups: dict[str, SubspaceResult] = {}
+    names = [g for g in contrast.groups if all(acc.counts(g))] + [POOLED]
+    for g in names:
+        key = None if g == POOLED else g
+        delta = acc.delta(key)
+        sub = feature_subspace(delta, cfg.energy)
+        n_pos, n_neg = acc.counts(key)
+        sig = _significance(stats, key, delta, cfg) if stats is not None else None
+        rank = sub.rank
+        if cfg.rank_rule == "null" and sig is not None and sig.get("available"):
+            rank = int(sig["rank_null"])
+        groups[g] = SubspaceResult(
+            feature, g, rank, sub.rank, cfg.rank_rule, sub, delta, int(n_pos), int(n_neg), sig
+        )
+    per_group = [s for g, s in groups.items() if g != POOLED and s.rank > 0]
+    union_k = union_q = None
+    angles: list[dict[str, Any]] = []
+    if len(per_group) > 1:
+        trimmed = [
+            dataclasses.replace(
+                s.subspace, rank=s.rank, key_basis=s.key_basis, query_basis=s.query_basis
+            )
+            for s in per_group
+        ]
+        union_k = energy_ordered_union(trimmed, "key")
+        union_q = energy_ordered_union(trimmed, "query")
+        for i, a in enumerate(per_group):
+            for b in per_group[i + 1 :]:
+                ang = principal_angles(a.key_basis, b.key_basis)
+                angles.append(
+                    {"a": a.group, "b": b.group, "min_degrees": math.degrees(float(ang.min()))}
+                )
+    return FeatureResult(feature, groups, union_k, union_q, angles)
+
+
+def _significance(
+    stats: Any, group: str | None, delta: torch.Tensor, cfg: RunConfig
+) -> dict[str, Any] | None:
+    """Permutation null and bootstrap of one ΔC (see :mod:`qkcov.core.statistics`)."""
+    from .core import statistics as st
+
+    return st.contrast_significance(
+        stats, group=group, observed=delta, alpha=cfg.alpha, energy=cfg.energy,
+        n_permutations=cfg.n_permutations, n_bootstrap=cfg.n_bootstrap,
+        rank_rule=cfg.rank_rule, seed=sub_seed(cfg.seed, f"null:{group}"),
+    )  # fmt: skip
+
+
+def _projection(
+    feature: FeatureResult,
+    train: Any,
+    test: Any,
+    train_groups: list[str],
+    test_groups: list[str],
+    cfg: RunConfig,
+    seed: int,
+) -> ProjectionResult:
+    """Held-out vectors on the feature's top-3 directions (+ group accuracy with ≥ 2 groups)."""
+    pooled = feature.pooled
+    D = test.keys.shape[1]
+    kdir = feature.union_key if feature.union_key is not None else pooled.key_basis
+    qdir = feature.union_query if feature.union_query is not None else pooled.query_basis
+    kb = top_directions(kdir, PROJ_DIMS, seed)
+    qb = top_directions(qdir, PROJ_DIMS, seed + 1)
+    key_labels = [
+        test_groups[int(r)] if p else ""
+        for r, p in zip(test.key_record, test.key_positive, strict=True)
+    ]
+    query_labels = list(test_groups)
+    accuracy = None
+    groups = sorted({g for g in test_groups if g})
+    if len(groups) > 1 and train is not None:
+        tr = [i for i, p in enumerate(train.key_positive.tolist()) if p]
+        te = [i for i, p in enumerate(test.key_positive.tolist()) if p]
+        ytr = [train_groups[int(train.key_record[i])] for i in tr]
+        yte = [key_labels[i] for i in te]
+        xtr, xte = train.keys[tr].double(), test.keys[te].double()
+
+        def acc(basis: torch.Tensor) -> float:
+            return nearest_centroid_accuracy(project(xtr, basis), ytr, project(xte, basis), yte)
+
+        rand = torch.tensor(
+            [
+                acc(random_orthonormal(D, PROJ_DIMS, seed=sub_seed(cfg.seed, "proj-random", d)))
+                for d in range(cfg.n_random)
+            ],
+            dtype=torch.float64,
+        )
+        accuracy = {
+            "subspace": acc(kb),
+            "random": float(rand.mean()),
+            "random_std": float(rand.std()),
+            "pca": acc(pca_basis(xtr, PROJ_DIMS)),
+            "chance": 1.0 / len(groups),
+            "n_test": len(te),
+        }
+    return ProjectionResult(
+        feature.name, project(test.keys.double(), kb).float(), project(test.q.double(), qb).float(),
+        test.key_positive.clone(), key_labels, query_labels, accuracy,
+    )  # fmt: skip
+
+
+def _swap_conditions(features: Mapping[str, FeatureResult]) -> dict[str, torch.Tensor]:
+    """Key bases to swap in: each feature's pooled subspace, its group union, all features."""
+    bases: dict[str, torch.Tensor] = {}
+    for name, f in features.items():
+        if f.pooled.rank > 0:
+            bases[name] = f.pooled.key_basis
+        if f.union_key is not None and f.union_key.shape[1] > 0:
+            bases[f"{name}:groups"] = f.union_key
+    if len(features) > 1:
+        from .core.subspace import union_basis
+
+        parts = [f.pooled.key_basis for f in features.values() if f.pooled.rank > 0]
+        if len(parts) > 1:
+            bases["all"] = union_basis(parts)
+    return bases
+
+
+def _swaps(
+    model: Any,
+    tokenizer: Any,
+    resolved: Sequence[Any],
+    rows: torch.Tensor | None,
+    head: Head,
+    features: Mapping[str, FeatureResult],
+    cfg: RunConfig,
+    progress: bool,
+    skip_reason: str | None,
+) -> SwapResult:
+    from .engine.swaps import run_swaps, swap_pairs
+
+    headline_feature = next(iter(features))
+    if skip_reason is None and not resolved:
+        skip_reason = (
+            "no held-out record holds both a positive and a negative key, so no swap pair exists"
+        )
+    bases = _swap_conditions(features)
+    if skip_reason is None and headline_feature not in bases:
+        sig = features[headline_feature].pooled.significance or {}
+        skip_reason = sig.get("reason") or f"feature {headline_feature!r} has rank 0"
+    if skip_reason is not None:
+        return SwapResult(0, None, {}, None, None, cfg.n_random, skipped=skip_reason)
+    pairs = swap_pairs(resolved, rows, seed=sub_seed(cfg.seed, "pairs"))
+    sw = run_swaps(
+        model, tokenizer, resolved, head[0], head[1], pairs, {k: v.float() for k, v in bases.items()},
+        n_random=cfg.n_random, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress,
+    )  # fmt: skip
+    per = sw.get("per_prompt", {})
+    conditions = {
+        name: SwapCondition(
+            name,
+            int(sw["ranks"][name]),
+            dict(sw["conditions"][name]),
+            sw["random"][name],
+            per.get(name),
+        )
+        for name in bases
+    }
+    _swap_statistics(conditions, cfg)
+    ceiling = SwapCondition(
+        "ceiling", int(model_head_dim(model)), dict(sw["ceiling"]), None, per.get("ceiling")
+    )
+    return SwapResult(
+        int(sw["n"]), headline_feature, conditions, ceiling, dict(sw["null"]), cfg.n_random
+    )
+
+
+def _swap_statistics(conditions: Mapping[str, SwapCondition], cfg: RunConfig) -> None:
+    """Paired bootstrap CIs over prompts and the p-value against the random subspaces."""
+    try:
+        from .core import statistics as st
+    except ImportError:  # statistics layer not available
+        return
+    for c in conditions.values():
+        if c.random is not None and "delta_p" in c.random:
+            draws = torch.tensor(c.random["delta_p"]["draws"], dtype=torch.float64)
+            c.p_value = st.random_p_value(float(c.metrics["delta_p"]), draws)
+        if c.per_prompt and cfg.n_bootstrap:
+            c.ci = {
+                m: list(
+                    st.paired_bootstrap_ci(
+                        torch.tensor(v, dtype=torch.float64),
+                        n_boot=max(cfg.n_bootstrap, 200),
+                        seed=sub_seed(cfg.seed, f"ci:{c.name}:{m}"),
+                    )
+                )
+                for m, v in c.per_prompt.items()
+            }
+
+
+def model_head_dim(model: Any) -> int:
+    from .models.loading import model_info
+
+    return model_info(model).head_dim
+
+
+def _attribution(
+    full: Mapping[str, Any],
+    features: Mapping[str, FeatureResult],
+    tokens: list[str],
+    cfg: RunConfig,
+) -> AttributionResult:
+    qb = {name: f.pooled.query_basis for name, f in features.items() if f.pooled.rank > 0}
+    if not qb:
+        reason = next(
+            (
+                f.pooled.significance.get("reason")
+                for f in features.values()
+                if f.pooled.significance and f.pooled.significance.get("reason")
+            ),
+            "every feature has rank 0",
+        )
+        return AttributionResult([], 0, math.nan, math.nan, {}, {}, math.nan, skipped=reason)
+    if not len(full["keys"]):
+        return AttributionResult(
+            [], 0, math.nan, math.nan, {}, {}, math.nan, skipped="no held-out records"
+        )
+    order = list(qb)
+    ex = explain_logits(full["q"], full["keys"], qb, priority=order, scaling=full["scaling"])
+    D = full["q"].shape[1]
+    fr, fc = [], []
+    for d in range(cfg.n_random):
+        rb = {
+            n: random_orthonormal(D, b.shape[1], seed=sub_seed(cfg.seed, f"attr-random:{n}", d))
+            for n, b in qb.items()
+        }
+        rex = explain_logits(full["q"], full["keys"], rb, priority=order, scaling=full["scaling"])
+        fr.append(rex["explained_fraction"])
+        fc.append(rex["explained_fraction_centred"])
+    rf, rc = torch.tensor(fr, dtype=torch.float64), torch.tensor(fc, dtype=torch.float64)
+    a0 = ex["attributions"][0]
+    return AttributionResult(
+        names=ex["names"], n=len(full["keys"]), explained_fraction=ex["explained_fraction"],
+        explained_fraction_centred=ex["explained_fraction_centred"],
+        random={"mean": float(rf.mean()), "std": float(rf.std()), "centred_mean": float(rc.mean()), "centred_std": float(rc.std())},
+        share=ex["share"], max_abs_error=ex["max_abs_error"], example_parts=a0.parts.double(),
+        example_total=a0.total.double(), example_tokens=tokens,
+    )  # fmt: skip
+
+
+def _subset(idx: list[int], k: int) -> list[int]:
+    return idx if k == 0 or k >= len(idx) else idx[:k]
+
+
+# --------------------------------------------------------------------------- entry points
+def analyze(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    records: Sequence[ContrastRecord | Mapping[str, Any]],
+    *,
+    config: RunConfig | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> AnalysisResult:
+    """The whole method on a model you loaded (any device) and your records.
+
+    >>> result = qkcov.analyze(model, tokenizer, records, heads="auto")   # doctest: +SKIP
+    >>> print(result.summary()); result.report("out/")                    # doctest: +SKIP
+
+    ``records``: :class:`ContrastRecord` objects or dicts in the JSONL schema. ``overrides``
+    are :class:`RunConfig` fields (``heads``, ``n_random``, ``seed``, ...).
+    """
+    cfg = dataclasses.replace(config, **overrides) if config is not None else RunConfig(**overrides)
+    plan = plan_records(records, cfg)
+    return _analyze(model, tokenizer, plan, cfg, Timer("run", quiet=not progress), model_name=None)
+
+
+def _analyze(
+    model: Any, tokenizer: Any, plan: Plan, cfg: RunConfig, timer: Timer, model_name: str | None
+) -> AnalysisResult:
+    from .engine.contrast import collect_full_keys, collect_qk, resolve_records, run_contrast
+    from .engine.scan import attention_rows, scan_heads, select_heads
+    from .models.loading import model_info
+
+    progress = not timer.quiet
+    info = model_info(model)
+    if not cfg.heads.strip().lower().startswith("auto"):
+        from .models.heads import parse_heads
+
+        parse_heads(cfg.heads, info.n_layers, info.n_heads)
+    with timer.phase("resolve"):
+        resolved = resolve_records(tokenizer, plan.records, chat=cfg.chat)
+        if cfg.max_tokens is not None:
+            long = [
+                (i, len(r.input_ids))
+                for i, r in enumerate(resolved)
+                if len(r.input_ids) > cfg.max_tokens
+            ]
+            if long:
+                i, n = long[0]
+                raise ValueError(
+                    f"record {i}: {n} tokens exceed --max-tokens {cfg.max_tokens} ({len(long)} record(s) too long)"
+                )
+    scan_idx = _subset(plan.indices("build", two_sided=True), cfg.n_scan)
+    swap_idx = _subset(plan.indices("heldout", two_sided=True), cfg.n_swap)
+    scan = rows = None
+    with timer.phase("scan"):
+        if cfg.heads.strip().lower().startswith("auto") or swap_idx:
+            timer.log(f"head scan over {info.n_layers} layers x {info.n_heads} heads")
+            idx = (scan_idx if cfg.heads.strip().lower().startswith("auto") else []) + swap_idx
+            all_rows = attention_rows(
+                model,
+                tokenizer,
+                [resolved[i] for i in idx],
+                batch_size=cfg.batch_size,
+                progress=progress,
+            )
+            n_scan = len(idx) - len(swap_idx)
+            rows = all_rows[n_scan:]
+            if n_scan:
+                scan = scan_heads(
+                    all_rows[:n_scan],
+                    [resolved[i] for i in scan_idx],
+                    seed=sub_seed(cfg.seed, "scan"),
+                )
+    heads = select_heads(cfg.heads, scan, info.n_layers, info.n_heads, k=cfg.n_heads)
+    timer.log(f"heads: {', '.join(f'L{l}H{h}' for l, h in heads)}")
+
+    contrasts, stats = {}, {}
+    with timer.phase("contrast"):
+        for f in plan.features:
+            build = [resolved[i] for i in plan.indices("build", f)]
+            contrasts[f] = run_contrast(
+                model, tokenizer, build, heads, batch_size=cfg.batch_size, progress=progress,
+                keep_records=cfg.n_permutations > 0 or cfg.n_bootstrap > 0,
+            )  # fmt: skip
+            stats[f] = contrasts[f].record_stats
+
+    held = plan.indices("heldout")
+    cent = _subset(plan.indices("build"), cfg.n_centroid)
+    with timer.phase("collect"):
+        vecs = (
+            collect_qk(
+                model,
+                tokenizer,
+                [resolved[i] for i in cent + held],
+                heads,
+                batch_size=cfg.batch_size,
+                progress=progress,
+            )
+            if held
+            else {}
+        )
+        attr_idx = _subset(held, cfg.n_attribution)
+        full = (
+            collect_full_keys(
+                model,
+                tokenizer,
+                [resolved[i] for i in attr_idx],
+                heads,
+                batch_size=cfg.batch_size,
+                progress=progress,
+            )
+            if attr_idx
+            else {}
+        )
+    tokens = (
+        [
+            tokenizer.decode([t])
+            for t in resolved[attr_idx[0]].input_ids[: resolved[attr_idx[0]].query + 1]
+        ]
+        if attr_idx
+        else []
+    )
+
+    head_results = []
+    for head in heads:
+        name = f"L{head[0]}H{head[1]}"
+        with timer.phase("subspaces"):
+            features = {
+                f: _subspace_results(contrasts[f], head, f, cfg, (stats[f] or {}).get(head))
+                for f in plan.features
+            }
+        projections = {}
+        with timer.phase("projections"):
+            if held:
+                v = vecs[head]
+                n_cent = len(cent)
+                groups_all = [plan.records[i].group or "" for i in cent + held]
+                for f, feat in features.items():
+                    tr = [j for j, i in enumerate(cent) if plan.feature_of(i) == f]
+                    te = [n_cent + j for j, i in enumerate(held) if plan.feature_of(i) == f]
+                    if not te:
+                        continue
+                    projections[f] = _projection(
+                        feat, v.select(tr) if tr else None, v.select(te), [groups_all[j] for j in tr], [groups_all[j] for j in te], cfg,
+                        sub_seed(cfg.seed, f"proj:{name}:{f}"),
+                    )  # fmt: skip
+        with timer.phase("swaps"):
+            timer.log(f"{name}: swaps")
+            swaps = _swaps(
+                model, tokenizer, [resolved[i] for i in swap_idx], None if rows is None else rows[:, head[0], head[1]],
+                head, features, cfg, progress, None,
+            )  # fmt: skip
+        with timer.phase("attribution"):
+            attribution = (
+                _attribution(full[head], features, tokens, cfg)
+                if full
+                else AttributionResult(
+                    [], 0, math.nan, math.nan, {}, {}, math.nan, skipped="no held-out records"
+                )
+            )
+        scan_row = next(
+            (r for r in scan or [] if r["layer"] == head[0] and r["head"] == head[1]), None
+        )
+        head_results.append(
+            HeadResult(head[0], head[1], features, projections, swaps, attribution, scan_row)
+        )
+
+    feature_info = [
+        {
+            "name": f,
+            "groups": contrasts[f].groups,
+            "n_build": len(plan.indices("build", f)),
+            "n_heldout": len(plan.indices("heldout", f)),
+            "n_two_sided": len(plan.indices(None, f, True)),
+        }
+        for f in plan.features
+    ]
+    return AnalysisResult(
+        config=cfg.to_dict(),
+        model=model_name or cfg.model if model_name else type(model).__name__,
+        model_info=dataclasses.asdict(info),
+        features=feature_info,
+        n_records=len(plan.records),
+        heads=head_results,
+        scan=scan,
+        timings=dict(timer.seconds),
+        seconds=timer.total(),
+        notes=list(plan.notes),
+    )
+
+
+def run(
+    cfg: RunConfig,
+    records: str | Path | Sequence[ContrastRecord],
+    out_dir: str | Path,
+    *,
+    quiet: bool = False,
+    loaded: tuple[torch.nn.Module, Any] | None = None,
+    section: Mapping[str, Any] | None = None,
+) -> AnalysisResult:
+    """``qkcov run``: records (a JSONL path or records) → ``out_dir`` with ``run.json``,
+    ``run.safetensors``, figures, ``section.json`` and ``report.html``.
+
+    Every input is checked (records, split, flags, output folder) before the model loads.
+    ``section`` overrides the report section's title/key/text (the built-in tasks use it).
+    """
+    from .artifacts import RunFolder
+    from .report import build_report
+    from .report.run import write_run_section
+    from .tasks.records import load_records
+
+    timer = Timer("run", quiet=quiet)
+    recs = load_records(records) if isinstance(records, (str, Path)) else list(records)
+    plan = plan_records(recs, cfg)
+    with RunFolder(out_dir, command="run") as staging:
+        if loaded is None:
+            from .models.loading import load_model
+
+            with timer.phase("load"):
+                timer.log(f"loading {cfg.model}")
+                lm = load_model(cfg.model, **_load_kwargs(cfg))
+                loaded = (lm.model, lm.tokenizer)
+        model, tokenizer = loaded
+        result = _analyze(model, tokenizer, plan, cfg, timer, model_name=cfg.model)
+        result.timings = dict(timer.seconds)
+        result.seconds = timer.total()
+        result.save(staging)
+        with timer.phase("figures"):
+            write_run_section(staging, **dict(section or {}))
+        build_report(staging)
+    return result
+
+
+def _load_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if cfg.device != "cpu":
+        kw["device"] = cfg.device
+    if cfg.dtype != "auto":
+        kw["dtype"] = cfg.dtype
+    if cfg.device_map:
+        kw["device_map"] = cfg.device_map
+    if cfg.trust_remote_code:
+        kw["trust_remote_code"] = True
+    return kw

@@ -1,0 +1,246 @@
+"""Report section of a pipeline run, from ``run.json`` (+ figures from the artifacts)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..artifacts import read_json
+from .html import write_section
+
+__all__ = ["write_run_section", "head_rows"]
+
+
+def _f(x: Any, nd: int = 3) -> Any:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return round(float(x), nd)
+
+
+def _pm(d: dict[str, Any] | None, nd: int = 3) -> str:
+    return "–" if not d else f"{d['mean']:.{nd}f} ± {d['std']:.{nd}f}"
+
+
+def _ci(c: dict[str, Any] | None, metric: str) -> str:
+    ci = (c or {}).get("ci") or {}
+    return "–" if metric not in ci else f"[{ci[metric][0]:.3f}, {ci[metric][1]:.3f}]"
+
+
+def head_rows(info: dict[str, Any]) -> list[list[Any]]:
+    """One row per head: rank, significance, swap effect vs random, attribution."""
+    rows = []
+    for h in info["heads"]:
+        sig = h.get("significance") or {}
+        avail = sig.get("available", False)
+        sw = h["swaps"]
+        c = sw["conditions"].get(sw["headline"] or "")
+        att = h["attribution"]
+        rows.append(
+            [
+                h["name"],
+                h["rank"],
+                sig.get(
+                    "rank_energy",
+                    h["features"][next(iter(h["features"]))]["groups"]["pooled"]["rank_energy"],
+                ),
+                _f(sig.get("p_value")) if avail else "–",
+                (
+                    f"[{sig['rank_ci'][0]}, {sig['rank_ci'][1]}]"
+                    if avail and sig.get("rank_ci")
+                    else "–"
+                ),
+                _f(sig.get("stability_deg"), 1) if avail else "–",
+                "skipped" if c is None else _f(c["delta_p"]),
+                _ci(c, "delta_p"),
+                "–" if c is None else _pm(c["random"]["delta_p"]),
+                "–" if c is None else _f(c.get("p_value")),
+                "–" if sw["ceiling"] is None else _f(sw["ceiling"]["delta_p"]),
+                "–" if c is None else _f(c["flip_items"]),
+                "–" if c is None or c.get("logprob_shift") is None else _f(c["logprob_shift"]),
+                "skipped" if att["skipped"] else _f(att["explained_fraction"]),
+                "–" if att["skipped"] else _f(att["random"]["mean"]),
+            ]
+        )
+    return rows
+
+
+HEAD_COLUMNS = [
+    "head", "rank", "rank (energy)", "p", "rank 95% CI", "stability (deg)", "Δp swap", "Δp 95% CI",
+    "Δp random", "p vs random", "Δp full key", "flip rate", "log-prob shift", "explained", "explained (random)",
+]  # fmt: skip
+
+
+def _condition_rows(info: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for h in info["heads"]:
+        sw = h["swaps"]
+        for name, c in sw["conditions"].items():
+            rows.append(
+                [h["name"], name, c["rank"], _f(c["delta_p"]), _ci(c, "delta_p"), _pm(c["random"]["delta_p"]),
+                 _f(c.get("p_value")), _f(c["flip_items"]), _f(c.get("logprob_shift")), _ci(c, "logprob_shift")]
+            )  # fmt: skip
+        if sw["ceiling"]:
+            rows.append(
+                [
+                    h["name"],
+                    "full key",
+                    sw["ceiling"]["rank"],
+                    _f(sw["ceiling"]["delta_p"]),
+                    _ci(sw["ceiling"], "delta_p"),
+                    "–",
+                    "–",
+                    _f(sw["ceiling"]["flip_items"]),
+                    _f(sw["ceiling"].get("logprob_shift")),
+                    "–",
+                ]
+            )
+    return rows
+
+
+def _subspace_rows(info: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for h in info["heads"]:
+        for fname, f in h["features"].items():
+            for g, s in f["groups"].items():
+                sig = s.get("significance") or {}
+                rows.append(
+                    [h["name"], fname, g, s["rank"], s["rank_energy"], s["n_pos"], s["n_neg"],
+                     _f(sig.get("p_value")) if sig.get("available") else (sig.get("reason") or "–"),
+                     _f(s["singular_values"][0], 4) if s["singular_values"] else "–"]
+                )  # fmt: skip
+    return rows
+
+
+def write_run_section(
+    out_dir: str | Path,
+    *,
+    key: str = "run",
+    title: str | None = None,
+    order: int = 50,
+    text: Sequence[str] = (),
+    extra_tables: Sequence[dict[str, Any]] = (),
+    extra_figures: Sequence[dict[str, str]] = (),
+) -> Path:
+    """Draw the figures of ``out_dir``'s run and write its ``section.json``."""
+    from .figures.run import plot_all
+
+    out = Path(out_dir)
+    info = read_json(out / "run.json")
+    figs, inter = plot_all(out)
+    cfg = info["config"]
+    feats = info["features"]
+    best = next((h for h in info["heads"] if h["name"] == info.get("best_head")), None)
+    summary: dict[str, Any] = {
+        "model": info["model"],
+        "records": info["n_records"],
+        "features": ", ".join(
+            f"{f['name']} ({len(f['groups'])} group{'s' if len(f['groups']) != 1 else ''})"
+            for f in feats
+        ),
+        "heads": ", ".join(h["name"] for h in info["heads"]),
+        "seconds": round(info["seconds"], 1),
+    }
+    if best is not None and best["swap"] is not None:
+        summary["best head"] = best["name"]
+        summary["Δp swap / random / full key"] = (
+            f"{best['swap']['delta_p']:.3f} / {best['random']['delta_p']['mean']:.3f} / {best['ceiling']['delta_p']:.3f}"
+        )
+    body = list(text) or [
+        f"{info['n_records']} contrast records; query = the record's query span (default: the last "
+        "token); positive keys share the feature with the query, negative keys do not. "
+        f"Records are split into build (ΔC, head scan) and held-out (projections, swaps, "
+        f"attribution) sets (holdout {cfg['holdout']}, seed {cfg['seed']}, unless the records pin "
+        "their split).",
+    ]
+    body += [
+        f"Rank rule in force: {cfg['rank_rule']} "
+        + ("(leading singular values above the permutation null's (1−α) quantile of the same index, "
+           f"α = {cfg['alpha']}; {cfg['n_permutations']} permutations)" if cfg["rank_rule"] == "null" else f"(energy ≥ {cfg['energy']})")
+        + "; the energy rank is always shown beside it.",
+        "Swaps exchange the most-attended positive key's and a negative key's coordinates inside a "
+        "key subspace during the forward pass; Δp is the mean change of a_target/(a_orig+a_target), "
+        f"against {cfg['n_random']} random subspaces of equal rank and the full-key swap.",
+        "Attribution splits each held-out logit q·k exactly into the parts in each feature's query "
+        "subspace and the residual; explained = 1 − ‖residual‖²/‖logits‖², against random subspaces "
+        "of the same ranks.",
+    ]  # fmt: skip
+    body += list(info.get("notes") or [])
+    for h in info["heads"]:
+        if h["swaps"]["skipped"]:
+            body.append(f"{h['name']}: swaps skipped — {h['swaps']['skipped']}.")
+        if h["attribution"]["skipped"]:
+            body.append(f"{h['name']}: attribution skipped — {h['attribution']['skipped']}.")
+    tables = [
+        {
+            "caption": "Studied heads (headline condition: the first feature's pooled key subspace)",
+            "columns": HEAD_COLUMNS,
+            "rows": head_rows(info),
+        },
+        {
+            "caption": "Every swap condition",
+            "columns": [
+                "head",
+                "condition",
+                "rank",
+                "Δp",
+                "Δp 95% CI",
+                "Δp random",
+                "p vs random",
+                "flip rate",
+                "log-prob shift",
+                "shift 95% CI",
+            ],
+            "rows": _condition_rows(info),
+        },
+        {
+            "caption": "Subspaces per feature and group",
+            "columns": [
+                "head",
+                "feature",
+                "group",
+                "rank",
+                "rank (energy)",
+                "n+",
+                "n−",
+                "p",
+                "top singular value",
+            ],
+            "rows": _subspace_rows(info),
+        },
+    ]
+    proj_rows = [
+        [h["name"], f, _f(p["accuracy"]["subspace"]), _pm({"mean": p["accuracy"]["random"], "std": p["accuracy"]["random_std"]}), _f(p["accuracy"]["pca"]), _f(p["accuracy"]["chance"])]
+        for h in info["heads"] for f, p in h["projections"].items() if p.get("accuracy")
+    ]  # fmt: skip
+    if proj_rows:
+        tables.append(
+            {
+                "caption": "Nearest-centroid group accuracy of held-out positive keys in 3-D",
+                "columns": ["head", "feature", "subspace", "random", "PCA", "chance"],
+                "rows": proj_rows,
+            }
+        )
+    if info.get("scan"):
+        tables.append(
+            {
+                "caption": "Head scan (top 10 by attention difference)",
+                "columns": ["head", "diff", "95% CI", "ratio", "top match"],
+                "rows": [
+                    [
+                        r["name"],
+                        _f(r["diff"], 4),
+                        [_f(x, 4) for x in r["diff_ci"]],
+                        _f(r["ratio"], 2),
+                        _f(r["top_match"]),
+                    ]
+                    for r in info["scan"][:10]
+                ],
+            }
+        )
+    tables += list(extra_tables)
+    return write_section(
+        out, key=key, title=title or "Contrast analysis", order=order, summary=summary,
+        text=body, tables=tables, figures=[*figs, *extra_figures], interactive=inter,
+    )  # fmt: skip

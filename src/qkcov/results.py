@@ -1,0 +1,503 @@
+"""Typed results of the pipeline (:func:`qkcov.analyze`, ``qkcov run``): one dataclass per
+concept, with JSON (``run.json``) + safetensors (``run.safetensors``) round trips.
+
+``run.json`` is the contract scripts read: ``heads`` is a list with one object per studied
+head (``layer``, ``head``, ``rank``, ``swap``, ``random``, ``ceiling``, ``attribution``, ...),
+plus ``model``, ``n_records`` and ``seconds``. Tensors (ΔC, bases, projections, the
+attribution example) live in ``run.safetensors`` under ``<head>.<feature>.<group>.<name>``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .core.subspace import FeatureSubspace
+
+__all__ = [
+    "SubspaceResult",
+    "FeatureResult",
+    "ProjectionResult",
+    "SwapCondition",
+    "SwapResult",
+    "AttributionResult",
+    "HeadResult",
+    "AnalysisResult",
+    "RUN_JSON",
+    "RUN_TENSORS",
+]
+
+RUN_JSON = "run.json"
+RUN_TENSORS = "run.safetensors"
+POOLED = "pooled"
+SWAP_METRICS = ("delta_p", "flip_items", "flip_all", "logprob_shift")
+
+
+def _r(x: float | None, nd: int = 3) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+@dataclass
+class SubspaceResult:
+    """ΔC of one head for one feature and group (``group="pooled"``: all groups).
+
+    Attributes:
+        rank: rank under the rule in force (``rank_rule``).
+        rank_energy: rank at the energy threshold (always reported).
+        subspace: SVD summary (``query_basis [D, rank]``, ``key_basis [D, rank]``, all
+            ``singular_values [D]``).
+        delta: ΔC ``[D, D]`` (float64).
+        n_pos / n_neg: records contributing to each side.
+        significance: statistics of the permutation null and bootstrap (or ``None``).
+    """
+
+    feature: str
+    group: str
+    rank: int
+    rank_energy: int
+    rank_rule: str
+    subspace: FeatureSubspace
+    delta: torch.Tensor
+    n_pos: int
+    n_neg: int
+    significance: dict[str, Any] | None = None
+
+    @property
+    def key_basis(self) -> torch.Tensor:
+        return self.subspace.key_basis[:, : self.rank]
+
+    @property
+    def query_basis(self) -> torch.Tensor:
+        return self.subspace.query_basis[:, : self.rank]
+
+    def to_dict(self, n_sv: int = 16) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "rank_energy": self.rank_energy,
+            "rank_rule": self.rank_rule,
+            "singular_values": self.subspace.singular_values[:n_sv].tolist(),
+            "n_pos": self.n_pos,
+            "n_neg": self.n_neg,
+            "significance": self.significance,
+        }
+
+
+@dataclass
+class FeatureResult:
+    """All subspaces of one feature for one head.
+
+    ``groups``: per group with both sides, plus ``"pooled"``. ``union_key`` / ``union_query``:
+    per-group subspaces stacked and ordered by energy (``None`` with fewer than 2 groups).
+    ``principal_angles``: smallest angle (degrees) between each pair of group key subspaces.
+    """
+
+    name: str
+    groups: dict[str, SubspaceResult]
+    union_key: torch.Tensor | None = None
+    union_query: torch.Tensor | None = None
+    principal_angles: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def pooled(self) -> SubspaceResult:
+        return self.groups[POOLED]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "groups": {g: s.to_dict() for g, s in self.groups.items()},
+            "union_rank": None if self.union_key is None else int(self.union_key.shape[1]),
+            "principal_angles": self.principal_angles,
+        }
+
+
+@dataclass
+class ProjectionResult:
+    """Held-out keys/queries of one feature projected on its top-3 key/query directions.
+
+    ``keys [m, 3]``, ``queries [n, 3]``; ``key_labels`` (m) / ``query_labels`` (n) are the
+    record groups (``""`` for negative keys); ``key_positive [m]``. ``accuracy``:
+    nearest-centroid group accuracy of positive keys in 3-D (subspace / random / PCA /
+    chance), ``None`` with fewer than 2 groups.
+    """
+
+    feature: str
+    keys: torch.Tensor
+    queries: torch.Tensor
+    key_positive: torch.Tensor
+    key_labels: list[str]
+    query_labels: list[str]
+    accuracy: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "accuracy": self.accuracy,
+            "key_labels": self.key_labels,
+            "query_labels": self.query_labels,
+        }
+
+
+@dataclass
+class SwapCondition:
+    """One swap condition: mean metrics over prompts, with optional per-prompt values
+    (``per_prompt[metric] [n]``), CIs and the p-value against the random subspaces."""
+
+    name: str
+    rank: int
+    metrics: dict[str, float]
+    random: dict[str, dict[str, Any]] | None = None  # metric -> {"mean","std","draws"}
+    per_prompt: dict[str, list[float]] | None = None
+    ci: dict[str, list[float]] | None = None
+    p_value: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            **{k: float(v) for k, v in self.metrics.items()},
+            "random": self.random,
+            "ci": self.ci,
+            "p_value": self.p_value,
+        }
+
+
+@dataclass
+class SwapResult:
+    """In-forward key swaps of one head on held-out records (or why they were skipped)."""
+
+    n: int
+    headline: str | None
+    conditions: dict[str, SwapCondition]
+    ceiling: SwapCondition | None
+    null: dict[str, float] | None
+    n_random: int
+    skipped: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "headline": self.headline,
+            "n_random": self.n_random,
+            "conditions": {k: c.to_dict() for k, c in self.conditions.items()},
+            "ceiling": None if self.ceiling is None else self.ceiling.to_dict(),
+            "null": self.null,
+            "skipped": self.skipped,
+        }
+
+
+@dataclass
+class AttributionResult:
+    """Exact split of each held-out prompt's logits over the features' query subspaces.
+
+    ``names``: parts in priority order, then ``"residual"``. ``example_parts [P+1, S]`` and
+    ``example_total [S]`` are the first prompt's logits per part; ``example_tokens`` (S).
+    """
+
+    names: list[str]
+    n: int
+    explained_fraction: float
+    explained_fraction_centred: float
+    random: dict[str, float]
+    share: dict[str, float]
+    max_abs_error: float
+    example_parts: torch.Tensor | None = None
+    example_total: torch.Tensor | None = None
+    example_tokens: list[str] = field(default_factory=list)
+    skipped: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "names": self.names,
+            "n": self.n,
+            "explained_fraction": self.explained_fraction,
+            "explained_fraction_centred": self.explained_fraction_centred,
+            "random": self.random,
+            "share": self.share,
+            "max_abs_error": self.max_abs_error,
+            "example_tokens": self.example_tokens,
+            "skipped": self.skipped,
+        }
+
+
+@dataclass
+class HeadResult:
+    """Everything the pipeline found for one head."""
+
+    layer: int
+    head: int
+    features: dict[str, FeatureResult]
+    projections: dict[str, ProjectionResult]
+    swaps: SwapResult
+    attribution: AttributionResult
+    scan: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"L{self.layer}H{self.head}"
+
+    @property
+    def headline(self) -> SubspaceResult:
+        return next(iter(self.features.values())).pooled
+
+    def swap_margin(self) -> float:
+        """Headline swap Δp minus its random baseline's mean (``-inf`` when skipped)."""
+        c = self.swaps.conditions.get(self.swaps.headline or "")
+        if c is None or c.random is None:
+            return -math.inf
+        return c.metrics["delta_p"] - c.random["delta_p"]["mean"]
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.swaps.conditions.get(self.swaps.headline or "")
+        ceiling = self.swaps.ceiling
+        att = self.attribution
+        return {
+            "layer": self.layer,
+            "head": self.head,
+            "name": self.name,
+            "rank": self.headline.rank,
+            "rank_rule": self.headline.rank_rule,
+            "significance": self.headline.significance,
+            "swap": None if c is None else {m: c.metrics.get(m) for m in SWAP_METRICS},
+            "swap_condition": self.swaps.headline,
+            "random": None
+            if c is None or c.random is None
+            else {m: {"mean": c.random[m]["mean"], "std": c.random[m]["std"]} for m in c.random},
+            "ceiling": None
+            if ceiling is None
+            else {m: ceiling.metrics.get(m) for m in SWAP_METRICS},
+            "attribution": att.to_dict(),
+            "swaps": self.swaps.to_dict(),
+            "features": {k: f.to_dict() for k, f in self.features.items()},
+            "projections": {k: p.to_dict() for k, p in self.projections.items()},
+            "scan": self.scan,
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for fname, feat in self.features.items():
+            for g, s in feat.groups.items():
+                p = f"{self.name}.{fname}.{g}."
+                out[p + "delta"] = s.delta.double()
+                out.update({p + k: v.double() for k, v in s.subspace.to_tensors().items()})
+            if feat.union_key is not None:
+                out[f"{self.name}.{fname}.union_key"] = feat.union_key.double()
+                out[f"{self.name}.{fname}.union_query"] = feat.union_query.double()
+        for fname, pr in self.projections.items():
+            p = f"{self.name}.{fname}.proj."
+            out[p + "keys"] = pr.keys.float()
+            out[p + "queries"] = pr.queries.float()
+            out[p + "key_positive"] = pr.key_positive.to(torch.uint8)
+        if self.attribution.example_parts is not None:
+            out[f"{self.name}.attribution.parts"] = self.attribution.example_parts.double()
+            out[f"{self.name}.attribution.total"] = self.attribution.example_total.double()
+        for cname, c in self.swaps.conditions.items():
+            if c.per_prompt:
+                for m, v in c.per_prompt.items():
+                    out[f"{self.name}.swap.{cname}.{m}"] = torch.tensor(v, dtype=torch.float64)
+        return out
+
+
+@dataclass
+class AnalysisResult:
+    """The whole run: config, model, records, head scan and one :class:`HeadResult` per head.
+
+    ``summary()`` prints a table; ``save(dir)`` writes ``run.json`` + ``run.safetensors``;
+    ``load(dir)`` reads them back; ``report(dir)`` adds figures, the report section and
+    ``report.html``.
+    """
+
+    config: dict[str, Any]
+    model: str
+    model_info: dict[str, Any]
+    features: list[dict[str, Any]]
+    n_records: int
+    heads: list[HeadResult]
+    scan: list[dict[str, Any]] | None
+    timings: dict[str, float]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def best(self) -> HeadResult:
+        """The head whose headline swap beats its random baseline by the widest margin."""
+        return max(self.heads, key=lambda h: h.swap_margin())
+
+    def head(self, name: str) -> HeadResult:
+        for h in self.heads:
+            if h.name == name:
+                return h
+        raise ValueError(f"no head {name!r}; have {[h.name for h in self.heads]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "model_info": self.model_info,
+            "n_records": self.n_records,
+            "seconds": self.seconds,
+            "features": self.features,
+            "heads": [h.to_dict() for h in self.heads],
+            "best_head": self.best.name if self.heads else None,
+            "scan": self.scan,
+            "timings_s": self.timings,
+            "config": self.config,
+            "notes": self.notes,
+        }
+
+    def summary_rows(self) -> list[list[str]]:
+        rows = []
+        for h in self.heads:
+            d = h.to_dict()
+            sig = d["significance"] or {}
+            swap, rnd = d["swap"], d["random"]
+            rows.append(
+                [
+                    h.name,
+                    str(d["rank"]),
+                    _r(sig.get("p_value")) if sig.get("available", True) and sig else "–",
+                    "–" if swap is None else _r(swap["delta_p"]),
+                    "–"
+                    if rnd is None
+                    else f"{rnd['delta_p']['mean']:.3f} ± {rnd['delta_p']['std']:.3f}",
+                    "–" if d["ceiling"] is None else _r(d["ceiling"]["delta_p"]),
+                    _r(d["attribution"]["explained_fraction"])
+                    if not d["attribution"]["skipped"]
+                    else "–",
+                ]
+            )
+        return rows
+
+    def summary(self) -> str:
+        """A short table: head, rank, p, Δp vs random, ceiling, explained fraction."""
+        cols = ["head", "rank", "p", "Δp swap", "Δp random", "Δp full key", "explained"]
+        rows = [cols, *self.summary_rows()]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines += self.notes
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"AnalysisResult(model={self.model!r}, heads={[h.name for h in self.heads]})"
+
+    def save(self, out_dir: str | Path) -> Path:
+        """``run.json`` + ``run.safetensors`` into ``out_dir`` (created)."""
+        from .artifacts import save_tensors, write_json
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        for h in self.heads:
+            tensors.update(h.tensors())
+        save_tensors(out / RUN_TENSORS, tensors, {"heads": [h.name for h in self.heads]})
+        write_json(out / RUN_JSON, self.to_dict())
+        return out
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> AnalysisResult:
+        """Read a saved run back into typed results (tensors included)."""
+        from .artifacts import load_tensors, read_json
+
+        out = Path(out_dir)
+        if not (out / RUN_JSON).is_file():
+            raise FileNotFoundError(f"{out}: no {RUN_JSON} (not a qkcov run folder)")
+        data = read_json(out / RUN_JSON)
+        tensors = load_tensors(out / RUN_TENSORS)
+        heads = [_head_from_dict(h, tensors) for h in data["heads"]]
+        return cls(
+            config=data["config"],
+            model=data["model"],
+            model_info=data["model_info"],
+            features=data["features"],
+            n_records=data["n_records"],
+            heads=heads,
+            scan=data.get("scan"),
+            timings=data.get("timings_s", {}),
+            seconds=data["seconds"],
+            notes=data.get("notes", []),
+        )
+
+    def report(self, out_dir: str | Path) -> Path:
+        """Save (if not yet saved there), draw figures, write the section and ``report.html``."""
+        from .report import build_report
+        from .report.run import write_run_section
+
+        out = Path(out_dir)
+        if not (out / RUN_JSON).is_file():
+            self.save(out)
+        write_run_section(out)
+        return build_report(out)
+
+
+def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult:
+    name = d["name"]
+    features: dict[str, FeatureResult] = {}
+    for fname, fd in d["features"].items():
+        groups = {}
+        for g, sd in fd["groups"].items():
+            p = f"{name}.{fname}.{g}."
+            sub = FeatureSubspace(
+                rank=sd["rank_energy"],
+                singular_values=t[p + "singular_values"],
+                query_basis=t[p + "query_basis"],
+                key_basis=t[p + "key_basis"],
+                energy_curve=t[p + "energy_curve"],
+                energy=float("nan"),
+            )
+            groups[g] = SubspaceResult(
+                fname, g, sd["rank"], sd["rank_energy"], sd["rank_rule"], sub,
+                t[p + "delta"], sd["n_pos"], sd["n_neg"], sd.get("significance"),
+            )  # fmt: skip
+        features[fname] = FeatureResult(
+            fname,
+            groups,
+            t.get(f"{name}.{fname}.union_key"),
+            t.get(f"{name}.{fname}.union_query"),
+            fd.get("principal_angles", []),
+        )
+    projections = {}
+    for fname, pd in d["projections"].items():
+        p = f"{name}.{fname}.proj."
+        projections[fname] = ProjectionResult(
+            fname, t[p + "keys"], t[p + "queries"], t[p + "key_positive"].bool(),
+            pd["key_labels"], pd["query_labels"], pd.get("accuracy"),
+        )  # fmt: skip
+    sw = d["swaps"]
+
+    def cond(cname: str, cd: dict[str, Any] | None) -> SwapCondition | None:
+        if cd is None:
+            return None
+        per = {
+            m: t[f"{name}.swap.{cname}.{m}"].tolist()
+            for m in SWAP_METRICS
+            if f"{name}.swap.{cname}.{m}" in t
+        }
+        metrics = {k: v for k, v in cd.items() if k not in ("rank", "random", "ci", "p_value")}
+        return SwapCondition(
+            cname,
+            cd["rank"],
+            metrics,
+            cd.get("random"),
+            per or None,
+            cd.get("ci"),
+            cd.get("p_value"),
+        )
+
+    swaps = SwapResult(
+        sw["n"],
+        sw["headline"],
+        {k: cond(k, v) for k, v in sw["conditions"].items()},
+        cond("ceiling", sw["ceiling"]),
+        sw["null"],
+        sw["n_random"],
+        sw.get("skipped"),
+    )
+    ad = d["attribution"]
+    attribution = AttributionResult(
+        ad["names"], ad["n"], ad["explained_fraction"], ad["explained_fraction_centred"],
+        ad["random"], ad["share"], ad["max_abs_error"], t.get(f"{name}.attribution.parts"),
+        t.get(f"{name}.attribution.total"), ad.get("example_tokens", []), ad.get("skipped"),
+    )  # fmt: skip
+    return HeadResult(
+        d["layer"], d["head"], features, projections, swaps, attribution, d.get("scan")
+    )
