@@ -380,9 +380,11 @@ class BootstrapResult:
     Attributes:
         available / reason: as in :class:`NullDistribution`.
         singular_values: full-data ``[D]``.
-        singular_value_ci: ``[2, D]`` 2.5 % / 97.5 % percentiles over resamples.
+        singular_value_ci: ``[2, D]`` 95 % basic-bootstrap CI: 2.5 % / 97.5 % percentiles
+            of the reflected resample values ``2·s − s_b`` (a resample's singular values are
+            biased up by its own noise; plain percentiles missed the truth, see tests).
         rank: full-data rank under ``rank_rule`` ("null" or "energy").
-        ranks: ``[B]`` rank of each resample under the same rule.
+        ranks: ``[B]`` rank of each resample's reflected spectrum under the same rule.
         rank_ci: ``(lo, hi)`` 2.5 % / 97.5 % percentiles of ``ranks``.
         max_angles_deg: ``[B]`` largest principal angle (degrees) between each resample's
             top-``rank`` key subspace and the full data's (None when ``rank == 0``).
