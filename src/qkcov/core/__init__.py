@@ -2,5 +2,6 @@
 
 covariance (ΔC accumulators), subspace (SVD, ranks, unions, angles), intervention (offline
 key swaps, attention recomputation, swap metrics), attribution (exact logit split),
-projection (projections, nearest-centroid accuracy, PCA baseline).
+projection (projections, nearest-centroid accuracy, PCA baseline), statistics (per-record
+RecordStats, permutation null, parallel-analysis rank, bootstrap, swap CIs and p-values).
 """
