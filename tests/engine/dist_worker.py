@@ -59,7 +59,9 @@ def build(shift: int = 0):
 
 def run_all(model, tok, resolved, dist=None) -> dict[str, torch.Tensor]:
     res = run_contrast(model, tok, resolved, HEADS, batch_size=BATCH, progress=False, dist=dist)
-    out = {f"{h[0]}.{h[1]}.{k}": v for h in HEADS for k, v in res.accumulators[h].sum_tensors().items()}
+    out = {
+        f"{h[0]}.{h[1]}.{k}": v for h in HEADS for k, v in res.accumulators[h].sum_tensors().items()
+    }
     out["rows"] = attention_rows(model, tok, resolved, batch_size=BATCH, progress=False, dist=dist)
     vecs = collect_qk(model, tok, resolved, HEADS, batch_size=BATCH, progress=False, dist=dist)
     for h, v in vecs.items():
@@ -99,7 +101,9 @@ def main() -> None:
     res = run_contrast(
         model, tok, resolved, HEADS, batch_size=BATCH, progress=False, checkpoint=ckpt
     )
-    tensors = {f"{h[0]}.{h[1]}.{k}": v for h in HEADS for k, v in res.accumulators[h].sum_tensors().items()}
+    tensors = {
+        f"{h[0]}.{h[1]}.{k}": v for h in HEADS for k, v in res.accumulators[h].sum_tensors().items()
+    }
     save_tensors(out, tensors, {"meta": res.meta})
 
 

@@ -139,13 +139,17 @@ def test_sigkill_then_resume_equals_uninterrupted_run(reference, tmp_path):
     # uninterrupted reference with the same settings, in this process
     full = run_contrast(model, tok, resolved, worker.HEADS, batch_size=worker.BATCH, progress=False)
     ckpt = tmp_path / "run.ckpt.safetensors"
-    p = _worker(tmp_path / "a.safetensors", "ckpt", QKCOV_TEST_CKPT=str(ckpt), QKCOV_TEST_KILL_AFTER="2")
+    p = _worker(
+        tmp_path / "a.safetensors", "ckpt", QKCOV_TEST_CKPT=str(ckpt), QKCOV_TEST_KILL_AFTER="2"
+    )
     out, _ = p.communicate(timeout=120)
     assert p.returncode == -signal.SIGKILL, out
     assert not (tmp_path / "a.safetensors").exists()
     assert read_tensor_metadata(ckpt)["next_batch"] == 2  # 2 of 5 batches were saved
 
-    p = _worker(tmp_path / "b.safetensors", "ckpt", QKCOV_TEST_CKPT=str(ckpt), QKCOV_TEST_RESUME="1")
+    p = _worker(
+        tmp_path / "b.safetensors", "ckpt", QKCOV_TEST_CKPT=str(ckpt), QKCOV_TEST_RESUME="1"
+    )
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 0, out
     assert read_tensor_metadata(tmp_path / "b.safetensors")["meta"]["resumed_at_batch"] == 2
@@ -172,7 +176,10 @@ def test_resume_with_other_settings_or_data_is_refused(reference, tmp_path):
     again = resume()
     assert again.meta["resumed_at_batch"] == 5
     assert torch.equal(again.delta(heads[0]), first.delta(heads[0]))
-    with pytest.raises(ValueError, match=r"--resume: checkpoint in .*c\.safetensors was made with different settings or data: field 'energy' differs"):
+    with pytest.raises(
+        ValueError,
+        match=r"--resume: checkpoint in .*c\.safetensors was made with different settings or data: field 'energy' differs",
+    ):
         resume({"model": "tiny", "energy": 0.9})
     _, _, other = worker.build(shift=1)
     with pytest.raises(ValueError, match="different settings or data: field 'records' differs"):

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..core.intervention import attention_weights
 from ..models.capture import LayerCall, attention_hooks, padded_forward, tokenize_batch
 from ..models.heads import format_head, parse_heads
-from ..models.loading import model_info
+from ..models.loading import input_device, model_info
 from .distributed import Dist, gather_objects, shard_batches
 
 __all__ = ["attention_rows", "scan_heads", "select_heads", "check_heads_spec", "scan_matrix"]
@@ -45,7 +45,7 @@ def attention_rows(
     if not resolved:
         raise ValueError("attention_rows: no records")
     info = model_info(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     s_max = max(len(r.input_ids) for r in resolved)
     out = torch.zeros(len(resolved), info.n_layers, info.n_heads, s_max)
     batches = shard_batches(len(resolved), batch_size, dist)

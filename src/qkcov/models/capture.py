@@ -37,7 +37,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .heads import check_heads, check_layers
-from .loading import model_info
+from .loading import input_device, model_info
 from .positions import encode
 
 __all__ = [
@@ -473,7 +473,7 @@ def capture_qk(
         raise ValueError(
             f"attention_mask {list(attention_mask.shape)} != input_ids {list(input_ids.shape)}"
         )
-    device = next(model.parameters()).device
+    device = input_device(model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     idx = _sites_tensors(sites, attention_mask, example_offset)
     hq = torch.tensor(head_list, dtype=torch.long, device=device)
