@@ -46,7 +46,9 @@ class CheckpointState:
 @dataclass
 class Checkpoint:
     """Save accumulator state to ``path`` every ``every`` batches; ``resume=True`` continues
-    from an existing file (a missing file starts from scratch).
+    from an existing file (a missing file starts from scratch; without ``resume`` an existing
+    file is overwritten by the first save). A finished run leaves its final state, so
+    resuming it again runs no batch.
 
     ``fingerprint`` must identify everything the accumulated numbers depend on: settings, a
     hash of the data/records (:func:`data_hash`) and the model name. Engine functions add

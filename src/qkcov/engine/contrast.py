@@ -349,6 +349,11 @@ def run_contrast(
         )
         saved = checkpoint.load(dist)
         if saved is not None:
+            if saved.n_batches != len(batches) or not 0 <= saved.next_batch <= len(batches):
+                raise ValueError(
+                    f"--resume: checkpoint in {checkpoint.file(dist)} covers {saved.n_batches} "
+                    f"batches (next {saved.next_batch}) but this rank has {len(batches)}"
+                )
             _load_accumulators(accs, saved.tensors, checkpoint.file(dist))
             start = saved.next_batch
     todo = batches[start:]
