@@ -219,6 +219,11 @@ class ContrastiveCovariance:
             getattr(self, key).add_(getattr(other, key).to(getattr(self, key).device))
         return self
 
+    def sum_tensors(self) -> dict[str, torch.Tensor]:
+        """The live float64 sum/count tensors by name (not copies: for in-place reductions
+        across processes and for checkpoints)."""
+        return {key: getattr(self, key) for key in _SUM_KEYS}
+
     def state_dict(self) -> dict[str, Any]:
         """Tensors plus the config needed to rebuild; safe to store as safetensors."""
         state: dict[str, Any] = {key: getattr(self, key).clone() for key in _SUM_KEYS}

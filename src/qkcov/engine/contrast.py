@@ -15,7 +15,7 @@ every record weighs the same whatever its number of items. A record with only on
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ from ..models.heads import format_head
 from ..models.loading import format_prompt, model_info
 from ..models.positions import encode, token_at_char
 from ..tasks.records import ContrastRecord, Span
+from .checkpoint import Checkpoint, data_hash
+from .distributed import Dist, all_reduce_sum, gather_objects, shard_batches
 
 __all__ = [
     "KeySite",
@@ -264,13 +266,22 @@ def run_contrast(
     padding_side: str = "left",
     progress: bool = True,
     keep_records: bool = False,
+    dist: Dist | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> ContrastResult:
     """Accumulate ΔC for every head in ``heads`` over ``resolved`` records.
 
     Only each record's query row and key rows are gathered inside the attention hook and
     folded into the float64 accumulators there; nothing of size ``[B, H, S, D]`` is kept.
     ``keep_records=True`` also keeps, per head, each record's query and mean positive /
-    negative key (:class:`~qkcov.core.statistics.RecordStats`, ``n·(3D+3)`` float64 values).
+    negative key (:class:`~qkcov.core.statistics.RecordStats`, ``n·(3D+3)`` float64 values),
+    checkpointed with the accumulators and gathered over ranks in record order.
+
+    ``dist``: run this rank's whole batches (:func:`shard_batches`) and sum the float64
+    accumulators over ranks; every rank returns the one-process result. ``checkpoint``: save
+    this rank's accumulators every ``checkpoint.every`` batches and, with ``resume``, continue
+    from the saved batch (the fingerprint gets the heads, batch size, padding, world size and
+    a hash of the resolved records added).
     """
     if not resolved:
         raise ValueError("run_contrast: no records")
@@ -318,7 +329,7 @@ def run_contrast(
                 means[side] = (summed / count.clamp_min(1)[:, None], count > 0)
             g = rec_group[recs]
             if keep_records:
-                kept[(layer, h)].append((q, *means["pos"], *means["neg"], g))
+                kept[(layer, h)].append((recs, q, *means["pos"], *means["neg"], g))
             for side in ("pos", "neg"):
                 kbar, has = means[side]
                 if has.any():
@@ -329,29 +340,163 @@ def run_contrast(
                     )
                     accs[(layer, h)].update(q[has], group=g[has], **kw)
 
-    capture_prompts(
-        model,
-        tokenizer,
-        texts,
-        sites,
-        sorted(by_layer),
-        sorted({h for _, h in heads}),
-        batch_size=batch_size,
-        padding_side=padding_side,
-        pre_rope=pre_rope,
-        on_capture=on_capture,
-        progress=progress,
-    )
-    meta = {"n_records": len(resolved), "pre_rope": pre_rope, "center": center}
-    stats = None
-    if keep_records:
-        from ..core.statistics import RecordStats
+    batches = shard_batches(len(resolved), batch_size, dist)
+    start = 0
+    if checkpoint is not None:
+        checkpoint = checkpoint.with_fields(
+            engine="run_contrast",
+            heads=heads,
+            groups=groups,
+            batch_size=batch_size,
+            padding_side=padding_side,
+            pre_rope=pre_rope,
+            world_size=1 if dist is None else dist.world_size,
+            records=_records_hash(resolved),
+            model=asdict(info)
+            | {
+                "name": getattr(model.config, "_name_or_path", ""),
+                "dtype": str(next(model.parameters()).dtype),
+            },
+        )
+        saved = checkpoint.load(dist)
+        if saved is not None:
+            if saved.n_batches != len(batches) or not 0 <= saved.next_batch <= len(batches):
+                raise ValueError(
+                    f"--resume: checkpoint in {checkpoint.file(dist)} covers {saved.n_batches} "
+                    f"batches (next {saved.next_batch}) but this rank has {len(batches)}"
+                )
+            _load_accumulators(accs, saved.tensors, checkpoint.file(dist))
+            for h in heads:
+                prefix = f"records.{format_head(*h)}."
+                if keep_records and prefix + "0" in saved.tensors:
+                    kept[h] = [tuple(saved.tensors[f"{prefix}{i}"] for i in range(7))]
+                    kept[h] = [(t[0].long(), t[1], t[2], t[3].bool(), t[4], t[5].bool(), t[6].long()) for t in kept[h]]
+            start = saved.next_batch
+    todo = batches[start:]
 
-        stats = {}
-        for h, parts in kept.items():
-            q, kp, hp, kn, hn, g = (torch.cat([p[i] for p in parts]) for i in range(6))
-            stats[h] = RecordStats(q, kp * hp[:, None], kn * hn[:, None], hp, hn, g, list(groups))
+    def on_batch(i: int) -> None:
+        done = start + i + 1
+        if checkpoint is not None and checkpoint.due(done, len(batches)):
+            tensors = _accumulator_tensors(accs)
+            for h, parts in kept.items():
+                if parts:
+                    for i in range(7):
+                        tensors[f"records.{format_head(*h)}.{i}"] = torch.cat([p[i] for p in parts]).double()
+            checkpoint.save(tensors, done, len(batches), dist)
+
+    if todo:
+        capture_prompts(
+            model,
+            tokenizer,
+            texts,
+            sites,
+            sorted(by_layer),
+            sorted({h for _, h in heads}),
+            batch_size=batch_size,
+            padding_side=padding_side,
+            pre_rope=pre_rope,
+            on_capture=on_capture,
+            progress=progress,
+            batches=todo,
+            on_batch=on_batch,
+        )
+    elif checkpoint is not None and not batches:
+        on_batch(-1)  # this rank has no batch at all: still leave a (complete) checkpoint
+    all_reduce_sum([t for acc in accs.values() for t in acc.sum_tensors().values()], dist)
+    meta = {"n_records": len(resolved), "pre_rope": pre_rope, "center": center}
+    if start:
+        meta["resumed_at_batch"] = start
+    stats = _record_stats(kept, groups, dist) if keep_records else None
     return ContrastResult(heads, groups, accs, meta, stats)
+
+
+def _record_stats(
+    kept: dict[Head, list[tuple[torch.Tensor, ...]]], groups: list[str], dist: Dist | None
+) -> dict[Head, Any]:
+    """Per head :class:`RecordStats` of every record (all ranks), in record order."""
+    from ..core.statistics import RecordStats
+
+    local = {
+        h: [torch.cat([p[i] for p in parts]) for i in range(7)] if parts else None
+        for h, parts in kept.items()
+    }
+    out = {}
+    for h in kept:
+        pieces = [r[h] for r in gather_objects(local, dist) if r[h] is not None]
+        idx, q, kp, hp, kn, hn, g = (torch.cat([p[i] for p in pieces]) for i in range(7))
+        order = torch.argsort(idx.long())
+        keep = (hp.bool() | hn.bool())[order]
+        order = order[keep]
+        out[h] = RecordStats(
+            q[order], kp[order], kn[order], hp.bool()[order], hn.bool()[order], g.long()[order], list(groups)
+        )
+    return out
+
+
+def _accumulator_tensors(accs: dict[Head, ContrastiveCovariance]) -> dict[str, torch.Tensor]:
+    return {
+        f"{format_head(*h)}.{key}": t
+        for h, acc in accs.items()
+        for key, t in acc.sum_tensors().items()
+    }
+
+
+def _load_accumulators(
+    accs: dict[Head, ContrastiveCovariance], tensors: dict[str, torch.Tensor], where: Path
+) -> None:
+    for h, acc in accs.items():
+        prefix = f"{format_head(*h)}."
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            acc.load_state_dict(state)
+        except ValueError as err:
+            raise ValueError(
+                f"--resume: checkpoint in {where} does not fit this run: {err}"
+            ) from None
+
+
+def _records_hash(resolved: Sequence[ResolvedRecord]) -> str:
+    """Hash of what the accumulators depend on: texts, token ids, query/key sites, groups."""
+    return data_hash(
+        [
+            [r.text, r.input_ids, r.query, [[k.pos, k.positive] for k in r.keys], r.record.group]
+            for r in resolved
+        ]
+    )
+
+
+def _gather_captures(caps: dict[int, CapturedQK], dist: Dist) -> dict[int, CapturedQK]:
+    """Every rank's captures (CPU) merged per layer, rows sorted back into record order."""
+    moved = {
+        layer: CapturedQK(
+            c.layer,
+            c.heads,
+            c.q.cpu(),
+            c.k.cpu(),
+            c.q_index.cpu(),
+            c.k_index.cpu(),
+            c.scaling,
+            c.softcap,
+            c.sliding_window,
+            c.pre_rope,
+        )  # fmt: skip
+        for layer, c in caps.items()
+    }
+    parts: dict[int, list[CapturedQK]] = {}
+    for rank_caps in gather_objects(moved, dist):
+        for layer, c in rank_caps.items():
+            parts.setdefault(layer, []).append(c)
+    out = {}
+    for layer, p in parts.items():
+        c = CapturedQK.concat(p)
+        # stable sort on the record index keeps each record's key rows in site order
+        qo = torch.sort(c.q_index[:, 0], stable=True).indices
+        ko = torch.sort(c.k_index[:, 0], stable=True).indices
+        out[layer] = CapturedQK(
+            c.layer, c.heads, c.q[qo], c.k[ko], c.q_index[qo], c.k_index[ko],
+            c.scaling, c.softcap, c.sliding_window, c.pre_rope,
+        )  # fmt: skip
+    return out
 
 
 # --------------------------------------------------------------------------- vectors
@@ -402,24 +547,37 @@ def collect_qk(
     batch_size: int = 8,
     pre_rope: bool = False,
     progress: bool = True,
+    dist: Dist | None = None,
 ) -> dict[Head, HeadVectors]:
-    """Each record's query vector and every key-site vector for ``heads`` (float32)."""
+    """Each record's query vector and every key-site vector for ``heads`` (float32).
+
+    ``dist``: each rank captures its whole batches; the rows are gathered back in record
+    order, so every rank returns the one-process result.
+    """
     if not resolved:
         raise ValueError("collect_qk: no records")
     heads = [(int(layer), int(head)) for layer, head in heads]
     by_layer = _layer_heads(heads)
     sites = QKSites([[r.query] for r in resolved], [r.key_positions for r in resolved])
-    caps = capture_prompts(
-        model,
-        tokenizer,
-        [r.text for r in resolved],
-        sites,
-        sorted(by_layer),
-        sorted({h for _, h in heads}),
-        batch_size=batch_size,
-        pre_rope=pre_rope,
-        progress=progress,
+    batches = shard_batches(len(resolved), batch_size, dist)
+    caps = (
+        capture_prompts(
+            model,
+            tokenizer,
+            [r.text for r in resolved],
+            sites,
+            sorted(by_layer),
+            sorted({h for _, h in heads}),
+            batch_size=batch_size,
+            pre_rope=pre_rope,
+            progress=progress,
+            batches=batches,
+        )
+        if batches
+        else {}
     )
+    if dist is not None and dist.enabled:
+        caps = _gather_captures(caps, dist)
     key_record = torch.tensor([r.index for r in resolved for _ in r.keys])
     key_positive = torch.tensor([k.positive for r in resolved for k in r.keys], dtype=torch.bool)
     labels = [k.label for r in resolved for k in r.keys]

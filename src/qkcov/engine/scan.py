@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from ..core.intervention import attention_weights
 from ..models.capture import LayerCall, attention_hooks, padded_forward, tokenize_batch
 from ..models.heads import format_head, parse_heads
-from ..models.loading import model_info
+from ..models.loading import input_device, model_info
+from .distributed import Dist, gather_objects, shard_batches
 
 __all__ = ["attention_rows", "scan_heads", "select_heads", "check_heads_spec", "scan_matrix"]
 
@@ -32,21 +33,25 @@ def attention_rows(
     batch_size: int = 8,
     padding_side: str = "left",
     progress: bool = True,
+    dist: Dist | None = None,
 ) -> torch.Tensor:
     """Query-row attention of every head: ``[n_records, L, H, S_max]`` (float32).
 
     Row ``[i, l, h]`` is record i's attention from its query token over its own tokens in
-    unpadded coordinates (zeros past its length). One forward pass per batch.
+    unpadded coordinates (zeros past its length). One forward pass per batch. ``dist``: each
+    rank runs its whole batches and the rows are gathered, so every rank returns the full
+    one-process tensor.
     """
     if not resolved:
         raise ValueError("attention_rows: no records")
     info = model_info(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     s_max = max(len(r.input_ids) for r in resolved)
     out = torch.zeros(len(resolved), info.n_layers, info.n_heads, s_max)
-    starts = range(0, len(resolved), batch_size)
-    for start in tqdm(starts, desc="head scan", unit="batch", disable=not progress):
-        batch = resolved[start : start + batch_size]
+    batches = shard_batches(len(resolved), batch_size, dist)
+    for rng in tqdm(batches, desc="head scan", unit="batch", disable=not progress):
+        start = rng.start
+        batch = resolved[rng.start : rng.stop]
         ids, mask = tokenize_batch(tokenizer, [r.text for r in batch], padding_side)
         ids, mask = ids.to(device), mask.to(device)
         B, S = ids.shape
@@ -79,6 +84,10 @@ def attention_rows(
             n = int(lengths[b])
             o = int(offset[b])
             out[start + b, :, :, :n] = stacked[b, :, :, o : o + n]
+    if dist is not None and dist.enabled:
+        mine = torch.tensor([i for rng in batches for i in rng], dtype=torch.long)
+        for idx, rows in gather_objects((mine, out[mine]), dist):
+            out[idx] = rows
     return out
 
 

@@ -37,7 +37,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .heads import check_heads, check_layers
-from .loading import model_info
+from .loading import input_device, model_info
 from .positions import encode
 
 __all__ = [
@@ -473,7 +473,7 @@ def capture_qk(
         raise ValueError(
             f"attention_mask {list(attention_mask.shape)} != input_ids {list(input_ids.shape)}"
         )
-    device = next(model.parameters()).device
+    device = input_device(model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     idx = _sites_tensors(sites, attention_mask, example_offset)
     hq = torch.tensor(head_list, dtype=torch.long, device=device)
@@ -527,12 +527,16 @@ def capture_prompts(
     add_special_tokens: bool | None = None,
     progress: bool = True,
     stop_early: bool = True,
+    batches: Sequence[range] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[int, CapturedQK]:
     """:func:`capture_qk` over many prompts in batches (tqdm progress bar).
 
     ``sites`` has one entry per text; example indices in the results are global (index into
     ``texts``). Returns per-layer captures concatenated over batches (``{}`` with
-    ``on_capture``).
+    ``on_capture``). ``batches`` runs only these index ranges (default: consecutive batches
+    of ``batch_size`` covering every text; e.g. one rank's shard), and ``on_batch(i)`` is
+    called after the ``i``-th of them is done (checkpointing).
     """
     if len(sites) != len(texts):
         raise ValueError(f"sites cover {len(sites)} examples but there are {len(texts)} texts")
@@ -541,9 +545,17 @@ def capture_prompts(
     from tqdm.auto import tqdm
 
     parts: dict[int, list[CapturedQK]] = {}
-    starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="capture", unit="batch", disable=not progress):
-        stop = min(start + batch_size, len(texts))
+    if batches is None:
+        batches = [
+            range(s, min(s + batch_size, len(texts))) for s in range(0, len(texts), batch_size)
+        ]
+    for b in batches:
+        if len(b) == 0 or b.step != 1 or b.start < 0 or b.stop > len(texts):
+            raise ValueError(
+                f"batches must be non-empty contiguous ranges inside [0, {len(texts)}), got {b}"
+            )
+    for i, batch in enumerate(tqdm(batches, desc="capture", unit="batch", disable=not progress)):
+        start, stop = batch.start, batch.stop
         ids, mask = tokenize_batch(
             tokenizer, texts[start:stop], padding_side, add_special_tokens=add_special_tokens
         )
@@ -553,4 +565,6 @@ def capture_prompts(
         )  # fmt: skip
         for layer, rec in out.items():
             parts.setdefault(layer, []).append(rec)
+        if on_batch is not None:
+            on_batch(i)
     return {layer: CapturedQK.concat(p) for layer, p in parts.items()}

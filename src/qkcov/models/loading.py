@@ -30,6 +30,9 @@ __all__ = [
     "model_info",
     "format_prompt",
     "clear_model_cache",
+    "resolve_dtype",
+    "resolve_device",
+    "input_device",
 ]
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -169,26 +172,126 @@ def _resolve(name_or_path: str, gguf_file: str | None) -> tuple[str, str | None,
     )
 
 
+_DTYPES: dict[str, torch.dtype | str] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
+    "auto": "auto",  # the checkpoint's own dtype
+}
+_DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    """``--dtype`` value → torch dtype (``None`` → float32; ``"auto"`` is kept: the
+    checkpoint's own dtype). Accumulators stay float64 whatever the model's dtype."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"--dtype {dtype}: expected a floating-point dtype")
+        return dtype
+    key = str(dtype).strip().lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(
+            f"--dtype {dtype!r}: unknown dtype; expected one of {', '.join(sorted(_DTYPES))}"
+        )
+    return _DTYPES[key]
+
+
+def resolve_device(device: str | torch.device | None, flag: str = "--device") -> torch.device:
+    """``--device`` value → torch device, checked against this machine (``None`` → CPU).
+
+    ``cuda``/``cuda:N`` without CUDA (or with fewer than N+1 GPUs) and ``mps`` without MPS
+    raise ValueError naming ``flag``.
+    """
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"{flag} {device}: not a device (expected cpu, cuda, cuda:N or mps)"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {device}: CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{flag} {device}: MPS is not available")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{flag} {device}: unsupported device type {dev.type!r}")
+    return dev
+
+
+def _check_device_map(device_map: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    if device_map is None or (isinstance(device_map, str) and device_map in _DEVICE_MAP_STRATEGIES):
+        return device_map
+    if isinstance(device_map, str):
+        try:
+            return str(resolve_device(device_map, "--device-map"))
+        except ValueError as err:
+            raise ValueError(
+                f"{err} (--device-map takes {', '.join(_DEVICE_MAP_STRATEGIES)}, a device or a "
+                "{module: device} dict)"
+            ) from None
+    if isinstance(device_map, dict):
+        for where in device_map.values():
+            if where != "disk":
+                resolve_device(where, "--device-map")
+        return dict(device_map)
+    raise ValueError(f"--device-map {device_map!r}: expected a string or a dict")
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where input ids must go: the input embedding's device (its accelerate execution
+    device when the embedding is offloaded), else the first parameter's device."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    hook = getattr(emb, "_hf_hook", None)
+    exec_device = getattr(hook, "execution_device", None)
+    if exec_device is not None:
+        return torch.device(
+            exec_device if not isinstance(exec_device, int) else f"cuda:{exec_device}"
+        )
+    return next(p.device for p in model.parameters() if p.device.type != "meta")
+
+
 @functools.lru_cache(maxsize=4)
 def _load_cached(
     location: str,
     gguf_file: str | None,
     display: str,
-    dtype: torch.dtype,
+    dtype: torch.dtype | str,
     device: str,
-    device_map: str | None,
+    device_map: str | tuple[tuple[str, Any], ...] | None,
+    offload_folder: str | None,
     attn_implementation: str | None,
     trust_remote_code: bool,
 ) -> LoadedModel:
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
+    if offload_folder is not None:
+        kwargs["offload_folder"] = offload_folder
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             location,
             dtype=dtype,
-            device_map=device_map,
+            device_map=dict(device_map) if isinstance(device_map, tuple) else device_map,
             attn_implementation=attn_implementation,  # None: sdpa where supported, else eager
             **kwargs,
         )
@@ -206,7 +309,13 @@ def _load_cached(
     if tokenizer.pad_token is None:
         # Any id works: padded positions are masked out and never read.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    source = {"location": location, "gguf_file": gguf_file, "dtype": str(dtype), "attn": attn}
+    source = {
+        "location": location,
+        "gguf_file": gguf_file,
+        "dtype": str(model.dtype),
+        "attn": attn,
+        "device_map": getattr(model, "hf_device_map", None) or device_map,
+    }
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=display, info=model_info(model), source=source
     )
@@ -215,9 +324,10 @@ def _load_cached(
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    device_map: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    offload_folder: str | Path | None = None,
     gguf_file: str | None = None,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
@@ -226,8 +336,13 @@ def load_model(
 
     ``name_or_path``: a preset (:data:`PRESETS`), a local model directory, a ``.gguf`` file,
     a directory plus ``gguf_file=``, or a hub id already in the local cache.
-    ``attn_implementation`` defaults to ``sdpa`` (``eager`` for soft-capped attention); both
-    dispatch through ``AttentionInterface``, which capture relies on.
+    ``device``: one device (default CPU); ``device_map``: accelerate placement instead
+    (``"auto"``, ``"balanced"``, ``"sequential"``, a device, or ``{module: device|"disk"}``
+    with ``offload_folder`` for disk). ``dtype``: model weights (a torch dtype or a name such
+    as ``"bfloat16"``/``"bf16"``; default float32; ``"auto"`` = the checkpoint's). Flags are
+    checked before anything is loaded. ``attn_implementation`` defaults to ``sdpa``
+    (``eager`` for soft-capped attention); both dispatch through ``AttentionInterface``,
+    which capture relies on.
     """
     if not isinstance(name_or_path, str) or not name_or_path.strip():
         raise ValueError(
@@ -235,14 +350,23 @@ def load_model(
         )
     if attn_implementation is not None and attn_implementation.startswith("qkcov"):
         raise ValueError(f"attn_implementation {attn_implementation!r} is reserved for capture")
+    dtype = resolve_dtype(dtype)
+    if device is not None and device_map is not None:
+        raise ValueError(
+            f"--device {device} and --device-map {device_map}: give one (device_map places the "
+            "model itself)"
+        )
+    dev = resolve_device(device)
+    device_map = _check_device_map(device_map)
     location, gguf, display = _resolve(name_or_path, gguf_file)
     return _load_cached(
         location,
         gguf,
         display,
         dtype,
-        str(device),
-        device_map,
+        str(dev),
+        tuple(device_map.items()) if isinstance(device_map, dict) else device_map,
+        None if offload_folder is None else str(offload_folder),
         attn_implementation,
         trust_remote_code,
     )
