@@ -271,8 +271,8 @@ def _subspace_results(
         n_pos, n_neg = acc.counts(key)
         sig = _significance(stats, key, delta, cfg) if stats is not None else None
         rank = sub.rank
-        if cfg.rank_rule == "null" and sig is not None and sig.get("available"):
-            rank = int(sig["rank_null"])
+        if cfg.rank_rule == "null" and sig is not None and sig["available"]:
+            rank = int(sig["rank_null"]) if sig["significant"] else 0
         groups[g] = SubspaceResult(
             feature, g, rank, sub.rank, cfg.rank_rule, sub, delta, int(n_pos), int(n_neg), sig
         )
@@ -297,17 +297,45 @@ def _subspace_results(
     return FeatureResult(feature, groups, union_k, union_q, angles)
 
 
-def _significance(
-    stats: Any, group: str | None, delta: torch.Tensor, cfg: RunConfig
-) -> dict[str, Any] | None:
-    """Permutation null and bootstrap of one ΔC (see :mod:`qkcov.core.statistics`)."""
+def _significance(stats: Any, group: str | None, delta: torch.Tensor, cfg: RunConfig) -> dict[str, Any]:
+    """Permutation null (p-value, null rank, 5–95 % band) and record bootstrap (rank CI,
+    stability) of one ΔC, from the kept per-record statistics (no recapture)."""
+    import warnings
+
     from .core import statistics as st
 
-    return st.contrast_significance(
-        stats, group=group, observed=delta, alpha=cfg.alpha, energy=cfg.energy,
-        n_permutations=cfg.n_permutations, n_bootstrap=cfg.n_bootstrap,
-        rank_rule=cfg.rank_rule, seed=sub_seed(cfg.seed, f"null:{group}"),
-    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", st.StatisticsWarning)
+        null = st.permutation_null(stats, cfg.n_permutations, seed=sub_seed(cfg.seed, f"null:{group}"), group=group)
+        sig = st.significance(delta, null, alpha=cfg.alpha, energy=cfg.energy)
+        rule = cfg.rank_rule if sig.available else "energy"
+        boot = (
+            st.bootstrap(stats, cfg.n_bootstrap, seed=sub_seed(cfg.seed, f"boot:{group}"), group=group,
+                         rank_rule=rule, null=null if null.available else None, alpha=cfg.alpha, energy=cfg.energy)
+            if cfg.n_bootstrap
+            else None
+        )  # fmt: skip
+    out = {
+        "available": sig.available,
+        "significant": sig.significant,
+        "reason": sig.reason,
+        "p_value": sig.p_value,
+        "p_value_frobenius": sig.p_value_frobenius,
+        "rank_null": sig.rank_null,
+        "rank_energy": sig.rank_energy,
+        "alpha": cfg.alpha,
+        "n_permutations": cfg.n_permutations,
+        "null_band": None if sig.null_band is None else sig.null_band[:, :16].tolist(),
+        "rank_ci": None,
+        "stability_deg": None,
+        "singular_value_ci": None,
+        "bootstrap": None if boot is None else {"available": boot.available, "reason": boot.reason, "n_boot": boot.n_boot},
+    }
+    if boot is not None and boot.available:
+        out["rank_ci"] = list(boot.rank_ci) if boot.rank_ci is not None else None
+        out["stability_deg"] = boot.stability_deg
+        out["singular_value_ci"] = boot.singular_value_ci[:, :16].tolist()
+    return out
 
 
 def _projection(
