@@ -223,7 +223,9 @@ class ContrastRecord:
     ``prompt`` is the text the model sees (the user message when chat templating);
     spans index into it. ``query=None`` means the last token of the formatted prompt.
     ``group`` labels the record for per-group ΔC (e.g. the asked category); ``system``
-    is an optional system message; ``meta`` is free JSON-able metadata.
+    is an optional system message; ``meta`` is free JSON-able metadata. ``line`` is the
+    1-based JSONL line the record was loaded from (set by :func:`parse_records`, used in
+    error messages; never saved and ignored by ``==``).
     """
 
     prompt: str
@@ -233,6 +235,7 @@ class ContrastRecord:
     group: str | None = None
     system: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    line: int | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "positives", tuple(self.positives))
@@ -274,7 +277,7 @@ class ContrastRecord:
         return record
 
 
-def _parse_record(obj: Any) -> tuple[ContrastRecord | None, list[str]]:
+def _parse_record(obj: Any, line: int | None = None) -> tuple[ContrastRecord | None, list[str]]:
     if not isinstance(obj, dict):
         return None, [f"record must be a JSON object, got {type(obj).__name__}"]
     errors: list[str] = []
@@ -317,7 +320,8 @@ def _parse_record(obj: Any) -> tuple[ContrastRecord | None, list[str]]:
     errors = _record_errors(prompt, positives, negatives, query, group, system, meta)
     if errors:
         return None, errors
-    return ContrastRecord(prompt, positives, negatives, query, group, system, dict(meta)), []
+    record = ContrastRecord(prompt, positives, negatives, query, group, system, dict(meta), line)
+    return record, []
 
 
 def parse_records(lines: list[str], source: str = "records") -> list[ContrastRecord]:
@@ -340,7 +344,7 @@ def parse_records(lines: list[str], source: str = "records") -> list[ContrastRec
             errors.append(f"line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})")
             bad_lines += 1
             continue
-        record, errs = _parse_record(obj)
+        record, errs = _parse_record(obj, lineno)
         if errs:
             bad_lines += 1
             errors.extend(f"line {lineno}: {e}" for e in errs)
@@ -366,7 +370,18 @@ def load_records(path: str | Path) -> list[ContrastRecord]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"records file not found: {path}")
-    return parse_records(path.read_text(encoding="utf-8").splitlines(), source=str(path))
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # a leading BOM is tolerated
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(
+            f"{path}: line {line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at column "
+            f"{column}); save the records file as UTF-8"
+        ) from None
+    # split on "\n" only: str.splitlines() would also split inside prompts at U+2028, U+0085, ...
+    return parse_records(text.split("\n"), source=str(path))
 
 
 def save_records(path: str | Path, records: list[ContrastRecord]) -> Path:
