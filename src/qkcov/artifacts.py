@@ -78,7 +78,10 @@ def _atomic_target(path: str | Path) -> Iterator[str]:
     try:
         yield tmp
         os.chmod(tmp, _file_mode())  # mkstemp creates 0600; honour the umask like open() does
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:  # name the destination, not our temp file
+            raise OSError(err.errno, err.strerror, str(path)) from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
