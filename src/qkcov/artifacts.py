@@ -191,7 +191,7 @@ def _now() -> str:
 class _FolderLock:
     """Exclusive non-blocking ``flock`` on ``<parent>/.<name>.lock`` (holds our pid)."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, display: str | Path | None = None) -> None:
         self.path = out.parent / f".{out.name}.lock"
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _file_mode())
         try:
@@ -201,7 +201,7 @@ class _FolderLock:
             os.close(fd)
             if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise ValueError(
-                    f"--out {out}: another qkcov run is writing there (pid {holder})"
+                    f"--out {display or out}: another qkcov run is writing there (pid {holder})"
                 ) from None
             raise
         os.ftruncate(fd, 0)
@@ -237,7 +237,7 @@ def _check_out(out: str | Path) -> Path:
 
 def _lock_for(out: str | Path) -> tuple[Path, _FolderLock]:
     path = _check_out(out)
-    return path, _FolderLock(path)
+    return path, _FolderLock(path, out)
 
 
 @contextlib.contextmanager
