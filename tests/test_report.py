@@ -52,5 +52,11 @@ def test_section_with_missing_figure_is_rejected(tmp_path):
 
 
 def test_report_cli_errors_on_empty_folder(tmp_path, capsys):
-    assert main(["report", str(tmp_path)]) == 2
+    from qkcov.artifacts import RunFolder
+
+    assert main(["report", str(tmp_path)]) == 2  # not a run folder at all
+    assert "no manifest: incomplete run" in capsys.readouterr().err
+    with RunFolder(tmp_path / "run", command="qkcov test"):
+        pass  # a complete run without any section
+    assert main(["report", str(tmp_path / "run")]) == 2
     assert "no section.json" in capsys.readouterr().err

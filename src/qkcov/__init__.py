@@ -4,23 +4,49 @@ Contrastive query-key covariances ΔC = E[q k⁺ᵀ] − E[q k⁻ᵀ], their low
 subspaces, causal key swaps inside those subspaces, and exact logit attribution.
 """
 
-from .core.attribution import Attribution, attribute, sequential_bases
-from .core.covariance import ContrastiveCovariance
-from .core.intervention import attention_logits, attention_weights, swap_in_subspace, swap_metrics
-from .core.subspace import (
-    FeatureSubspace,
-    feature_subspace,
-    orthonormalize,
-    principal_angles,
-    random_orthonormal,
-    rank_at_energy,
-    union_basis,
-    union_subspace,
-)
+# Everything is imported lazily (PEP 562) so that `import qkcov` / the CLI entry point is cheap
+# and the CLI installs its Ctrl-C handling before torch or transformers are imported.
+_LAZY = {
+    "Attribution": "core.attribution",
+    "attribute": "core.attribution",
+    "sequential_bases": "core.attribution",
+    "ContrastiveCovariance": "core.covariance",
+    "attention_logits": "core.intervention",
+    "attention_weights": "core.intervention",
+    "swap_in_subspace": "core.intervention",
+    "swap_metrics": "core.intervention",
+    "FeatureSubspace": "core.subspace",
+    "feature_subspace": "core.subspace",
+    "orthonormalize": "core.subspace",
+    "principal_angles": "core.subspace",
+    "random_orthonormal": "core.subspace",
+    "rank_at_energy": "core.subspace",
+    "union_basis": "core.subspace",
+    "union_subspace": "core.subspace",
+    "load_model": "models.loading",  # pulls in transformers
+    "analyze": "pipeline",
+    "RunConfig": "pipeline",
+    "AnalysisResult": "results",
+    "HeadResult": "results",
+    "explain_logits": "core.attribution",
+    "RecordStats": "core.statistics",
+    "permutation_null": "core.statistics",
+    "significance": "core.statistics",
+    "bootstrap": "core.statistics",
+}
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnalysisResult",
+    "HeadResult",
+    "RecordStats",
+    "RunConfig",
+    "analyze",
+    "bootstrap",
+    "explain_logits",
+    "permutation_null",
+    "significance",
     "Attribution",
     "ContrastiveCovariance",
     "FeatureSubspace",
@@ -41,9 +67,15 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # lazy: model code pulls in transformers
-    if name == "load_model":
-        from .models.loading import load_model
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
 
-        return load_model
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'qkcov' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

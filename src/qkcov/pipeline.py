@@ -297,7 +297,9 @@ def _subspace_results(
     return FeatureResult(feature, groups, union_k, union_q, angles)
 
 
-def _significance(stats: Any, group: str | None, delta: torch.Tensor, cfg: RunConfig) -> dict[str, Any]:
+def _significance(
+    stats: Any, group: str | None, delta: torch.Tensor, cfg: RunConfig
+) -> dict[str, Any]:
     """Permutation null (p-value, null rank, 5–95 % band) and record bootstrap (rank CI,
     stability) of one ΔC, from the kept per-record statistics (no recapture)."""
     import warnings
@@ -306,7 +308,9 @@ def _significance(stats: Any, group: str | None, delta: torch.Tensor, cfg: RunCo
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", st.StatisticsWarning)
-        null = st.permutation_null(stats, cfg.n_permutations, seed=sub_seed(cfg.seed, f"null:{group}"), group=group)
+        null = st.permutation_null(
+            stats, cfg.n_permutations, seed=sub_seed(cfg.seed, f"null:{group}"), group=group
+        )
         sig = st.significance(delta, null, alpha=cfg.alpha, energy=cfg.energy)
         rule = cfg.rank_rule if sig.available else "energy"
         boot = (
@@ -329,7 +333,9 @@ def _significance(stats: Any, group: str | None, delta: torch.Tensor, cfg: RunCo
         "rank_ci": None,
         "stability_deg": None,
         "singular_value_ci": None,
-        "bootstrap": None if boot is None else {"available": boot.available, "reason": boot.reason, "n_boot": boot.n_boot},
+        "bootstrap": None
+        if boot is None
+        else {"available": boot.available, "reason": boot.reason, "n_boot": boot.n_boot},
     }
     if boot is not None and boot.available:
         out["rank_ci"] = list(boot.rank_ci) if boot.rank_ci is not None else None
@@ -573,17 +579,12 @@ def _analyze(
         parse_heads(cfg.heads, info.n_layers, info.n_heads)
     with timer.phase("resolve"):
         resolved = resolve_records(tokenizer, plan.records, chat=cfg.chat)
-        if cfg.max_tokens is not None:
-            long = [
-                (i, len(r.input_ids))
-                for i, r in enumerate(resolved)
-                if len(r.input_ids) > cfg.max_tokens
-            ]
-            if long:
-                i, n = long[0]
-                raise ValueError(
-                    f"record {i}: {n} tokens exceed --max-tokens {cfg.max_tokens} ({len(long)} record(s) too long)"
-                )
+        from .engine.contrast import check_lengths
+        from .models.loading import max_positions
+
+        limit = cfg.max_tokens or max_positions(model)
+        if limit:
+            check_lengths(resolved, limit)
     scan_idx = _subset(plan.indices("build", two_sided=True), cfg.n_scan)
     swap_idx = _subset(plan.indices("heldout", two_sided=True), cfg.n_swap)
     scan = rows = None
@@ -740,14 +741,13 @@ def run(
     ``section`` overrides the report section's title/key/text (the built-in tasks use it).
     """
     from .artifacts import RunFolder
-    from .report import build_report
-    from .report.run import write_run_section
     from .tasks.records import load_records
 
     timer = Timer("run", quiet=quiet)
     recs = load_records(records) if isinstance(records, (str, Path)) else list(records)
     plan = plan_records(recs, cfg)
-    with RunFolder(out_dir, command="run") as staging:
+    folder = RunFolder(out_dir, command="run")  # --out checked and locked before the model loads
+    try:
         if loaded is None:
             from .models.loading import load_model
 
@@ -757,12 +757,17 @@ def run(
                 loaded = (lm.model, lm.tokenizer)
         model, tokenizer = loaded
         result = _analyze(model, tokenizer, plan, cfg, timer, model_name=cfg.model)
-        result.timings = dict(timer.seconds)
-        result.seconds = timer.total()
-        result.save(staging)
-        with timer.phase("figures"):
+        with folder as staging:
+            result.timings = dict(timer.seconds)
+            result.seconds = timer.total()
+            result.write_artifacts(staging)
+            from .report import build_report
+            from .report.run import write_run_section
+
             write_run_section(staging, **dict(section or {}))
-        build_report(staging)
+            build_report(staging)
+    finally:
+        folder.close()
     return result
 
 

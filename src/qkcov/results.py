@@ -380,12 +380,11 @@ class AnalysisResult:
     def __repr__(self) -> str:
         return f"AnalysisResult(model={self.model!r}, heads={[h.name for h in self.heads]})"
 
-    def save(self, out_dir: str | Path) -> Path:
-        """``run.json`` + ``run.safetensors`` into ``out_dir`` (created)."""
+    def write_artifacts(self, folder: str | Path) -> Path:
+        """``run.json`` + ``run.safetensors`` into ``folder`` (no manifest; see :meth:`save`)."""
         from .artifacts import save_tensors, write_json
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = Path(folder)
         tensors: dict[str, torch.Tensor] = {}
         for h in self.heads:
             tensors.update(h.tensors())
@@ -393,14 +392,30 @@ class AnalysisResult:
         write_json(out / RUN_JSON, self.to_dict())
         return out
 
+    def save(self, out_dir: str | Path, *, section: dict[str, Any] | None = None) -> Path:
+        """Write the complete run folder: artifacts, figures, ``section.json``,
+        ``report.html`` and a manifest, replacing ``out_dir`` as a whole (never a mix of
+        two runs). ``section`` overrides the report section's key/title/text."""
+        from .artifacts import RunFolder
+        from .report import build_report
+        from .report.run import write_run_section
+
+        with RunFolder(out_dir, command="run") as staging:
+            self.write_artifacts(staging)
+            write_run_section(staging, **dict(section or {}))
+            build_report(staging)
+        return Path(out_dir)
+
     @classmethod
     def load(cls, out_dir: str | Path) -> AnalysisResult:
-        """Read a saved run back into typed results (tensors included)."""
-        from .artifacts import load_tensors, read_json
+        """Read a saved run back into typed results (tensors included); the folder's
+        manifest is checked first, so a partial or mixed folder is refused."""
+        from .artifacts import load_tensors, read_json, verify_run_folder
 
         out = Path(out_dir)
         if not (out / RUN_JSON).is_file():
             raise FileNotFoundError(f"{out}: no {RUN_JSON} (not a qkcov run folder)")
+        verify_run_folder(out)
         data = read_json(out / RUN_JSON)
         tensors = load_tensors(out / RUN_TENSORS)
         heads = [_head_from_dict(h, tensors) for h in data["heads"]]
@@ -418,15 +433,8 @@ class AnalysisResult:
         )
 
     def report(self, out_dir: str | Path) -> Path:
-        """Save (if not yet saved there), draw figures, write the section and ``report.html``."""
-        from .report import build_report
-        from .report.run import write_run_section
-
-        out = Path(out_dir)
-        if not (out / RUN_JSON).is_file():
-            self.save(out)
-        write_run_section(out)
-        return build_report(out)
+        """Save the run to ``out_dir`` (see :meth:`save`) and return its ``report.html``."""
+        return self.save(out_dir) / "report.html"
 
 
 def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult:

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from qkcov.artifacts import verify_run_folder
 from qkcov.cli import main
 from qkcov.core.subspace import feature_subspace, orthonormalize, principal_angles
 from qkcov.toy.analytic import analytic_deltas, estimate_deltas, relative_error
@@ -218,12 +219,16 @@ def test_cli_end_to_end(tmp_path):
     assert both["attn_target_after"] > 0.8 * both["attn_orig_before"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["exact_ranks"] == 1
+    manifest = verify_run_folder(out)  # one complete run, every file listed
+    assert "ranks/ranks.json" in {f["path"] for f in manifest["files"]}
 
 
-def test_cli_bad_input_exit_code(capsys):
+def test_cli_bad_input_exit_code(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert main(["toy", "ranks", "--out", "unused", "--variants", "ternary"]) == 2
     assert "variant" in capsys.readouterr().err
     assert main(["toy", "ranks", "--out", "unused", "--latent-norm", "unit"]) == 2
     assert "latent_norm" in capsys.readouterr().err
     assert main(["toy", "swap", "--out", "unused", "--energy", "1.5"]) == 2
     assert main(["toy", "projections", "--out", "unused", "--N", "0"]) == 2
+    assert not (tmp_path / "unused").exists()  # a refused run leaves no output folder

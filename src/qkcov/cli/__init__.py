@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -50,17 +52,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _describe(err: BaseException) -> str:
+    """One line for an I/O or decoding error, naming the file when the error knows it."""
+    if isinstance(err, OSError) and err.filename is not None:
+        reason = err.strerror or str(err)
+        if err.filename2 is not None:
+            return f"{err.filename} -> {err.filename2}: {reason}"
+        return f"{err.filename}: {reason}"
+    if isinstance(err, UnicodeDecodeError):
+        return f"a file is not valid UTF-8 ({err.reason} at byte {err.start})"
+    if isinstance(err, json.JSONDecodeError):
+        return f"invalid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+    return " ".join(str(err).split("\n")[:1]) if isinstance(err, OSError) else str(err)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 1
+    """Run one command; errors become one line on stderr (exit 2), Ctrl-C exit 130.
+
+    The handling is in place before any command module (torch, transformers) is imported.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = next((a for a in argv if not a.startswith("-")), "")
+    prog = f"qkcov {name}" if name in COMMAND_MODULES else "qkcov"
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 1
+        args.command_line = shlex.join(["qkcov", *argv])
+        prog = f"qkcov {args.command}"
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"qkcov {args.command}: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print(f"qkcov {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except (OSError, ValueError) as err:  # incl. FileNotFoundError, UnicodeDecodeError, JSON
+        print(f"{prog}: error: {_describe(err)}", file=sys.stderr)
+        return 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..report import build_report
+from ..report.html import report_run_folder
 
 __all__ = ["register", "run"]
 
@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Collect every experiment folder under DIR (each has a section.json written by its "
             "command) into one self-contained DIR/report.html: figures are embedded, interactive "
-            "plots work offline."
+            "plots work offline. DIR is first checked against its manifest.json (written last by "
+            "every run): a modified, missing or foreign file is refused."
         ),
     )
     p.add_argument("dir", help="output folder of one or more qkcov commands (e.g. ./qkcov-demo)")
@@ -25,6 +26,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    path = build_report(args.dir, title=args.title)
+    path = report_run_folder(args.dir, title=args.title)
     print(path)
     return 0

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,8 @@ and a rank-M subspace for z2.
   all          everything above into OUT/{ranks,projections,swap,interaction}.
 
 Every command writes JSON + safetensors artifacts, figures drawn from them, and a
-section.json for `qkcov report OUT`."""
+section.json for `qkcov report OUT`. OUT is replaced as a whole when the run succeeds
+(an interrupted run leaves the previous OUT untouched) and gets a manifest.json."""
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -126,10 +129,32 @@ def register(subparsers: Any) -> None:
             p.add_argument(
                 "--n-points", type=int, default=2000, help="points to project (default 2000)"
             )
-        p.set_defaults(func=func)
+        p.set_defaults(func=_in_run_folder(func))
 
 
 # ------------------------------------------------------------------ handlers
+def _in_run_folder(func: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    """Run ``func`` with ``args.out`` pointing at a :class:`~qkcov.artifacts.RunFolder` staging
+    folder; ``--out`` is replaced by it only when ``func`` succeeds."""
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        from ..artifacts import RunFolder
+
+        out = args.out
+        command = getattr(args, "command_line", None) or f"qkcov toy {args.toy_command}"
+        with RunFolder(out, command=command) as stage:
+            args.out = stage
+            try:
+                rc = func(args)
+            finally:
+                args.out = out
+        print(f"[toy] artifacts in {out}")
+        return rc
+
+    return run
+
+
 def _train_config(args: argparse.Namespace) -> Any:
     from ..toy.model import TrainConfig
 
@@ -160,7 +185,7 @@ def _one(args: argparse.Namespace) -> Any:
 
 def _done(out: Path, t0: float, payload: Any) -> int:
     print(json.dumps(payload, indent=2, default=str))
-    print(f"[toy] artifacts in {out} ({time.perf_counter() - t0:.1f}s)")
+    print(f"[toy] done in {time.perf_counter() - t0:.1f}s")
     return 0
 
 

@@ -46,8 +46,10 @@ class ContrastiveCovariance:
     ) -> None:
         d_k = d_q if d_k is None else d_k
         for name, value in (("d_q", d_q), ("d_k", d_k)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(groups, bool):
+            raise ValueError(f"groups must be a positive integer or group names, got {groups!r}")
         if isinstance(groups, int):
             if groups < 1:
                 raise ValueError(f"groups must be >= 1, got {groups}")
@@ -147,16 +149,20 @@ class ContrastiveCovariance:
             w = torch.ones(n, dtype=torch.float64, device=q64.device)
         else:
             w = torch.as_tensor(weight, dtype=torch.float64, device=q64.device).reshape(-1)
-            if w.numel() != n or (w < 0).any():
-                raise ValueError(
-                    f"weight must be [n={n}] non-negative values, got shape {list(w.shape)}"
-                )
+            if w.numel() != n:
+                raise ValueError(f"weight must have shape [n={n}], got {list(w.shape)}")
+            if not torch.isfinite(w).all() or (w < 0).any():
+                raise ValueError("weight must be finite non-negative values (got NaN, inf or < 0)")
+        # Validate every input before touching the sums: a bad k_neg must not leave k_pos added.
+        checked = []
         for sign, k in (("pos", k_pos), ("neg", k_neg)):
             if k is None:
                 continue
             k64 = self._check(f"k_{sign}", k, self.d_k)
             if k64.shape[0] != n:
                 raise ValueError(f"k_{sign} has {k64.shape[0]} rows but q has {n}")
+            checked.append((sign, k64))
+        for sign, k64 in checked:
             self._add(sign, q64, k64, idx, w)
 
     # ------------------------------------------------------------------ results

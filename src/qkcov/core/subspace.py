@@ -63,14 +63,28 @@ class FeatureSubspace:
         }
 
 
+def _energy_curve(singular_values: torch.Tensor) -> torch.Tensor:
+    """Cumulative energy ``Σ_{i≤r} s_i² / Σ s_i²`` (zeros for an all-zero spectrum).
+
+    The values are divided by the largest before squaring, so huge (1e300) or tiny (1e-300)
+    spectra neither overflow to inf nor underflow to 0.
+    """
+    s = singular_values.double().abs()
+    if not torch.isfinite(s).all():
+        raise ValueError("singular values contain NaN or inf")
+    top = s.max() if s.numel() else s.new_zeros(())
+    if top <= 0:
+        return torch.zeros_like(s)
+    s2 = (s / top) ** 2
+    return torch.cumsum(s2, 0) / s2.sum()
+
+
 def rank_at_energy(singular_values: torch.Tensor, energy: float = 0.99) -> int:
     """Smallest r with ``Σ_{i≤r} s_i² / Σ s_i² ≥ energy`` (0 for an all-zero spectrum)."""
     check_range("energy", energy, 0.0, 1.0, low_open=True)
-    s2 = singular_values.double() ** 2
-    total = s2.sum()
-    if total <= 0:
+    curve = _energy_curve(singular_values)
+    if not curve.numel() or curve[-1] <= 0:
         return 0
-    curve = torch.cumsum(s2, 0) / total
     # tolerance so that energy=1.0 does not demand beyond-rounding precision
     return int((curve < energy - 1e-12).sum().item()) + 1
 
@@ -87,8 +101,7 @@ def feature_subspace(
     check_range("energy", energy, 0.0, 1.0, low_open=True)
     d = delta.double()
     u, s, vh = torch.linalg.svd(d, full_matrices=False)
-    total = (s**2).sum()
-    curve = torch.cumsum(s**2, 0) / total if total > 0 else torch.zeros_like(s)
+    curve = _energy_curve(s)
     if rank is None:
         r = rank_at_energy(s, energy)
     else:

@@ -36,6 +36,7 @@ __all__ = [
     "KeySite",
     "ResolvedRecord",
     "resolve_records",
+    "check_lengths",
     "ContrastResult",
     "run_contrast",
     "HeadVectors",
@@ -92,8 +93,10 @@ class ResolvedRecord:
 
 
 def _token_range(offsets: list[tuple[int, int]], c0: int, c1: int, where: str) -> tuple[int, int]:
+    """First token covering character ``c0``, last token covering ``c1 - 1`` (a character may
+    span several byte tokens)."""
     try:
-        return token_at_char(offsets, c0), token_at_char(offsets, c1 - 1)
+        return token_at_char(offsets, c0, "first"), token_at_char(offsets, c1 - 1, "last")
     except ValueError as err:
         raise ValueError(
             f"{where}: characters [{c0}, {c1}) are not covered by tokens ({err})"
@@ -106,6 +109,26 @@ def _site(
     """Token positions of a character span shifted by ``offset`` into the formatted text."""
     first, last = _token_range(offsets, offset + span.start, offset + span.end, where)
     return KeySite(last if span.token == "last" else first, first, positive, span.label)
+
+
+def _where(index: int, record: ContrastRecord) -> str:
+    line = getattr(record, "line", None)
+    return f"record {index}" + (f" (line {line})" if line is not None else "")
+
+
+def check_lengths(
+    resolved: Sequence[ResolvedRecord], limit: int, *, flag: str = "--max-tokens"
+) -> None:
+    """``ValueError`` naming the first record (and its JSONL line) whose formatted prompt has
+    more than ``limit`` tokens (e.g. the model's :func:`~qkcov.models.loading.max_positions`)."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"{flag} must be a positive integer, got {limit!r}")
+    for r in resolved:
+        if len(r.input_ids) > limit:
+            raise ValueError(
+                f"{_where(r.index, r.record)}: the prompt has {len(r.input_ids)} tokens, more "
+                f"than {flag} {limit}; shorten it or raise {flag}"
+            )
 
 
 def resolve_records(
@@ -121,7 +144,7 @@ def resolve_records(
         raise ValueError("resolve_records: no records given")
     out: list[ResolvedRecord] = []
     for i, rec in enumerate(records):
-        where = f"record {i}"
+        where = _where(i, rec)
         if chat:
             msgs = ([{"role": "system", "content": rec.system}] if rec.system else []) + [
                 {"role": "user", "content": rec.prompt}
@@ -138,24 +161,25 @@ def resolve_records(
         if not ids:
             raise ValueError(f"{where}: prompt encodes to zero tokens")
 
-        keys = [
-            _site(offsets, offset, s, True, f"{where} positives[{j}]")
-            for j, s in enumerate(rec.positives)
-        ]
-        keys += [
-            _site(offsets, offset, s, False, f"{where} negatives[{j}]")
-            for j, s in enumerate(rec.negatives)
-        ]
+        named = [(f"positives[{j}]", s, True) for j, s in enumerate(rec.positives)]
+        named += [(f"negatives[{j}]", s, False) for j, s in enumerate(rec.negatives)]
+        keys = [_site(offsets, offset, s, pos, f"{where} {name}") for name, s, pos in named]
         query = (
             len(ids) - 1
             if rec.query is None
             else _site(offsets, offset, rec.query, True, f"{where} query").pos
         )
         positions = [k.pos for k in keys]
-        if len(set(positions)) != len(positions):
-            raise ValueError(
-                f"{where}: two key spans resolve to the same token position {positions}"
-            )
+        seen: dict[int, int] = {}
+        for j, p in enumerate(positions):
+            if p in seen:
+                (n0, s0, _), (n1, s1, _) = named[seen[p]], named[j]
+                raise ValueError(
+                    f"{where}: {n0} [{s0.start}, {s0.end}) {rec.span_text(s0)!r} and {n1} "
+                    f"[{s1.start}, {s1.end}) {rec.span_text(s1)!r} resolve to the same token "
+                    f"{p} ({ids[p]}); use spans that end in different tokens"
+                )
+            seen[p] = j
         if any(p > query for p in positions):
             raise ValueError(
                 f"{where}: a key comes after the query token {query}; causal attention cannot see it"
@@ -370,7 +394,10 @@ def run_contrast(
                 prefix = f"records.{format_head(*h)}."
                 if keep_records and prefix + "0" in saved.tensors:
                     kept[h] = [tuple(saved.tensors[f"{prefix}{i}"] for i in range(7))]
-                    kept[h] = [(t[0].long(), t[1], t[2], t[3].bool(), t[4], t[5].bool(), t[6].long()) for t in kept[h]]
+                    kept[h] = [
+                        (t[0].long(), t[1], t[2], t[3].bool(), t[4], t[5].bool(), t[6].long())
+                        for t in kept[h]
+                    ]
             start = saved.next_batch
     todo = batches[start:]
 
@@ -381,7 +408,9 @@ def run_contrast(
             for h, parts in kept.items():
                 if parts:
                     for i in range(7):
-                        tensors[f"records.{format_head(*h)}.{i}"] = torch.cat([p[i] for p in parts]).double()
+                        tensors[f"records.{format_head(*h)}.{i}"] = torch.cat(
+                            [p[i] for p in parts]
+                        ).double()
             checkpoint.save(tensors, done, len(batches), dist)
 
     if todo:
@@ -428,7 +457,13 @@ def _record_stats(
         keep = (hp.bool() | hn.bool())[order]
         order = order[keep]
         out[h] = RecordStats(
-            q[order], kp[order], kn[order], hp.bool()[order], hn.bool()[order], g.long()[order], list(groups)
+            q[order],
+            kp[order],
+            kn[order],
+            hp.bool()[order],
+            hn.bool()[order],
+            g.long()[order],
+            list(groups),
         )
     return out
 

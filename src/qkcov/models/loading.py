@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import socket
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -33,6 +37,7 @@ __all__ = [
     "resolve_dtype",
     "resolve_device",
     "input_device",
+    "max_positions",
 ]
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -127,6 +132,62 @@ def model_info(model: PreTrainedModel) -> ModelInfo:
     )
 
 
+def max_positions(model_or_config: Any) -> int | None:
+    """Longest sequence the model's position embeddings cover (``max_position_embeddings`` of
+    the text config), or ``None`` when the config does not say. A sliding window does not
+    shorten it: it limits what a token attends to, not how long a prompt may be."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    value = getattr(cfg, "max_position_embeddings", None)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    return value
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the HF hub can be reached at all (offline env vars, then one TCP connect)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE", "") in ("1", "true"):
+        return False
+    url = urlparse(constants.ENDPOINT)
+    ok: list[bool] = []
+
+    def probe() -> None:  # DNS is not covered by the connect timeout: bound it with a thread
+        try:
+            with socket.create_connection(
+                (url.hostname or "huggingface.co", url.port or 443), timeout=timeout
+            ):
+                ok.append(True)
+        except OSError:
+            ok.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(ok and ok[0])
+
+
+def _check_hub_id(key: str, gguf_file: str | None) -> None:
+    """Fail fast for a hub id that is neither cached nor downloadable (no ~50 s of retries)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    wanted = gguf_file or "config.json"
+    try:
+        cached = try_to_load_from_cache(key, wanted)
+    except ValueError as err:  # malformed repo id
+        raise ValueError(f"model {key!r}: not a valid hub id ({err})") from None
+    if isinstance(cached, str) and Path(cached).is_file():
+        return
+    if not _hub_reachable():
+        raise ValueError(
+            f"model {key!r}: no such local folder, and as a hub id its {wanted} is not in the "
+            f"local cache and the hub is unreachable / offline. Presets: "
+            f"{', '.join(sorted(PRESETS))}"
+        )
+
+
 def _default_attn(config: Any, current: str) -> str:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     # sdpa cannot soft-cap attention logits (Gemma-2); eager can.
@@ -137,6 +198,11 @@ def _default_attn(config: Any, current: str) -> str:
 
 def _resolve(name_or_path: str, gguf_file: str | None) -> tuple[str, str | None, str]:
     """-> (directory or hub id, gguf file name or None, display name)."""
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise ValueError(
+            f"model name must be a non-empty string, got {name_or_path!r}; "
+            f"presets: {', '.join(sorted(PRESETS))}"
+        )
     key = name_or_path.strip()
     if key.lower() in PRESETS:
         preset = PRESETS[key.lower()]
@@ -162,9 +228,16 @@ def _resolve(name_or_path: str, gguf_file: str | None) -> tuple[str, str | None,
                 + f". Presets: {', '.join(sorted(PRESETS))}"
             )
         return str(path), gguf_file, key
-    # A hub id (org/name): only usable when it is in the local HF cache (offline machines).
-    if "/" in key and not key.startswith(("/", ".", "~")) and key.count("/") == 1:
+    # A hub id (org/name): usable when it is in the local HF cache (or the hub is reachable).
+    is_hub_id = (
+        key.count("/") == 1 and not key.startswith(("/", ".", "~")) and not key.endswith("/")
+    )
+    if is_hub_id and not path.exists():
+        _check_hub_id(key, gguf_file)
         return key, gguf_file, key
+    if key.startswith((".", "~", os.sep)) or os.sep in key or path.suffix == ".gguf":
+        what = "is not a .gguf file or a model folder" if path.exists() else "does not exist"
+        raise ValueError(f"model path {name_or_path!r} {what}")
     raise ValueError(
         f"unknown model {name_or_path!r}: not a preset, an existing directory, a .gguf file or a "
         f"hub id. Presets: "

@@ -4,6 +4,13 @@ Positions are unpadded token indices of the prompt encoded on its own with
 :func:`encode` (the same ids :func:`qkcov.models.capture.tokenize_batch` produces).
 With GPT-2-style byte-level BPE (SmolLM2, Llama-3, Qwen) a leading space belongs to the
 next word's token, e.g. ``" apple"``: the span of ``"apple"`` is that one token.
+
+One character may span several tokens (an emoji or CJK character split into byte tokens,
+a sentencepiece byte fallback): every such token reports the character's offsets. A span's
+``first`` token is therefore the *first* token covering its first character and its
+``last`` token the *last* token covering its last character. A bare word-boundary marker
+(sentencepiece's prepended ``"▁"``) that the offset mapping attributes to the next
+non-space character is given empty offsets by :func:`encode`: it covers no text.
 """
 
 from __future__ import annotations
@@ -51,15 +58,37 @@ def encode(
         add_special_tokens=_wants_special(tokenizer, text, add_special_tokens),
         return_offsets_mapping=True,
     )
-    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    ids = list(enc["input_ids"])
+    offsets = [(int(o[0]), int(o[1])) for o in enc["offset_mapping"]]
+    return ids, _drop_marker_offsets(tokenizer, text, ids, offsets)
 
 
-def token_at_char(offsets: list[tuple[int, int]], char: int) -> int:
-    """Index of the token whose offsets cover character ``char`` (``ValueError`` if none)."""
-    for i, (a, b) in enumerate(offsets):
-        if a <= char < b:
-            return i
-    raise ValueError(f"no token covers character {char}")
+_MARKERS = ("\u2581", "\u0120")  # sentencepiece "▁", byte-level BPE "Ġ"
+
+
+def _drop_marker_offsets(
+    tokenizer: Any, text: str, ids: list[int], offsets: list[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """Empty the offsets of pure space-marker tokens that claim non-space text."""
+    if not any(text[a:b].strip() for a, b in offsets):
+        return offsets
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    out = []
+    for tok, (a, b) in zip(tokens, offsets, strict=True):
+        bare = isinstance(tok, str) and not "".join(c for c in tok if c not in _MARKERS).strip()
+        out.append((a, a) if bare and b > a and text[a:b].strip() else (a, b))
+    return out
+
+
+def token_at_char(offsets: list[tuple[int, int]], char: int, which: str = "first") -> int:
+    """The first (``which="first"``) or last (``"last"``) token whose offsets cover
+    character ``char``; ``ValueError`` if none does."""
+    if which not in ("first", "last"):
+        raise ValueError(f"which must be 'first' or 'last', got {which!r}")
+    hits = [i for i, (a, b) in enumerate(offsets) if a <= char < b]
+    if not hits:
+        raise ValueError(f"no token covers character {char}")
+    return hits[0] if which == "first" else hits[-1]
 
 
 def _occurrences(text: str, sub: str, start_char: int) -> list[int]:
@@ -103,7 +132,9 @@ def find_span(
     c1 = c0 + len(substring)
     if offsets is None:
         offsets = encode(tokenizer, text, add_special_tokens=add_special_tokens)[1]
-    return TokenSpan(token_at_char(offsets, c0), token_at_char(offsets, c1 - 1), c0, c1)
+    return TokenSpan(
+        token_at_char(offsets, c0, "first"), token_at_char(offsets, c1 - 1, "last"), c0, c1
+    )
 
 
 def find_spans(

@@ -4,19 +4,31 @@ Every experiment writes ``<its folder>/section.json`` (via :func:`write_section`
 key numbers, short text, tables and the figure files it produced. :func:`build_report`
 finds every section below a folder and embeds PNGs as base64 and plotly figures (saved as
 JSON) with one offline copy of plotly.js, so the page works without a network.
+
+Only files inside the report folder are ever read: every section's figure paths are
+resolved (symlinks included) and anything outside the folder is refused.
+:func:`report_run_folder` (the ``qkcov report`` command) additionally verifies the
+folder against its run manifest first and records the report in it.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import atomic_write_bytes, read_json, write_json
+from ..artifacts import (
+    add_to_manifest,
+    atomic_write_bytes,
+    lock_run_folder,
+    verify_run_folder,
+    write_json,
+)
 
-__all__ = ["write_section", "find_sections", "build_report", "SECTION_FILE"]
+__all__ = ["write_section", "find_sections", "build_report", "report_run_folder", "SECTION_FILE"]
 
 SECTION_FILE = "section.json"
 
@@ -39,7 +51,9 @@ def write_section(
     ``tables`` entries are ``{"caption": str, "columns": [...], "rows": [[...], ...]}``.
     """
     out_dir = Path(out_dir)
+    figures, interactive = list(figures), list(interactive)
     for entry in [*figures, *interactive]:
+        _inside(out_dir, out_dir / entry["file"], f"section {key!r}")
         if not (out_dir / entry["file"]).is_file():
             raise FileNotFoundError(
                 f"section {key!r}: figure file {entry['file']!r} not found in {out_dir}"
@@ -59,13 +73,59 @@ def write_section(
     )
 
 
+def _inside(root: Path, path: Path, what: str) -> Path:
+    """``path`` resolved (symlinks followed); ``ValueError`` unless it lies inside ``root``."""
+    real = path.resolve()
+    if not real.is_relative_to(root.resolve()):
+        raise ValueError(f"{what}: {path} resolves to {real}, outside the report folder {root}")
+    return real
+
+
+def _load_section(root: Path, path: Path) -> dict[str, Any]:
+    """Read and validate one ``section.json``; every problem is one line naming the file."""
+    real = _inside(root, path, "section file")
+    try:
+        sec = json.loads(real.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a valid section file ({err})") from None
+    if not isinstance(sec, dict) or not isinstance(sec.get("title"), str):
+        raise ValueError(f"{path}: not a valid section file (expected an object with a 'title')")
+    key = sec.get("key", path.parent.name)
+    for kind in ("figures", "interactive"):
+        entries = sec.get(kind, [])
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("file"), str) and e["file"] for e in entries
+        ):
+            raise ValueError(f"{path}: '{kind}' must be a list of {{'file': ..., 'caption': ...}}")
+        for e in entries:
+            where = f"section {key!r} ({path})"
+            target = _inside(root, path.parent / e["file"], where)
+            if not target.is_file():
+                raise ValueError(f"{where}: figure file {e['file']!r} not found")
+    for kind in ("text", "tables"):
+        if not isinstance(sec.get(kind, []), list):
+            raise ValueError(f"{path}: '{kind}' must be a list")
+    if not isinstance(sec.get("summary", {}), dict):
+        raise ValueError(f"{path}: 'summary' must be an object")
+    return sec
+
+
 def find_sections(root: str | Path) -> list[tuple[Path, dict[str, Any]]]:
-    """All ``section.json`` below ``root`` (folder, section), sorted by ``order`` then path."""
+    """All ``section.json`` below ``root`` (folder, section), sorted by ``order`` then path.
+
+    Raises ``ValueError`` naming the file for an invalid section or one whose figure files
+    resolve outside ``root``.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"report folder not found: {root}")
-    found = [(p.parent, read_json(p)) for p in sorted(root.rglob(SECTION_FILE))]
-    return sorted(found, key=lambda item: (item[1].get("order", 100), str(item[0])))
+    found = [(p.parent, _load_section(root, p)) for p in sorted(root.rglob(SECTION_FILE))]
+    return sorted(found, key=lambda item: (_order(item[1]), str(item[0])))
+
+
+def _order(sec: dict[str, Any]) -> float:
+    order = sec.get("order", 100)
+    return float(order) if isinstance(order, (int, float)) else 100.0
 
 
 def _fmt(value: Any) -> str:
@@ -98,13 +158,13 @@ def _section_html(folder: Path, sec: dict[str, Any], root: Path) -> str:
     for t in sec.get("tables", []):
         parts.append(_table(t["columns"], t["rows"], t.get("caption", "")))
     for fig in sec.get("figures", []):
-        data = base64.b64encode((folder / fig["file"]).read_bytes()).decode()
+        data = base64.b64encode(_inside(root, folder / fig["file"], "figure").read_bytes()).decode()
         parts.append(
             f'<figure><img alt="{html.escape(fig["file"])}" src="data:image/png;base64,{data}">'
             f"<figcaption>{html.escape(fig.get('caption', ''))}</figcaption></figure>"
         )
     for fig in sec.get("interactive", []):
-        pfig = pio.from_json((folder / fig["file"]).read_text())
+        pfig = pio.from_json(_inside(root, folder / fig["file"], "figure").read_text())
         div = pio.to_html(pfig, full_html=False, include_plotlyjs=False)
         parts.append(
             f"<figure>{div}<figcaption>{html.escape(fig.get('caption', ''))}</figcaption></figure>"
@@ -158,4 +218,21 @@ def build_report(
             ],
         },
     )
+    return target
+
+
+def report_run_folder(root: str | Path, title: str = "qkcov report") -> Path:
+    """``qkcov report DIR``: verify ``root`` against its run manifest, write
+    ``root/report.html`` and record it (and ``report_index.json``) in the manifest.
+
+    Refuses (``ValueError``) a folder without a manifest, with a modified or missing file, or
+    with files from another run; holds the folder's run lock while writing.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"report folder not found: {root}")
+    with lock_run_folder(root):
+        verify_run_folder(root)
+        target = build_report(root, title=title)
+        add_to_manifest(root, [target.name, "report_index.json"])
     return target

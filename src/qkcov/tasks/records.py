@@ -225,7 +225,9 @@ class ContrastRecord:
     ``group`` labels the record for per-group ΔC (e.g. the asked category); ``system``
     is an optional system message; ``meta`` is free JSON-able metadata; ``feature`` names
     the contrast the record belongs to when one file holds several (one ΔC family each,
-    e.g. ``"order"`` and ``"lexical"``; ``None`` = the single default feature).
+    e.g. ``"order"`` and ``"lexical"``; ``None`` = the single default feature). ``line`` is
+    the 1-based JSONL line the record was loaded from (set by :func:`parse_records`, used in
+    error messages; never saved and ignored by ``==``).
     """
 
     prompt: str
@@ -236,6 +238,7 @@ class ContrastRecord:
     system: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     feature: str | None = None
+    line: int | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.feature is not None and (not isinstance(self.feature, str) or not self.feature):
@@ -282,7 +285,7 @@ class ContrastRecord:
         return record
 
 
-def _parse_record(obj: Any) -> tuple[ContrastRecord | None, list[str]]:
+def _parse_record(obj: Any, line: int | None = None) -> tuple[ContrastRecord | None, list[str]]:
     if not isinstance(obj, dict):
         return None, [f"record must be a JSON object, got {type(obj).__name__}"]
     errors: list[str] = []
@@ -328,7 +331,9 @@ def _parse_record(obj: Any) -> tuple[ContrastRecord | None, list[str]]:
         errors.append(f"feature must be a non-empty string or null, got {feature!r}")
     if errors:
         return None, errors
-    record = ContrastRecord(prompt, positives, negatives, query, group, system, dict(meta), feature)
+    record = ContrastRecord(
+        prompt, positives, negatives, query, group, system, dict(meta), feature, line
+    )
     return record, []
 
 
@@ -352,7 +357,7 @@ def parse_records(lines: list[str], source: str = "records") -> list[ContrastRec
             errors.append(f"line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})")
             bad_lines += 1
             continue
-        record, errs = _parse_record(obj)
+        record, errs = _parse_record(obj, lineno)
         if errs:
             bad_lines += 1
             errors.extend(f"line {lineno}: {e}" for e in errs)
@@ -378,7 +383,18 @@ def load_records(path: str | Path) -> list[ContrastRecord]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"records file not found: {path}")
-    return parse_records(path.read_text(encoding="utf-8").splitlines(), source=str(path))
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # a leading BOM is tolerated
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(
+            f"{path}: line {line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at column "
+            f"{column}); save the records file as UTF-8"
+        ) from None
+    # split on "\n" only: str.splitlines() would also split inside prompts at U+2028, U+0085, ...
+    return parse_records(text.split("\n"), source=str(path))
 
 
 def save_records(path: str | Path, records: list[ContrastRecord]) -> Path:

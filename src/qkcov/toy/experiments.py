@@ -6,6 +6,11 @@ drawn from those artifacts (:mod:`qkcov.report.figures.toy`) and a report ``sect
 - :func:`run_swap` — causal key swaps inside the key subspaces vs random subspaces.
 - :func:`run_interaction` — latent interaction matrix ``G = (W_Q B)ᵀ (W_K A)``.
 - :func:`run_toy_all` / :func:`run_toy_demo` — all four (full / quick).
+
+Each function writes into the folder it is given and nothing else; a caller that wants one
+complete run per output folder wraps it in :class:`qkcov.artifacts.RunFolder` and passes the
+staging folder (as ``qkcov toy`` does). Artifacts store only paths relative to that folder,
+so the staged files stay valid after the rename.
 """
 
 from __future__ import annotations
