@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ __all__ = ["RunConfig", "Plan", "plan_records", "analyze", "run", "DEFAULT_FEATU
 DEFAULT_FEATURE = "feature"
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 RANK_RULES = ("null", "energy")
+STEPS = ("projections", "swaps", "attribution")
 PROJ_DIMS = 3
 Head = tuple[int, int]
 
@@ -92,7 +93,7 @@ class RunConfig(ConfigMixin):
     chat: bool = _help("format prompts with the tokenizer's chat template", default=False)
     energy: float = _help("cumulative singular-value energy of the energy rank rule", default=0.99)
     rank_rule: str = _help(
-        "rank in force: 'null' (above the permutation null) or 'energy'", default="energy"
+        "rank in force: 'null' (above the permutation null) or 'energy'", default="null"
     )
     alpha: float = _help("significance level of the null rank and p-values", default=0.05)
     n_permutations: int = _help("permutations of the ΔC null (0 = off)", default=200)
@@ -103,6 +104,14 @@ class RunConfig(ConfigMixin):
     n_attribution: int = _help("held-out records used for attribution (0 = all)", default=64)
     n_centroid: int = _help(
         "build records whose keys fit the group centroids (0 = all)", default=96
+    )
+    steps: str = _help(
+        "steps after ΔC, comma-separated subset of projections,swaps,attribution ('' = ΔC only)",
+        default="projections,swaps,attribution",
+    )
+    checkpoint_every: int = _help(
+        "save long phases every N batches to a checkpoint beside --out (0 = off; see --resume)",
+        default=0,
     )
     max_tokens: int | None = _help(
         "longest prompt allowed (default: the model's positions)", default=None
@@ -160,6 +169,12 @@ class RunConfig(ConfigMixin):
             )
         if self.max_tokens is not None:
             check_positive_int("--max-tokens", self.max_tokens, 1)
+        unknown = set(self.step_list()) - set(STEPS)
+        if not isinstance(self.steps, str) or unknown:
+            raise ValueError(f"--steps must name some of {','.join(STEPS)}, got {self.steps!r}")
+
+    def step_list(self) -> list[str]:
+        return [s.strip() for s in str(self.steps).split(",") if s.strip()]
 
 
 # --------------------------------------------------------------------------- plan
@@ -222,7 +237,9 @@ def plan_records(records: Sequence[ContrastRecord | Mapping[str, Any]], cfg: Run
         if f not in features:
             features.append(f)
     pinned = [r.meta.get("split") for r in recs]
-    if all(s in ("build", "heldout") for s in pinned):
+    if not cfg.step_list():  # ΔC only: every record builds it
+        split = ["build"] * len(recs)
+    elif all(s in ("build", "heldout") for s in pinned):
         split = [str(s) for s in pinned]
     else:
         split = ["build"] * len(recs)
@@ -249,7 +266,7 @@ def plan_records(records: Sequence[ContrastRecord | Mapping[str, Any]], cfg: Run
             "--heads auto scans heads on records holding both a positive and a negative key, "
             "and no build record does; name the heads instead (e.g. --heads L3H1,L5H0)"
         )
-    if not plan.indices("heldout", two_sided=True):
+    if "swaps" in cfg.step_list() and not plan.indices("heldout", two_sided=True):
         plan.notes.append(
             "swaps skipped: no held-out record holds both a positive and a negative key, so no "
             "swap pair exists"
@@ -270,11 +287,11 @@ def _subspace_results(
         sub = feature_subspace(delta, cfg.energy)
         n_pos, n_neg = acc.counts(key)
         sig = _significance(stats, key, delta, cfg) if stats is not None else None
-        rank = sub.rank
+        rank, rule = sub.rank, "energy"  # the energy rule stands in when the null is unavailable
         if cfg.rank_rule == "null" and sig is not None and sig["available"]:
-            rank = int(sig["rank_null"]) if sig["significant"] else 0
+            rank, rule = (int(sig["rank_null"]) if sig["significant"] else 0), "null"
         groups[g] = SubspaceResult(
-            feature, g, rank, sub.rank, cfg.rank_rule, sub, delta, int(n_pos), int(n_neg), sig
+            feature, g, rank, sub.rank, rule, sub, delta, int(n_pos), int(n_neg), sig
         )
     per_group = [s for g, s in groups.items() if g != POOLED and s.rank > 0]
     union_k = union_q = None
@@ -541,6 +558,103 @@ def _subset(idx: list[int], k: int) -> list[int]:
     return idx if k == 0 or k >= len(idx) else idx[:k]
 
 
+
+# --------------------------------------------------------------------------- resume
+class RunState:
+    """Checkpoints of one run in ``.<out>.checkpoint/`` beside ``out``: the contrast
+    accumulators (every ``checkpoint_every`` batches, per rank), the head scan and each
+    finished head. ``resume=True`` continues from them when the fingerprint (settings, a hash
+    of the records, the model) matches, and refuses otherwise; a finished run deletes them."""
+
+    def __init__(self, out: str | Path, cfg: RunConfig, records: Sequence[ContrastRecord], *, resume: bool, dist: Any = None) -> None:
+        from .engine.checkpoint import data_hash
+
+        out = Path(out).expanduser().absolute()
+        self.dir = out.parent / f".{out.name}.checkpoint"
+        self.cfg, self.resume, self.dist = cfg, resume, dist
+        settings = {k: v for k, v in cfg.to_dict().items() if k != "checkpoint_every"}
+        self.fingerprint = {"settings": settings, "records": data_hash([r.to_dict() for r in records])}
+        self.enabled = cfg.checkpoint_every > 0 or resume
+        if not self.enabled:
+            return
+        from .artifacts import read_json, write_json
+
+        fp = self.dir / "fingerprint.json"
+        if resume and fp.is_file():
+            saved = read_json(fp)
+            for key in ("records", "settings"):
+                if saved.get(key) != self.fingerprint[key]:
+                    diff = key if key == "records" else next(
+                        (k for k in settings if saved["settings"].get(k) != settings[k]), key
+                    )
+                    raise ValueError(
+                        f"--resume: checkpoint in {self.dir} was made with different settings or "
+                        f"data: {'the records differ' if diff == 'records' else f'--{diff.replace(chr(95), chr(45))} differs'}"
+                    )
+        elif self._main:
+            import shutil
+
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir.mkdir(parents=True)
+            write_json(fp, self.fingerprint)
+        self._barrier()
+
+    @property
+    def _main(self) -> bool:
+        return self.dist is None or self.dist.is_main
+
+    def _barrier(self) -> None:
+        from .engine.distributed import barrier
+
+        barrier(self.dist)
+
+    def contrast(self, feature: str) -> Any:
+        if not self.enabled:
+            return None
+        from .engine.checkpoint import Checkpoint
+
+        return Checkpoint(
+            self.dir / f"contrast-{feature}.safetensors", self.fingerprint,
+            every=max(self.cfg.checkpoint_every, 1), resume=self.resume,
+        )  # fmt: skip
+
+    def load_scan(self) -> tuple[torch.Tensor, list[dict[str, Any]] | None] | None:
+        from .artifacts import load_tensors, read_json
+
+        if not (self.resume and (self.dir / "scan.json").is_file()):
+            return None
+        return load_tensors(self.dir / "scan.safetensors")["rows"], read_json(self.dir / "scan.json")["scan"]
+
+    def save_scan(self, rows: torch.Tensor, scan: list[dict[str, Any]] | None) -> None:
+        from .artifacts import save_tensors, write_json
+
+        if self.enabled and self._main:
+            save_tensors(self.dir / "scan.safetensors", {"rows": rows.contiguous()})
+            write_json(self.dir / "scan.json", {"scan": scan})
+
+    def load_head(self, name: str) -> HeadResult | None:
+        from .artifacts import load_tensors, read_json
+        from .results import _head_from_dict
+
+        if not (self.resume and (self.dir / f"head-{name}.json").is_file()):
+            return None
+        return _head_from_dict(read_json(self.dir / f"head-{name}.json"), load_tensors(self.dir / f"head-{name}.safetensors"))
+
+    def save_head(self, head: HeadResult) -> None:
+        from .artifacts import save_tensors, write_json
+
+        if self.enabled and self._main:
+            save_tensors(self.dir / f"head-{head.name}.safetensors", head.tensors())
+            write_json(self.dir / f"head-{head.name}.json", head.to_dict())
+
+    def finish(self) -> None:
+        import shutil
+
+        self._barrier()
+        if self.enabled and self._main:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- entry points
 def analyze(
     model: torch.nn.Module,
@@ -585,28 +699,33 @@ def _analyze(
         limit = cfg.max_tokens or max_positions(model)
         if limit:
             check_lengths(resolved, limit)
+    steps = cfg.step_list()
     scan_idx = _subset(plan.indices("build", two_sided=True), cfg.n_scan)
-    swap_idx = _subset(plan.indices("heldout", two_sided=True), cfg.n_swap)
+    swap_idx = (
+        _subset(plan.indices("heldout", two_sided=True), cfg.n_swap) if "swaps" in steps else []
+    )
     scan = rows = None
+    auto = cfg.heads.strip().lower().startswith("auto")
     with timer.phase("scan"):
-        if cfg.heads.strip().lower().startswith("auto") or swap_idx:
+        saved = state.load_scan() if state is not None else None
+        if saved is not None:
+            rows, scan = saved
+            timer.log("head scan: resumed from the checkpoint")
+        elif auto or swap_idx:
             timer.log(f"head scan over {info.n_layers} layers x {info.n_heads} heads")
-            idx = (scan_idx if cfg.heads.strip().lower().startswith("auto") else []) + swap_idx
+            idx = (scan_idx if auto else []) + swap_idx
             all_rows = attention_rows(
-                model,
-                tokenizer,
-                [resolved[i] for i in idx],
-                batch_size=cfg.batch_size,
-                progress=progress,
-            )
+                model, tokenizer, [resolved[i] for i in idx], batch_size=cfg.batch_size,
+                progress=progress, dist=dist,
+            )  # fmt: skip
             n_scan = len(idx) - len(swap_idx)
             rows = all_rows[n_scan:]
             if n_scan:
                 scan = scan_heads(
-                    all_rows[:n_scan],
-                    [resolved[i] for i in scan_idx],
-                    seed=sub_seed(cfg.seed, "scan"),
+                    all_rows[:n_scan], [resolved[i] for i in scan_idx], seed=sub_seed(cfg.seed, "scan")
                 )
+            if state is not None:
+                state.save_scan(rows, scan)
     heads = select_heads(cfg.heads, scan, info.n_layers, info.n_heads, k=cfg.n_heads)
     timer.log(f"heads: {', '.join(f'L{l}H{h}' for l, h in heads)}")
 
@@ -616,12 +735,13 @@ def _analyze(
             build = [resolved[i] for i in plan.indices("build", f)]
             contrasts[f] = run_contrast(
                 model, tokenizer, build, heads, batch_size=cfg.batch_size, progress=progress,
-                keep_records=cfg.n_permutations > 0 or cfg.n_bootstrap > 0,
+                keep_records=cfg.n_permutations > 0 or cfg.n_bootstrap > 0, dist=dist,
+                checkpoint=None if state is None else state.contrast(f),
             )  # fmt: skip
             stats[f] = contrasts[f].record_stats
 
-    held = plan.indices("heldout")
-    cent = _subset(plan.indices("build"), cfg.n_centroid)
+    held = plan.indices("heldout") if "projections" in steps else []
+    cent = _subset(plan.indices("build"), cfg.n_centroid) if held else []
     with timer.phase("collect"):
         vecs = (
             collect_qk(
@@ -631,11 +751,14 @@ def _analyze(
                 heads,
                 batch_size=cfg.batch_size,
                 progress=progress,
+                dist=dist,
             )
             if held
             else {}
         )
-        attr_idx = _subset(held, cfg.n_attribution)
+        attr_idx = (
+            _subset(plan.indices("heldout"), cfg.n_attribution) if "attribution" in steps else []
+        )
         full = (
             collect_full_keys(
                 model,
@@ -660,6 +783,11 @@ def _analyze(
     head_results = []
     for head in heads:
         name = f"L{head[0]}H{head[1]}"
+        done = state.load_head(name) if state is not None else None
+        if done is not None:
+            timer.log(f"{name}: resumed from the checkpoint")
+            head_results.append(done)
+            continue
         with timer.phase("subspaces"):
             features = {
                 f: _subspace_results(contrasts[f], head, f, cfg, (stats[f] or {}).get(head))
@@ -684,7 +812,7 @@ def _analyze(
             timer.log(f"{name}: swaps")
             swaps = _swaps(
                 model, tokenizer, [resolved[i] for i in swap_idx], None if rows is None else rows[:, head[0], head[1]],
-                head, features, cfg, progress, None,
+                head, features, cfg, progress, None if "swaps" in steps else "step off (--steps)",
             )  # fmt: skip
         with timer.phase("attribution"):
             attribution = (
@@ -700,6 +828,8 @@ def _analyze(
         head_results.append(
             HeadResult(head[0], head[1], features, projections, swaps, attribution, scan_row)
         )
+        if state is not None:
+            state.save_head(head_results[-1])
 
     feature_info = [
         {
@@ -733,47 +863,68 @@ def run(
     quiet: bool = False,
     loaded: tuple[torch.nn.Module, Any] | None = None,
     section: Mapping[str, Any] | None = None,
+    extras: Callable[[Any, Any, list[ContrastRecord], RunConfig], list[dict[str, Any]]]
+    | None = None,
+    resume: bool = False,
 ) -> AnalysisResult:
     """``qkcov run``: records (a JSONL path or records) → ``out_dir`` with ``run.json``,
     ``run.safetensors``, figures, ``section.json`` and ``report.html``.
 
     Every input is checked (records, split, flags, output folder) before the model loads.
-    ``section`` overrides the report section's title/key/text (the built-in tasks use it).
+    Under ``torchrun`` records are sharded by whole batches over the ranks and rank 0 writes.
+    ``resume=True`` continues from the checkpoints of an interrupted run (``checkpoint_every``).
+    ``section`` overrides the report section's title/key/text and ``extras(model, tokenizer,
+    records, cfg)`` adds task-specific tables to it (the built-in tasks use both).
     """
     from .artifacts import RunFolder
+    from .engine.distributed import Dist
+    from .models.loading import resolve_device
     from .tasks.records import load_records
 
     timer = Timer("run", quiet=quiet)
     recs = load_records(records) if isinstance(records, (str, Path)) else list(records)
     plan = plan_records(recs, cfg)
-    folder = RunFolder(out_dir, command="run")  # --out checked and locked before the model loads
+    resolve_device(cfg.device)  # --device cuda without CUDA: refused before anything is written
+    dist = Dist.from_env(cfg.device)
+    # --out is checked and locked before the model loads; rank 0 alone writes artifacts
+    folder = RunFolder(out_dir, command="run") if dist.is_main else None
     try:
+        state = RunState(out_dir, cfg, recs, resume=resume, dist=dist)
         if loaded is None:
             from .models.loading import load_model
 
             with timer.phase("load"):
                 timer.log(f"loading {cfg.model}")
-                lm = load_model(cfg.model, **_load_kwargs(cfg))
+                lm = load_model(cfg.model, **_load_kwargs(cfg, dist))
                 loaded = (lm.model, lm.tokenizer)
         model, tokenizer = loaded
-        result = _analyze(model, tokenizer, plan, cfg, timer, model_name=cfg.model)
-        with folder as staging:
-            result.timings = dict(timer.seconds)
-            result.seconds = timer.total()
-            result.write_artifacts(staging)
+        result = _analyze(model, tokenizer, plan, cfg, timer, cfg.model, state, dist if dist.enabled else None)
+        section = dict(section or {})
+        if extras is not None:
+            with timer.phase("extras"):
+                section["extra_tables"] = extras(model, tokenizer, plan.records, cfg)
+        if folder is not None:
             from .report import build_report
             from .report.run import write_run_section
 
-            write_run_section(staging, **dict(section or {}))
-            build_report(staging)
+            with folder as staging:
+                result.timings = dict(timer.seconds)
+                result.seconds = timer.total()
+                result.write_artifacts(staging)
+                write_run_section(staging, **section)
+                build_report(staging)
+        state.finish()
     finally:
-        folder.close()
+        if folder is not None:
+            folder.close()
     return result
 
 
-def _load_kwargs(cfg: RunConfig) -> dict[str, Any]:
+def _load_kwargs(cfg: RunConfig, dist: Any = None) -> dict[str, Any]:
     kw: dict[str, Any] = {}
-    if cfg.device != "cpu":
+    if dist is not None and dist.enabled:
+        kw["device"] = str(dist.device)
+    elif cfg.device != "cpu" and not cfg.device_map:
         kw["device"] = cfg.device
     if cfg.dtype != "auto":
         kw["dtype"] = cfg.dtype
@@ -782,3 +933,4 @@ def _load_kwargs(cfg: RunConfig) -> dict[str, Any]:
     if cfg.trust_remote_code:
         kw["trust_remote_code"] = True
     return kw
+

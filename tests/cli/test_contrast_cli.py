@@ -6,7 +6,6 @@ import pytest
 
 from qkcov.artifacts import load_tensors, read_json
 from qkcov.cli import main
-from qkcov.cli.contrast import run_contrast_file
 from qkcov.models.tiny import tiny_model, tiny_tokenizer
 
 GOOD = [
@@ -27,30 +26,36 @@ def _write(path, rows):
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    return tiny_model("llama"), tiny_tokenizer()
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tinyllama")
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
 
 
 @pytest.mark.parametrize("heads", ["L0H1,L1H3", "auto:2"])
-def test_contrast_writes_artifacts(tmp_path, loaded, heads):
+def test_contrast_writes_artifacts(tmp_path, tiny_dir, heads):
     data = _write(tmp_path / "recs.jsonl", GOOD)
     out = tmp_path / "out"
-    payload = run_contrast_file(data, out, heads=heads, loaded=loaded, progress=False)
-    for name in ("contrast.json", "contrast.safetensors", "section.json"):
+    argv = ["contrast", "--model", str(tiny_dir), "--data", str(data), "--out", str(out), "--quiet"]
+    assert main([*argv, "--heads", heads]) == 0
+    for name in ("run.json", "run.safetensors", "section.json", "report.html", "manifest.json"):
         assert (out / name).is_file()
-    info = read_json(out / "contrast.json")
-    assert info == json.loads(json.dumps(payload))
-    assert info["groups"] == ["animals", "fruits"] and info["n_records"] == 4
+    info = read_json(out / "run.json")
+    assert info["features"][0]["groups"] == ["animals", "fruits"] and info["n_records"] == 4
     assert len(info["heads"]) == 2
     assert (info["scan"] is None) == (heads != "auto:2")
-    tensors = load_tensors(out / "contrast.safetensors")
+    tensors = load_tensors(out / "run.safetensors")
     for h in info["heads"]:
-        assert set(h["ranks"]) == {"animals", "fruits", "pooled", "union"}
-        assert h["counts"]["pooled"] == {"n_pos": 4, "n_neg": 4}
-        assert h["counts"]["fruits"] == {"n_pos": 2, "n_neg": 2}
+        groups = h["features"]["feature"]["groups"]
+        assert set(groups) == {"animals", "fruits", "pooled"}
+        assert (groups["pooled"]["n_pos"], groups["pooled"]["n_neg"]) == (4, 4)  # all records build ΔC
+        assert (groups["fruits"]["n_pos"], groups["fruits"]["n_neg"]) == (2, 2)
+        assert h["swaps"]["skipped"] == "step off (--steps)"
+        # 4 records: too few for the null, so the energy rank is in force and says so
+        assert groups["pooled"]["significance"]["available"] is False
         for g in ("animals", "fruits", "pooled"):
-            assert tensors[f"{h['name']}.{g}.delta"].shape == (16, 16)
-            assert tensors[f"{h['name']}.{g}.key_basis"].shape == (16, h["ranks"][g])
+            assert tensors[f"{h['name']}.feature.{g}.delta"].shape == (16, 16)
 
 
 def test_bad_line_reports_line_number_and_writes_nothing(tmp_path, capsys):
@@ -83,10 +88,11 @@ def test_bad_arguments_exit_2_before_loading(tmp_path, capsys, argv, message):
     assert not out.exists()
 
 
-def test_head_out_of_range(tmp_path, loaded):
+def test_head_out_of_range(tmp_path, tiny_dir, capsys):
     data = _write(tmp_path / "recs.jsonl", GOOD)
-    with pytest.raises(ValueError, match="out of range"):
-        run_contrast_file(data, tmp_path / "out", heads="L5H0", loaded=loaded, progress=False)
+    argv = ["contrast", "--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--heads", "L5H0", "--quiet"]) == 2
+    assert "out of range" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

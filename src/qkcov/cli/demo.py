@@ -3,53 +3,92 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
+from typing import Any
 
-from ..report import build_report
+__all__ = ["register", "run", "DEMO_TASKS"]
 
-__all__ = ["register", "run"]
+# Task sizes of the demo (the commands' defaults are larger); every other setting is the
+# pipeline's default, so `qkcov <task>` with these options reproduces a demo section.
+DEMO_TASKS: dict[str, dict[str, Any]] = {
+    "filter": {"n_build": 120, "n_heldout": 48},
+    "binding": {"n_pairs": 3, "n_build": 80, "n_heldout": 32},
+    "agreement": {"n": 160},
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from .common import add_config_flags
+
     p = subparsers.add_parser(
         "demo",
         help="run a quick version of every experiment and write an HTML report",
         description=(
             "Runs the toy-model experiments (rank recovery, projections, key swaps, interaction "
-            "matrix) and the LLM experiments (filter heads for categories, binding heads for "
-            "box-letter binding) on the embedded default model, then writes OUT/report.html."
+            "matrix) and the pipeline on three built-in tasks (filter heads, binding, "
+            "subject-verb agreement) on the embedded default model, then writes OUT/report.html."
         ),
     )
-    p.add_argument("--out", default="qkcov-demo", help="output folder (default: ./qkcov-demo)")
-    p.add_argument(
-        "--model", default=None, help="model for the LLM sections (default: smollm2-135m)"
+    from ..pipeline import RunConfig
+
+    add_config_flags(
+        p, RunConfig, only=("model", "device", "dtype", "device_map", "heads", "batch_size", "seed")
     )
+    p.add_argument(
+        "--out", type=Path, default=Path("qkcov-demo"), help="output folder (default: ./qkcov-demo)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--skip-llm", action="store_true", help="run only the toy-model sections")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..artifacts import RunFolder
+    from ..pipeline import RunConfig
+    from ..pipeline import run as run_pipeline
+    from ..report import build_report
+    from ..tasks.builtin import TASKS, build_task_records
     from ..toy.experiments import run_toy_demo
+    from .common import config_from_args
 
-    out = Path(args.out)
-    summary: dict[str, object] = {}
     t0 = time.perf_counter()
-    print(f"[demo] toy model experiments -> {out / 'toy'}")
-    summary["toy"] = run_toy_demo(out / "toy", quick=True)
-    if not args.skip_llm:
-        from ..experiments.binding import run_binding_demo
-        from ..experiments.filter import run_filter_demo
-        from ..models.loading import DEFAULT_MODEL
+    cfg = config_from_args(RunConfig, args, heads="auto:2" if args.heads == "auto" else args.heads)
+    rows: list[tuple[str, Any]] = []
+    with RunFolder(args.out, command="demo") as staging:
+        print(f"[demo] toy model experiments -> {args.out / 'toy'}", flush=True)
+        run_toy_demo(staging / "toy", quick=True, progress=not args.quiet)
+        loaded = None
+        if not args.skip_llm:
+            from ..models.loading import load_model
+            from ..pipeline import _load_kwargs
 
-        model = args.model or DEFAULT_MODEL
-        print(f"[demo] filter heads on {model} -> {out / 'filter'}")
-        summary["filter"] = run_filter_demo(out / "filter", model=model)
-        print(f"[demo] binding heads on {model} -> {out / 'binding'}")
-        summary["binding"] = run_binding_demo(out / "binding", model=model)
-    report = build_report(out, title="qkcov demo")
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
-    print(json.dumps(summary, indent=2, default=str))
-    print(f"[demo] report: {report}")
+            lm = load_model(cfg.model, **_load_kwargs(cfg))
+            loaded = (lm.model, lm.tokenizer)
+            from .tasks import EXTRAS
+
+            for name, options in DEMO_TASKS.items():
+                spec = TASKS[name]
+                print(f"[demo] {name} on {cfg.model} -> {args.out / name}", flush=True)
+                records = build_task_records(name, seed=cfg.seed, chat=cfg.chat, **options)
+                section = {
+                    "key": name,
+                    "title": spec.title,
+                    "order": spec.order,
+                    "text": list(spec.text),
+                }
+                result = run_pipeline(
+                    cfg,
+                    records,
+                    staging / name,
+                    quiet=args.quiet,
+                    loaded=loaded,
+                    section=section,
+                    extras=EXTRAS.get(name),
+                )
+                rows.append((name, result))
+        build_report(staging, title="qkcov demo")
+    for name, result in rows:
+        print(f"\n{name}:\n{result.summary()}")
+    print(f"\n[demo] {time.perf_counter() - t0:.0f} s; report: {args.out / 'report.html'}")
     return 0

@@ -167,8 +167,9 @@ def write_run_section(
         "of the same ranks.",
     ]  # fmt: skip
     body += list(info.get("notes") or [])
+    noted = " ".join(info.get("notes") or [])
     for h in info["heads"]:
-        if h["swaps"]["skipped"]:
+        if h["swaps"]["skipped"] and h["swaps"]["skipped"] not in noted:
             body.append(f"{h['name']}: swaps skipped — {h['swaps']['skipped']}.")
         if h["attribution"]["skipped"]:
             body.append(f"{h['name']}: attribution skipped — {h['attribution']['skipped']}.")

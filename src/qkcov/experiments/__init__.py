@@ -1,1 +1,0 @@
-"""Experiment orchestration: records → scan → ΔC → subspaces → projections → swaps → artifacts."""

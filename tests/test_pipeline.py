@@ -1,0 +1,292 @@
+"""The one pipeline (`qkcov run`, `qkcov.analyze`) on tiny random models: the run.json
+contract, typed results round trip, built-in tasks = export + run, bad input, dtype, flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qkcov.artifacts import load_tensors, read_json
+from qkcov.cli import build_parser, main
+from qkcov.models.tiny import tiny_model, tiny_tokenizer
+from qkcov.pipeline import RunConfig, analyze
+from qkcov.results import AnalysisResult
+from qkcov.tasks.builtin import build_task_records
+from qkcov.tasks.records import ContrastRecord, Span, save_records
+
+FAST = dict(n_random=10, n_permutations=50, n_bootstrap=20, batch_size=16)
+SMALL_TASKS = {
+    "filter": [
+        "--n-build",
+        "24",
+        "--n-heldout",
+        "12",
+        "--categories",
+        "fruits",
+        "animals",
+        "vehicles",
+    ],
+    "binding": ["--n-build", "16", "--n-heldout", "8"],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama + char tokenizer saved as a local model folder (loadable by path)."""
+    path = tmp_path_factory.mktemp("tinyllama")
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def agreement_run(tmp_path_factory):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    records = build_task_records("agreement", n=48)
+    result = analyze(model, tok, records, heads="auto:2", progress=False, **FAST)
+    out = tmp_path_factory.mktemp("run") / "agreement"
+    result.save(out)
+    return result, out
+
+
+def test_run_json_contract(agreement_run):
+    result, out = agreement_run
+    info = read_json(out / "run.json")
+    assert {"model", "n_records", "seconds", "heads"} <= set(info)
+    assert info["n_records"] == 48 and len(info["heads"]) == 2
+    for h in info["heads"]:
+        assert {"layer", "head", "rank"} <= set(h)
+        assert set(h["swap"]) >= {"delta_p", "flip_items", "logprob_shift"}
+        assert set(h["random"]["delta_p"]) == {"mean", "std"}
+        assert "delta_p" in h["ceiling"]
+        assert 0.0 <= h["attribution"]["explained_fraction"] <= 1.0
+        assert {"p_value", "rank_null", "rank_energy", "rank_ci", "stability_deg"} <= set(
+            h["significance"]
+        )
+        # rank in force = the null rule's rank (0 when not significant)
+        sig = h["significance"]
+        assert h["rank"] == (sig["rank_null"] if sig["significant"] else 0)
+    for name in (
+        "run.safetensors",
+        "section.json",
+        "report.html",
+        "manifest.json",
+        "scree.png",
+        "swaps.png",
+    ):
+        assert (out / name).is_file(), name
+
+
+def test_attribution_is_exact_and_swaps_have_baselines(agreement_run):
+    result, _ = agreement_run
+    for h in result.heads:
+        assert h.attribution.max_abs_error < 1e-9
+        parts, total = h.attribution.example_parts, h.attribution.example_total
+        torch.testing.assert_close(parts.sum(0), total, atol=1e-9, rtol=0)
+        c = h.swaps.conditions[h.swaps.headline]
+        assert len(c.random["delta_p"]["draws"]) == FAST["n_random"]
+        assert c.rank == h.headline.rank
+        assert 0.0 < c.p_value <= 1.0
+
+
+def test_save_load_round_trip(agreement_run):
+    result, out = agreement_run
+    loaded = AnalysisResult.load(out)
+    assert loaded.to_dict()["heads"] == json.loads(json.dumps(result.to_dict()["heads"]))
+    h0, l0 = result.heads[0], loaded.heads[0]
+    torch.testing.assert_close(l0.headline.delta, h0.headline.delta)
+    assert loaded.summary().splitlines()[0].split()[:2] == ["head", "rank"]
+    # a mixed folder is refused: a file changed after the run
+    (out / "scree.png").write_bytes(b"not the run's figure")
+    with pytest.raises(ValueError, match="modified after the run"):
+        AnalysisResult.load(out)
+
+
+def test_figures_drawn_from_artifacts_only(agreement_run, tmp_path):
+    _, out = agreement_run
+    from qkcov.report.figures.run import plot_all
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("run.json", "run.safetensors"):
+        (copy / name).write_bytes((out / name).read_bytes())
+    figs, inter = plot_all(copy)
+    assert {f["file"] for f in figs} >= {
+        "scree.png",
+        "swaps.png",
+        "projections.png",
+        "attribution.png",
+    }
+    assert all((copy / f["file"]).is_file() for f in figs + inter)
+
+
+def _strip(info: dict) -> dict:
+    return {k: v for k, v in info.items() if k not in ("seconds", "timings_s")}
+
+
+@pytest.mark.parametrize("task", ["filter", "binding"])
+def test_task_command_equals_export_plus_run(task, tiny_dir, tmp_path):
+    common = ["--model", str(tiny_dir), "--seed", "3", "--heads", "auto:1", "--quiet",
+              "--n-random", "10", "--n-permutations", "40", "--n-bootstrap", "20"]  # fmt: skip
+    assert main([task, *common, *SMALL_TASKS[task], "--out", str(tmp_path / "a")]) == 0
+    data = tmp_path / "records.jsonl"
+    assert (
+        main(["tasks", "export", task, "--seed", "3", *SMALL_TASKS[task], "--out", str(data)]) == 0
+    )
+    assert main(["run", "--data", str(data), *common, "--out", str(tmp_path / "b")]) == 0
+    a, b = read_json(tmp_path / "a" / "run.json"), read_json(tmp_path / "b" / "run.json")
+    assert _strip(a) == _strip(b)
+    ta, tb = (
+        load_tensors(tmp_path / "a" / "run.safetensors"),
+        load_tensors(tmp_path / "b" / "run.safetensors"),
+    )
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    if task == "binding":
+        assert [f["name"] for f in a["features"]] == ["order", "lexical"]
+
+
+def _one_sided(n: int) -> list[ContrastRecord]:
+    recs = []
+    for i in range(n):
+        word = ["red", "blue", "green", "pink"][i % 4]
+        prompt = f"the {word} cat and the dog ran {i}"
+        span = (Span(4, 4 + len(word), label=word),)
+        recs.append(ContrastRecord(prompt, span if i % 2 else (), () if i % 2 else span))
+    return recs
+
+
+def test_one_sided_records_skip_swaps_with_a_reason():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    result = analyze(model, tok, _one_sided(30), heads="L0H1", progress=False, **FAST)
+    h = result.heads[0]
+    assert "no swap pair exists" in h.swaps.skipped
+    assert h.headline.n_pos > 0 and h.headline.n_neg > 0
+    assert "no swap pair exists" in " ".join(result.notes)
+    if h.headline.rank:
+        assert h.attribution.skipped is None and h.projections
+    else:
+        assert "significant" in h.attribution.skipped
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--device", "cuda"], "--device cuda"),
+        (["--dtype", "float8"], "--dtype"),
+        (["--holdout", "1.5"], "--holdout"),
+        (["--holdout", "0"], "--holdout"),
+        (["--heads", "L1"], "heads"),
+    ],
+)
+def test_bad_flags_exit_2_and_write_nothing(argv, message, tmp_path, capsys):
+    data = tmp_path / "r.jsonl"
+    save_records(data, build_task_records("agreement", n=12))
+    if argv[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    rc = main(
+        [
+            "run",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            "/nonexistent/model",
+            *argv,
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_negative_key_is_one_clear_error(tmp_path, capsys):
+    data = tmp_path / "pos.jsonl"
+    save_records(data, [r for r in _one_sided(20) if r.positives])
+    rc = main(
+        [
+            "run",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            "/nonexistent/model",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "no negative key" in err and "both sides" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bfloat16_forward_float64_accumulation():
+    tok = tiny_tokenizer()
+    records = build_task_records("agreement", n=40)
+    kw = dict(heads="L0H1", steps="", progress=False, **FAST)
+    r32 = analyze(tiny_model("llama"), tok, records, **kw)
+    r16 = analyze(tiny_model("llama").to(torch.bfloat16), tok, records, **kw)
+    d32, d16 = r32.heads[0].headline.delta, r16.heads[0].headline.delta
+    assert d16.dtype == torch.float64
+    assert float((d16 - d32).norm() / d32.norm()) < 0.05
+
+
+def test_flags_are_derived_from_the_config():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    run_flags = {a.dest: a for a in sub["run"]._actions}
+    for f in dataclasses.fields(RunConfig):
+        assert f.name in run_flags, f.name
+        assert run_flags[f.name].default == f.default, f.name
+    common = (
+        "model",
+        "device",
+        "dtype",
+        "device_map",
+        "heads",
+        "batch_size",
+        "seed",
+        "out",
+        "quiet",
+    )
+    for cmd in ("run", "contrast", "filter", "binding", "agreement"):
+        acts = {a.dest: a for a in sub[cmd]._actions}
+        for name in common:
+            assert name in acts, (cmd, name)
+            assert acts[name].default == run_flags[name].default, (cmd, name)
+            assert acts[name].option_strings == run_flags[name].option_strings
+
+
+def test_core_does_not_import_transformers():
+    code = (
+        "import sys, qkcov.core.covariance, qkcov.core.subspace, qkcov.core.attribution, "
+        "qkcov.core.intervention, qkcov.core.projection, qkcov.core.statistics; "
+        "print('transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_summary_prints_a_table(agreement_run):
+    result, _ = agreement_run
+    lines = result.summary().splitlines()
+    assert lines[0].split() == [
+        "head",
+        "rank",
+        "p",
+        "Δp",
+        "swap",
+        "Δp",
+        "random",
+        "Δp",
+        "full",
+        "key",
+        "explained",
+    ]
+    assert len(lines) >= 2 + len(result.heads)
+    assert not math.isnan(result.best.swap_margin())
