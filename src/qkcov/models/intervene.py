@@ -100,9 +100,12 @@ def answer_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
             f"logits must be [B, V] and tokens [B, T], got {list(logits.shape)} and "
             f"{list(tokens.shape)}"
         )
-    logits = logits.double()
-    picked = logits.gather(1, tokens.to(logits.device).long())
-    return (picked - torch.logsumexp(logits, dim=-1, keepdim=True)).cpu()
+    tokens = tokens.to(logits.device).long()
+    out = []
+    for r in range(0, logits.shape[0], 8):  # float64 copies of 8 rows at a time
+        x = logits[r : r + 8].double()
+        out.append(x.gather(1, tokens[r : r + 8]) - torch.logsumexp(x, dim=-1, keepdim=True))
+    return torch.cat(out).cpu()
 
 
 def _decoder_layers(model: nn.Module, upto: int) -> list[nn.Module] | None:
