@@ -7,10 +7,18 @@ tested against these.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
-__all__ = ["swap_in_subspace", "attention_logits", "attention_weights", "swap_metrics"]
+__all__ = [
+    "swap_in_subspace",
+    "attention_logits",
+    "attention_weights",
+    "swapped_attention",
+    "swap_metrics",
+    "swap_metrics_per_prompt",
+]
 
 
 def _check_basis(basis: torch.Tensor, d: int) -> None:
@@ -78,6 +86,107 @@ def attention_weights(
     )
 
 
+def swapped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    orig: torch.Tensor,
+    target: torch.Tensor,
+    bases: Sequence[torch.Tensor | None],
+    mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Query-row attention after swapping keys ``orig``/``target`` in each subspace, in float64.
+
+    Args:
+        q: ``[n, d]`` one query row per example.
+        k: ``[n, S, d]`` every key the row can see (masked ones may hold anything finite).
+        orig, target: ``[n]`` key indices swapped by :func:`swap_in_subspace`.
+        bases: ``C`` bases ``[d, r_c]`` (orthonormal columns); ``None`` = no swap.
+        mask: ``[n, S]`` bool (True = may attend) or additive float.
+
+    Returns ``[C, n, S]``: ``softmax(softcap(scaling·q·k'ᵀ) + mask)`` with ``k'`` the swapped
+    keys. Only the two swapped logits move, by ``±scaling·(qV)·((k_tgt − k_orig)V)``, so
+    thousands of swaps cost one ``[C, n, S]`` softmax.
+    """
+    if q.ndim != 2 or k.ndim != 3 or k.shape[0] != q.shape[0] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"q must be [n, d] and k [n, S, d], got {list(q.shape)} and {list(k.shape)}"
+        )
+    n, d = q.shape
+    if orig.shape != (n,) or target.shape != (n,):
+        raise ValueError(
+            f"orig and target must be [n={n}], got {list(orig.shape)}, {list(target.shape)}"
+        )
+    if not len(bases):
+        raise ValueError("swapped_attention needs at least one basis (None = no swap)")
+    q, k = q.double(), k.double()
+    scale = 1.0 / math.sqrt(d) if scaling is None else scaling
+    proj = torch.zeros(len(bases), d, d, dtype=torch.float64, device=q.device)
+    for c, v in enumerate(bases):
+        if v is not None:
+            _check_basis(v, d)
+            v = v.to(proj)
+            proj[c] = v @ v.T
+    rows = torch.arange(n, device=q.device)
+    diff = k[rows, target] - k[rows, orig]  # [n, d]
+    shift = torch.einsum("nd,cde,ne->cn", q, proj, diff) * scale  # [C, n]
+    logits = (k @ q[:, :, None])[..., 0] * scale  # [n, S]
+    logits = logits.expand(len(bases), n, -1).clone()
+    logits[:, rows, orig] += shift
+    logits[:, rows, target] -= shift
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        else:
+            logits = logits + mask.to(logits)
+    return torch.softmax(logits, dim=-1)
+
+
+def swap_metrics_per_prompt(
+    attn_before: torch.Tensor,
+    attn_after: torch.Tensor,
+    orig: torch.Tensor,
+    target: torch.Tensor,
+    candidates: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-example values behind :func:`swap_metrics`: each ``[..., n]``.
+
+    ``attn_after`` may carry leading condition dims (``[..., n, S]``); ``attn_before``
+    ``[n, S]``, ``orig``/``target`` ``[n]`` and ``candidates`` ``[n, S]`` broadcast over them.
+    """
+    lead = attn_after.shape[:-2]
+
+    def at(a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        i = idx.to(a.device)[:, None].expand(*a.shape[:-2], -1, 1)
+        return a.gather(-1, i)[..., 0]
+
+    a_o0, a_t0 = at(attn_before, orig), at(attn_before, target)
+    a_o1, a_t1 = at(attn_after, orig), at(attn_after, target)
+    p0 = a_t0 / (a_o0 + a_t0).clamp_min(1e-30)
+    p1 = a_t1 / (a_o1 + a_t1).clamp_min(1e-30)
+    tgt = target.to(attn_after.device)
+    flip_all = (attn_after.argmax(-1) == tgt).double()
+    if candidates is None:
+        candidates = torch.ones_like(attn_after, dtype=torch.bool)
+    masked = attn_after.masked_fill(~candidates.to(attn_after.device), float("-inf"))
+    flip_items = (masked.argmax(-1) == tgt).double()
+    out = {
+        "attn_orig_before": a_o0,
+        "attn_target_before": a_t0,
+        "attn_orig_after": a_o1,
+        "attn_target_after": a_t1,
+        "p_before": p0,
+        "p_after": p1,
+        "delta_p": p1 - p0,
+        "flip_all": flip_all,
+        "flip_items": flip_items,
+    }
+    return {key: v.expand(*lead, v.shape[-1]) for key, v in out.items()}
+
+
 def swap_metrics(
     attn_before: torch.Tensor,
     attn_after: torch.Tensor,
@@ -96,24 +205,5 @@ def swap_metrics(
     ``p = a_tgt / (a_orig + a_tgt)``), ``flip_all`` (argmax over every position moves to
     target) and ``flip_items`` (argmax among candidates moves to target).
     """
-    rows = torch.arange(attn_before.shape[0])
-    a_o0, a_t0 = attn_before[rows, orig], attn_before[rows, target]
-    a_o1, a_t1 = attn_after[rows, orig], attn_after[rows, target]
-    p0 = a_t0 / (a_o0 + a_t0).clamp_min(1e-30)
-    p1 = a_t1 / (a_o1 + a_t1).clamp_min(1e-30)
-    flip_all = (attn_after.argmax(-1) == target).double()
-    if candidates is None:
-        candidates = torch.ones_like(attn_after, dtype=torch.bool)
-    masked = attn_after.masked_fill(~candidates, float("-inf"))
-    flip_items = (masked.argmax(-1) == target).double()
-    return {
-        "attn_orig_before": float(a_o0.mean()),
-        "attn_target_before": float(a_t0.mean()),
-        "attn_orig_after": float(a_o1.mean()),
-        "attn_target_after": float(a_t1.mean()),
-        "p_before": float(p0.mean()),
-        "p_after": float(p1.mean()),
-        "delta_p": float((p1 - p0).mean()),
-        "flip_all": float(flip_all.mean()),
-        "flip_items": float(flip_items.mean()),
-    }
+    per = swap_metrics_per_prompt(attn_before, attn_after, orig, target, candidates)
+    return {key: float(v.mean()) for key, v in per.items()}

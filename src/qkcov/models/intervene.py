@@ -6,11 +6,21 @@ that head's output back. Other heads — including the other query heads sharing
 head under GQA — see the original keys and are bit-for-bit unchanged. Edits act on
 post-RoPE q/k (what the dot product sees), in padded coordinates internally; all positions
 in this API are unpadded (``-1`` = last real token).
+
+Resuming: :func:`capture_layer_input` runs one unedited forward and keeps the hidden state
+entering layer ``L`` (plus the studied head's query row, keys and mask row there); passing
+it as ``hidden_in`` to :func:`edit_head_forward` / :func:`swap_keys_forward` skips layers
+``0..L-1`` (each is replaced for that call by a stub returning the cached state), so the
+model's own forward still builds the masks, position embeddings, final norm, LM head and
+logit soft-cap for layers ``L..end``. Works for any model whose decoder layers are the
+parents of their attention modules and are called in order with the hidden state first
+(Llama, Mistral, Qwen2/3, Gemma-2/3, GPT-2); :func:`can_resume` says whether it applies.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +37,10 @@ __all__ = [
     "edit_head_forward",
     "swap_keys_forward",
     "last_token_logits",
+    "LayerInput",
+    "capture_layer_input",
+    "can_resume",
+    "answer_logprobs",
 ]
 
 # edit(q_h [B, S, D], k_h [B, S, D]) -> (q_h, k_h); padded coordinates, may edit in place.
@@ -79,6 +93,66 @@ def _last_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), idx, -1).amax(dim=1)
 
 
+def answer_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits [B, V])`` (float64) at ``tokens [B, T]`` -> ``[B, T]``."""
+    if logits.ndim != 2 or tokens.ndim != 2 or tokens.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"logits must be [B, V] and tokens [B, T], got {list(logits.shape)} and "
+            f"{list(tokens.shape)}"
+        )
+    tokens = tokens.to(logits.device).long()
+    out = []
+    for r in range(0, logits.shape[0], 8):  # float64 copies of 8 rows at a time
+        x = logits[r : r + 8].double()
+        out.append(x.gather(1, tokens[r : r + 8]) - torch.logsumexp(x, dim=-1, keepdim=True))
+    return torch.cat(out).cpu()
+
+
+def _decoder_layers(model: nn.Module, upto: int) -> list[nn.Module] | None:
+    """Decoder layers ``0..upto`` (the parents of the attention modules), or ``None``."""
+    names = {}
+    for name, m in model.named_modules():
+        idx = getattr(m, "layer_idx", None)
+        if isinstance(idx, int) and "Attention" in type(m).__name__ and "." in name:
+            names.setdefault(idx, name.rsplit(".", 1)[0])
+    if any(i not in names for i in range(upto + 1)):
+        return None
+    layers = [model.get_submodule(names[i]) for i in range(upto + 1)]
+    return layers if len({id(m) for m in layers}) == len(layers) else None
+
+
+def can_resume(model: nn.Module, layer: int) -> bool:
+    """Whether ``hidden_in`` (skip the layers before ``layer``) is supported for ``model``."""
+    return _decoder_layers(model, layer % model_info(model).n_layers) is not None
+
+
+@contextlib.contextmanager
+def _resume_at(model: nn.Module, layer: int, hidden: torch.Tensor) -> Iterator[list[bool]]:
+    """Replace decoder layers ``0..layer-1`` by stubs handing ``hidden`` to layer ``layer``."""
+    layers = _decoder_layers(model, layer)
+    if layers is None:
+        raise ValueError(
+            f"{type(model).__name__}: cannot locate its decoder layers, so it cannot resume "
+            f"from layer {layer}; run the full forward (hidden_in=None)"
+        )
+    seen = [False]
+
+    def stub(*args, **kwargs):
+        seen[0] = True
+        return hidden
+
+    saved = [m.__dict__.get("forward") for m in layers[:layer]]
+    try:
+        for m in layers[:layer]:
+            m.forward = stub
+        yield seen
+    finally:
+        for m, f in zip(layers[:layer], saved, strict=True):
+            del m.forward
+            if f is not None:
+                m.forward = f
+
+
 def _forward_logits(model: nn.Module, input_ids, attention_mask) -> torch.Tensor:
     last = _last_index(attention_mask)
     keep, inverse = torch.unique(last, return_inverse=True)  # usually one column (left padding)
@@ -96,12 +170,16 @@ def edit_head_forward(
     *,
     query_positions: int | Sequence[int] = -1,
     return_layer_output: bool = False,
+    hidden_in: torch.Tensor | None = None,
 ) -> HeadEditResult:
     """One forward with ``edit`` applied to head ``head``'s q/k at ``layer``.
 
     ``edit(q_h [B, S, D], k_h [B, S, D])`` receives clones in padded coordinates (see
     :func:`resolve_positions`) and returns the edited pair; ``None`` = no edit (baseline).
     ``query_positions``: one unpadded position per example (or one for all).
+    ``hidden_in [B, S, d_model]``: the hidden state entering ``layer`` from an unedited
+    forward of the same ``input_ids``/``attention_mask`` (:attr:`LayerInput.hidden`); the
+    layers before ``layer`` are then skipped.
     """
     info = model_info(model)
     layer = check_layers(layer, info.n_layers)[0]
@@ -134,9 +212,21 @@ def edit_head_forward(
             store["layer_output"] = out
         return out, w
 
-    with torch.no_grad(), attention_hooks(model, {layer: hook}) as session:
+    if hidden_in is not None and hidden_in.shape[:2] != input_ids.shape:
+        raise ValueError(
+            f"hidden_in must be [B, S, d_model] for input_ids {list(input_ids.shape)}, "
+            f"got {list(hidden_in.shape)}"
+        )
+    resume = (
+        _resume_at(model, layer, hidden_in.to(device))
+        if hidden_in is not None and layer > 0
+        else contextlib.nullcontext([True])
+    )
+    with torch.no_grad(), resume as seen, attention_hooks(model, {layer: hook}) as session:
         logits = _forward_logits(model, input_ids, attention_mask)
     session.check_called(model, [layer])
+    if not seen[0]:
+        raise ValueError(f"{type(model).__name__}: the layer stubs were not called on resume")
     return HeadEditResult(
         attention=_unpad(store["attention"], attention_mask),
         logits=logits,
@@ -154,11 +244,13 @@ def swap_keys_forward(
     *,
     query_positions: int | Sequence[int] = -1,
     return_layer_output: bool = False,
+    hidden_in: torch.Tensor | None = None,
 ) -> HeadEditResult:
     """Batched in-forward key swap: example ``b`` swaps ``swaps[b]`` (``None`` = no edit).
 
     For each swap, ``k_a += V(Vᵀk_b − Vᵀk_a)`` and ``k_b += V(Vᵀk_a − Vᵀk_b)`` on head
     ``head``'s post-RoPE keys (see :func:`qkcov.core.intervention.swap_in_subspace`).
+    ``hidden_in``: resume at ``layer`` (see :func:`edit_head_forward`).
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -195,4 +287,115 @@ def swap_keys_forward(
     return edit_head_forward(
         model, input_ids, attention_mask, layer, head, edit if rows else None,
         query_positions=query_positions, return_layer_output=return_layer_output,
+        hidden_in=hidden_in,
     )  # fmt: skip
+
+
+@dataclass
+class LayerInput:
+    """One unedited forward of a batch of B prompts (padded width S), seen from head ``head``.
+
+    ``hidden [B, S, d_model]``: hidden state entering ``layer`` (padded coordinates; feed it
+    back as ``hidden_in``). ``query [B, D]``: the head's post-RoPE query at each example's
+    query position. ``keys [B, S, D]``: the post-RoPE keys of its kv head and ``mask [B, S]``
+    (float64 additive: 0 = may attend, -inf = not) the model's mask row at that query, both
+    in *unpadded* key coordinates (padding slots masked). ``softmax(softcap(scaling·q·kᵀ) +
+    mask)`` is the model's attention row. ``answer_logprobs [B, T]``: next-token log-probs
+    (float64) of the requested answer tokens at each example's last real token.
+    """
+
+    layer: int
+    head: int
+    hidden: torch.Tensor
+    query: torch.Tensor
+    keys: torch.Tensor
+    mask: torch.Tensor
+    scaling: float
+    softcap: float | None
+    answer_logprobs: torch.Tensor
+
+
+def capture_layer_input(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layer: int,
+    head: int,
+    *,
+    query_positions: int | Sequence[int] = -1,
+    answer_tokens: torch.Tensor,
+    keep_hidden: bool = True,
+) -> LayerInput:
+    """One unedited forward keeping what offline swaps and resumed forwards need.
+
+    ``answer_tokens [B, T]``: token ids whose next-token log-probs are kept (the logits
+    themselves are not). ``keep_hidden=False`` skips the layer-input copy (full-forward
+    fallback).
+    """
+    info = model_info(model)
+    layer = check_layers(layer, info.n_layers)[0]
+    head = check_heads(head, info.n_heads)[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    B, S = input_ids.shape
+    if answer_tokens.ndim != 2 or answer_tokens.shape[0] != B:
+        raise ValueError(f"answer_tokens must be [B={B}, T], got {list(answer_tokens.shape)}")
+    qpos = [query_positions] * B if isinstance(query_positions, int) else list(query_positions)
+    ex, q_padded, _ = resolve_positions([[p] for p in qpos], attention_mask, "query position")
+    store: dict[str, torch.Tensor | float | None] = {}
+
+    def hook(call: LayerCall) -> None:
+        kv = head // call.group_size
+        store["query"] = call.query[ex, head, q_padded]  # [B, D]
+        store["keys"] = call.key[:, kv]  # [B, S, D] padded
+        m = call.mask()
+        m = m[ex if m.shape[0] > 1 else torch.zeros_like(ex), 0 if m.shape[1] == 1 else head]
+        row = m[torch.arange(B, device=device), q_padded]  # [B, S]
+        if row.dtype == torch.bool:
+            row = torch.zeros(row.shape, dtype=torch.float64, device=device).masked_fill(
+                ~row, float("-inf")
+            )
+        store["mask"] = row.double()
+        store["scaling"], store["softcap"] = call.scaling, call.softcap
+
+    handle = None
+    if keep_hidden:
+        layers = _decoder_layers(model, layer)
+        if layers is None:
+            raise ValueError(
+                f"{type(model).__name__}: cannot locate its decoder layers; use keep_hidden=False"
+            )
+
+        def pre(_m, args, kwargs):
+            store["hidden"] = args[0] if args else kwargs["hidden_states"]
+
+        handle = layers[layer].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad(), attention_hooks(model, {layer: hook}) as session:
+            logits = _forward_logits(model, input_ids, attention_mask)
+    finally:
+        if handle is not None:
+            handle.remove()
+    session.check_called(model, [layer])
+    if keep_hidden and "hidden" not in store:
+        raise ValueError(f"{type(model).__name__}: decoder layer {layer} was not called")
+    # padded -> unpadded key coordinates; padding slots stay masked
+    keys = torch.zeros_like(store["keys"])
+    mask = torch.full((B, S), float("-inf"), dtype=torch.float64, device=device)
+    for b in range(B):
+        real = attention_mask[b].nonzero().flatten()
+        keys[b, : real.numel()] = store["keys"][b, real]
+        mask[b, : real.numel()] = store["mask"][b, real]
+    return LayerInput(
+        layer=layer,
+        head=head,
+        hidden=store["hidden"] if keep_hidden else torch.empty(0),
+        query=store["query"],
+        keys=keys,
+        mask=mask,
+        scaling=float(store["scaling"]),
+        softcap=store["softcap"],
+        answer_logprobs=answer_logprobs(logits, answer_tokens),
+    )

@@ -147,18 +147,29 @@ TINY_ARCHS: dict[str, Callable[[], tuple[type, object]]] = {
 
 
 def tiny_model(
-    arch: str, *, seed: int = 0, attn_implementation: str | None = None
+    arch: str,
+    *,
+    seed: int = 0,
+    attn_implementation: str | None = None,
+    vocab_size: int | None = None,
 ) -> PreTrainedModel:
     """Random-weight float32 model of ``arch`` (one of :data:`TINY_ARCHS`), in eval mode.
 
     Default attention is ``sdpa``, or ``eager`` when the config soft-caps attention logits
-    (sdpa cannot).
+    (sdpa cannot). ``vocab_size`` (>= the tokenizer's ~103 ids) enlarges the embedding and
+    LM head, e.g. to measure what scales with the vocabulary.
     """
     if arch not in TINY_ARCHS:
         raise ValueError(
             f"unknown tiny architecture {arch!r}; expected one of {sorted(TINY_ARCHS)}"
         )
     cls, cfg = TINY_ARCHS[arch]()
+    if vocab_size is not None:
+        if vocab_size < _V:
+            raise ValueError(
+                f"vocab_size must be >= {_V} (the tiny tokenizer's ids), got {vocab_size}"
+            )
+        cfg.vocab_size = vocab_size
     if attn_implementation is None:
         attn_implementation = "eager" if getattr(cfg, "attn_logit_softcapping", None) else "sdpa"
     cfg._attn_implementation = attn_implementation
