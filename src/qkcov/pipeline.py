@@ -98,7 +98,13 @@ class RunConfig(ConfigMixin):
     alpha: float = _help("significance level of the null rank and p-values", default=0.05)
     n_permutations: int = _help("permutations of the ΔC null (0 = off)", default=200)
     n_bootstrap: int = _help("bootstrap resamples of records (0 = off)", default=200)
-    n_random: int = _help("random equal-rank subspaces per swap condition", default=20)
+    n_random: int = _help(
+        "random equal-rank subspaces per swap condition (attention metrics, computed offline)",
+        default=100,
+    )
+    n_random_downstream: int = _help(
+        "random draws per condition that also get a downstream (log-prob) pass", default=3
+    )
     n_swap: int = _help("held-out records used for swaps (0 = all)", default=64)
     n_scan: int = _help("build records used for the head scan (0 = all)", default=0)
     n_attribution: int = _help("held-out records used for attribution (0 = all)", default=64)
@@ -150,6 +156,7 @@ class RunConfig(ConfigMixin):
         ):
             check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name), 0)
         check_positive_int("--n-random", self.n_random, 10)
+        check_positive_int("--n-random-downstream", self.n_random_downstream, 1)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"--seed must be an integer, got {self.seed!r}")
         for name, lo, hi, lo_open in (
@@ -459,7 +466,8 @@ def _swaps(
     pairs = swap_pairs(resolved, rows, seed=sub_seed(cfg.seed, "pairs"))
     sw = run_swaps(
         model, tokenizer, resolved, head[0], head[1], pairs, {k: v.float() for k, v in bases.items()},
-        n_random=cfg.n_random, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress,
+        n_random=cfg.n_random, n_random_downstream=min(cfg.n_random_downstream, cfg.n_random),
+        seed=cfg.seed, batch_size=cfg.batch_size, progress=progress,
     )  # fmt: skip
     per = sw.get("per_prompt", {})
     conditions = {
@@ -558,7 +566,6 @@ def _subset(idx: list[int], k: int) -> list[int]:
     return idx if k == 0 or k >= len(idx) else idx[:k]
 
 
-
 # --------------------------------------------------------------------------- resume
 class RunState:
     """Checkpoints of one run in ``.<out>.checkpoint/`` beside ``out``: the contrast
@@ -566,14 +573,25 @@ class RunState:
     finished head. ``resume=True`` continues from them when the fingerprint (settings, a hash
     of the records, the model) matches, and refuses otherwise; a finished run deletes them."""
 
-    def __init__(self, out: str | Path, cfg: RunConfig, records: Sequence[ContrastRecord], *, resume: bool, dist: Any = None) -> None:
+    def __init__(
+        self,
+        out: str | Path,
+        cfg: RunConfig,
+        records: Sequence[ContrastRecord],
+        *,
+        resume: bool,
+        dist: Any = None,
+    ) -> None:
         from .engine.checkpoint import data_hash
 
         out = Path(out).expanduser().absolute()
         self.dir = out.parent / f".{out.name}.checkpoint"
         self.cfg, self.resume, self.dist = cfg, resume, dist
         settings = {k: v for k, v in cfg.to_dict().items() if k != "checkpoint_every"}
-        self.fingerprint = {"settings": settings, "records": data_hash([r.to_dict() for r in records])}
+        self.fingerprint = {
+            "settings": settings,
+            "records": data_hash([r.to_dict() for r in records]),
+        }
         self.enabled = cfg.checkpoint_every > 0 or resume
         if not self.enabled:
             return
@@ -584,8 +602,12 @@ class RunState:
             saved = read_json(fp)
             for key in ("records", "settings"):
                 if saved.get(key) != self.fingerprint[key]:
-                    diff = key if key == "records" else next(
-                        (k for k in settings if saved["settings"].get(k) != settings[k]), key
+                    diff = (
+                        key
+                        if key == "records"
+                        else next(
+                            (k for k in settings if saved["settings"].get(k) != settings[k]), key
+                        )
                     )
                     raise ValueError(
                         f"--resume: checkpoint in {self.dir} was made with different settings or "
@@ -623,7 +645,9 @@ class RunState:
 
         if not (self.resume and (self.dir / "scan.json").is_file()):
             return None
-        return load_tensors(self.dir / "scan.safetensors")["rows"], read_json(self.dir / "scan.json")["scan"]
+        return load_tensors(self.dir / "scan.safetensors")["rows"], read_json(
+            self.dir / "scan.json"
+        )["scan"]
 
     def save_scan(self, rows: torch.Tensor, scan: list[dict[str, Any]] | None) -> None:
         from .artifacts import save_tensors, write_json
@@ -638,7 +662,10 @@ class RunState:
 
         if not (self.resume and (self.dir / f"head-{name}.json").is_file()):
             return None
-        return _head_from_dict(read_json(self.dir / f"head-{name}.json"), load_tensors(self.dir / f"head-{name}.safetensors"))
+        return _head_from_dict(
+            read_json(self.dir / f"head-{name}.json"),
+            load_tensors(self.dir / f"head-{name}.safetensors"),
+        )
 
     def save_head(self, head: HeadResult) -> None:
         from .artifacts import save_tensors, write_json
@@ -679,7 +706,14 @@ def analyze(
 
 
 def _analyze(
-    model: Any, tokenizer: Any, plan: Plan, cfg: RunConfig, timer: Timer, model_name: str | None
+    model: Any,
+    tokenizer: Any,
+    plan: Plan,
+    cfg: RunConfig,
+    timer: Timer,
+    model_name: str | None,
+    state: RunState | None = None,
+    dist: Any = None,
 ) -> AnalysisResult:
     from .engine.contrast import collect_full_keys, collect_qk, resolve_records, run_contrast
     from .engine.scan import attention_rows, scan_heads, select_heads
@@ -722,7 +756,9 @@ def _analyze(
             rows = all_rows[n_scan:]
             if n_scan:
                 scan = scan_heads(
-                    all_rows[:n_scan], [resolved[i] for i in scan_idx], seed=sub_seed(cfg.seed, "scan")
+                    all_rows[:n_scan],
+                    [resolved[i] for i in scan_idx],
+                    seed=sub_seed(cfg.seed, "scan"),
                 )
             if state is not None:
                 state.save_scan(rows, scan)
@@ -898,7 +934,9 @@ def run(
                 lm = load_model(cfg.model, **_load_kwargs(cfg, dist))
                 loaded = (lm.model, lm.tokenizer)
         model, tokenizer = loaded
-        result = _analyze(model, tokenizer, plan, cfg, timer, cfg.model, state, dist if dist.enabled else None)
+        result = _analyze(
+            model, tokenizer, plan, cfg, timer, cfg.model, state, dist if dist.enabled else None
+        )
         section = dict(section or {})
         if extras is not None:
             with timer.phase("extras"):
@@ -933,4 +971,3 @@ def _load_kwargs(cfg: RunConfig, dist: Any = None) -> dict[str, Any]:
     if cfg.trust_remote_code:
         kw["trust_remote_code"] = True
     return kw
-

@@ -475,11 +475,8 @@ def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult
     def cond(cname: str, cd: dict[str, Any] | None) -> SwapCondition | None:
         if cd is None:
             return None
-        per = {
-            m: t[f"{name}.swap.{cname}.{m}"].tolist()
-            for m in SWAP_METRICS
-            if f"{name}.swap.{cname}.{m}" in t
-        }
+        prefix = f"{name}.swap.{cname}."
+        per = {k[len(prefix) :]: v.tolist() for k, v in t.items() if k.startswith(prefix)}
         metrics = {k: v for k, v in cd.items() if k not in ("rank", "random", "ci", "p_value")}
         return SwapCondition(
             cname,

@@ -15,7 +15,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COMMON", "add_config_flags", "add_common_flags", "config_from_args", "flag_name"]
+__all__ = [
+    "COMMON",
+    "add_config_flags",
+    "add_common_flags",
+    "add_resume_flag",
+    "config_from_args",
+    "flag_name",
+]
 
 COMMON = ("model", "device", "dtype", "device_map", "heads", "batch_size", "seed")
 
@@ -96,6 +103,15 @@ def add_common_flags(parser: argparse.ArgumentParser | Any, *, out: bool = True)
             help="output folder (one complete run, replaced as a whole)",
         )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def add_resume_flag(parser: argparse.ArgumentParser | Any) -> None:
+    """``--resume``: continue an interrupted run from its checkpoints (``--checkpoint-every``)."""
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run into the same --out from its checkpoints (refused if settings or data differ)",
+    )
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:

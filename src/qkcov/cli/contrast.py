@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .common import COMMON, add_common_flags, add_config_flags, config_from_args
+from .common import COMMON, add_common_flags, add_config_flags, add_resume_flag, config_from_args
 
 __all__ = ["register", "run"]
 
@@ -31,6 +31,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data", required=True, type=Path, help="JSONL file of contrast records")
     add_common_flags(p)
     add_config_flags(p, RunConfig, skip=(*COMMON, "steps", "n_swap", "n_attribution", "n_centroid"))
+    add_resume_flag(p)
     p.set_defaults(func=run)
 
 
@@ -43,7 +44,9 @@ def run(args: argparse.Namespace) -> int:
         "key": f"contrast-{args.data.stem}",
         "title": f"Contrastive covariance: {args.data.name}",
     }
-    result = run_pipeline(cfg, args.data, args.out, quiet=args.quiet, section=section)
+    result = run_pipeline(
+        cfg, args.data, args.out, quiet=args.quiet, section=section, resume=args.resume
+    )
     print(result.summary())
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .common import COMMON, add_common_flags, add_config_flags, config_from_args
+from .common import COMMON, add_common_flags, add_config_flags, add_resume_flag, config_from_args
 
 __all__ = ["register", "run"]
 
@@ -33,6 +33,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data", required=True, type=Path, help="JSONL file of contrast records")
     add_common_flags(p)
     add_config_flags(p, RunConfig, skip=COMMON)
+    add_resume_flag(p)
     p.set_defaults(func=run)
 
 
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline import run as run_pipeline
 
     cfg = config_from_args(RunConfig, args)
-    result = run_pipeline(cfg, args.data, args.out, quiet=args.quiet)
+    result = run_pipeline(cfg, args.data, args.out, quiet=args.quiet, resume=args.resume)
     print(result.summary())
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0

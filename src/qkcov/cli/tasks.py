@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .common import COMMON, add_common_flags, add_config_flags, config_from_args
+from .common import COMMON, add_common_flags, add_config_flags, add_resume_flag, config_from_args
 
 __all__ = ["register", "run_task", "export"]
 
@@ -46,6 +46,7 @@ def register(subparsers: Any) -> None:
         )
         add_common_flags(p)
         add_config_flags(p, RunConfig, skip=COMMON)
+        add_resume_flag(p)
         _task_flags(p, name)
         p.set_defaults(func=run_task, task=name)
 
@@ -111,8 +112,9 @@ def run_task(args: argparse.Namespace) -> int:
     )
     section = {"key": spec.name, "title": spec.title, "order": spec.order, "text": list(spec.text)}
     result = run_pipeline(
-        cfg, records, args.out, quiet=args.quiet, section=section, extras=EXTRAS.get(args.task)
-    )
+        cfg, records, args.out, quiet=args.quiet, section=section,
+        extras=EXTRAS.get(args.task), resume=args.resume,
+    )  # fmt: skip
     print(result.summary())
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0

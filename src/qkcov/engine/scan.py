@@ -186,7 +186,12 @@ def check_heads_spec(spec: object) -> None:
                 f"heads spec {spec!r}: expected 'auto' or 'auto:K' with an integer K >= 1"
             )
         return
-    parse_heads(s, sys.maxsize, sys.maxsize)
+    try:
+        parse_heads(s, sys.maxsize, sys.maxsize)
+    except ValueError:
+        raise ValueError(
+            f"--heads {spec!r}: expected 'auto', 'auto:K' or heads like 'L20H26,L16H19'"
+        ) from None
 
 
 def select_heads(
