@@ -9,7 +9,8 @@ __all__ = ["register", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..models.loading import DEFAULT_MODEL, PRESETS
+    from ..pipeline import RunConfig
+    from .common import add_config_flags
 
     p = subparsers.add_parser(
         "verify",
@@ -21,11 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "when the max absolute difference exceeds the tolerance."
         ),
     )
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"preset ({', '.join(sorted(PRESETS))}), local directory, .gguf file or hub id",
-    )
+    add_config_flags(p, RunConfig, only=("model", "device", "dtype", "device_map"))
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable; >= 2)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     p.add_argument("--tolerance", type=float, default=1e-5, help="max allowed |difference|")
@@ -35,8 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..models.loading import format_prompt, load_model
     from ..models.verify import DEFAULT_PROMPTS, verify_parity
+    from ..pipeline import RunConfig, _load_kwargs
+    from .common import config_from_args
 
-    loaded = load_model(args.model)
+    cfg = config_from_args(RunConfig, args)
+    loaded = load_model(cfg.model, **_load_kwargs(cfg))
     prompts = list(args.prompt or DEFAULT_PROMPTS)
     if args.chat:
         prompts = [format_prompt(loaded.tokenizer, p, chat=True) for p in prompts]
