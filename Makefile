@@ -34,6 +34,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/toy_grid.py
 	$(BIN)/python benchmarks/capture_overhead.py
+	$(BIN)/python benchmarks/swap_speed.py
+	$(BIN)/python benchmarks/run_time.py
 
 clean:
 	rm -rf $(VENV) qkcov-demo

@@ -91,7 +91,8 @@ def test_attribution_is_exact_and_swaps_have_baselines(agreement_run):
         torch.testing.assert_close(parts.sum(0), total, atol=1e-9, rtol=0)
         c = h.swaps.conditions[h.swaps.headline]
         assert len(c.random["delta_p"]["draws"]) == FAST["n_random"]
-        assert c.rank == h.headline.rank
+        assert c.rank == h.headline.rank == h.headline.key_basis.shape[1]
+        assert h.headline.query_basis.shape[1] == h.headline.rank
         assert 0.0 < c.p_value <= 1.0
 
 
@@ -278,6 +279,8 @@ def test_summary_prints_a_table(agreement_run):
     assert lines[0].split() == [
         "head",
         "rank",
+        "rank",
+        "(energy)",
         "p",
         "Δp",
         "swap",

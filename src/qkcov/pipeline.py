@@ -297,8 +297,10 @@ def _subspace_results(
         rank, rule = sub.rank, "energy"  # the energy rule stands in when the null is unavailable
         if cfg.rank_rule == "null" and sig is not None and sig["available"]:
             rank, rule = (int(sig["rank_null"]) if sig["significant"] else 0), "null"
+        # the bases hold the rank in force; rank_energy is kept beside it
+        in_force = sub if rank == sub.rank else feature_subspace(delta, cfg.energy, rank=rank)
         groups[g] = SubspaceResult(
-            feature, g, rank, sub.rank, rule, sub, delta, int(n_pos), int(n_neg), sig
+            feature, g, rank, sub.rank, rule, in_force, delta, int(n_pos), int(n_neg), sig
         )
     per_group = [s for g, s in groups.items() if g != POOLED and s.rank > 0]
     union_k = union_q = None
@@ -422,12 +424,20 @@ def _projection(
     )  # fmt: skip
 
 
-def _swap_conditions(features: Mapping[str, FeatureResult]) -> dict[str, torch.Tensor]:
-    """Key bases to swap in: each feature's pooled subspace, its group union, all features."""
+def _swap_conditions(
+    features: Mapping[str, FeatureResult], energy: float
+) -> dict[str, torch.Tensor]:
+    """Key bases to swap in: each feature's pooled subspace (and, when the rank in force
+    differs, its energy-rank subspace ``<feature>@energy``), its group union, all features."""
     bases: dict[str, torch.Tensor] = {}
     for name, f in features.items():
         if f.pooled.rank > 0:
             bases[name] = f.pooled.key_basis
+            r_e = f.pooled.rank_energy
+            if 0 < r_e != f.pooled.rank:
+                bases[f"{name}@energy"] = feature_subspace(
+                    f.pooled.delta, energy, rank=r_e
+                ).key_basis
         if f.union_key is not None and f.union_key.shape[1] > 0:
             bases[f"{name}:groups"] = f.union_key
     if len(features) > 1:
@@ -457,7 +467,7 @@ def _swaps(
         skip_reason = (
             "no held-out record holds both a positive and a negative key, so no swap pair exists"
         )
-    bases = _swap_conditions(features)
+    bases = _swap_conditions(features, cfg.energy)
     if skip_reason is None and headline_feature not in bases:
         sig = features[headline_feature].pooled.significance or {}
         skip_reason = sig.get("reason") or f"feature {headline_feature!r} has rank 0"

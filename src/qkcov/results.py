@@ -354,6 +354,7 @@ class AnalysisResult:
                 [
                     h.name,
                     str(d["rank"]),
+                    str(h.headline.rank_energy),
                     _r(sig.get("p_value")) if sig.get("available", True) and sig else "–",
                     "–" if swap is None else _r(swap["delta_p"]),
                     "–"
@@ -369,7 +370,16 @@ class AnalysisResult:
 
     def summary(self) -> str:
         """A short table: head, rank, p, Δp vs random, ceiling, explained fraction."""
-        cols = ["head", "rank", "p", "Δp swap", "Δp random", "Δp full key", "explained"]
+        cols = [
+            "head",
+            "rank",
+            "rank (energy)",
+            "p",
+            "Δp swap",
+            "Δp random",
+            "Δp full key",
+            "explained",
+        ]
         rows = [cols, *self.summary_rows()]
         widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
@@ -445,7 +455,7 @@ def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult
         for g, sd in fd["groups"].items():
             p = f"{name}.{fname}.{g}."
             sub = FeatureSubspace(
-                rank=sd["rank_energy"],
+                rank=sd["rank"],
                 singular_values=t[p + "singular_values"],
                 query_basis=t[p + "query_basis"],
                 key_basis=t[p + "key_basis"],
