@@ -2,7 +2,7 @@
 negative keys exchanged with probability 1/2, so no feature separates them), on the default
 model, for the agreement task (240 records) and the built-in filter task.
 
-Prints per task, label set and head: p-value, rank (null rule), rank (energy), rank 95 % CI,
+Usage: python benchmarks/significance_real.py [agreement] [filter]. Prints per task, label set and head: p-value, rank (null rule), rank (energy), rank 95 % CI,
 stability. The heads are chosen once by the scan on the real labels and kept for the coin flip.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import sys
 
 from qkcov.models.loading import load_model
 from qkcov.pipeline import RunConfig, analyze
@@ -32,7 +33,10 @@ def main() -> None:
         "agreement": build_task_records("agreement", n=240),
         "filter": build_task_records("filter"),
     }
+    wanted = sys.argv[1:] or list(tasks)
     for task, records in tasks.items():
+        if task not in wanted:
+            continue
         real = analyze(lm.model, lm.tokenizer, records, heads="auto:3", steps="", progress=False)
         heads = ",".join(h.name for h in real.heads)
         flip = analyze(lm.model, lm.tokenizer, coin_flip(records), heads=heads, steps="", progress=False)

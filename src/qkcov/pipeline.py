@@ -320,7 +320,15 @@ def _subspace_results(
                 angles.append(
                     {"a": a.group, "b": b.group, "min_degrees": math.degrees(float(ang.min()))}
                 )
-    return FeatureResult(feature, groups, union_k, union_q, angles)
+    group_p = [
+        s.significance["p_value"]
+        for g, s in groups.items()
+        if g != POOLED and s.significance and s.significance.get("available")
+    ]
+    combined = (
+        None if not group_p else min(1.0, len(group_p) * min(group_p))
+    )  # Bonferroni over groups
+    return FeatureResult(feature, groups, union_k, union_q, angles, combined)
 
 
 def _significance(
@@ -468,7 +476,13 @@ def _swaps(
             "no held-out record holds both a positive and a negative key, so no swap pair exists"
         )
     bases = _swap_conditions(features, cfg.energy)
-    if skip_reason is None and headline_feature not in bases:
+    # headline: the first feature's pooled subspace, or the union of its significant group
+    # subspaces when the pooled contrast is not significant (a categorical feature can live
+    # in per-value directions that pooling averages away)
+    headline = next(
+        (c for c in (headline_feature, f"{headline_feature}:groups") if c in bases), None
+    )
+    if skip_reason is None and headline is None:
         sig = features[headline_feature].pooled.significance or {}
         skip_reason = sig.get("reason") or f"feature {headline_feature!r} has rank 0"
     if skip_reason is not None:
@@ -494,9 +508,7 @@ def _swaps(
     ceiling = SwapCondition(
         "ceiling", int(model_head_dim(model)), dict(sw["ceiling"]), None, per.get("ceiling")
     )
-    return SwapResult(
-        int(sw["n"]), headline_feature, conditions, ceiling, dict(sw["null"]), cfg.n_random
-    )
+    return SwapResult(int(sw["n"]), headline, conditions, ceiling, dict(sw["null"]), cfg.n_random)
 
 
 def _swap_statistics(conditions: Mapping[str, SwapCondition], cfg: RunConfig) -> None:
@@ -534,7 +546,11 @@ def _attribution(
     tokens: list[str],
     cfg: RunConfig,
 ) -> AttributionResult:
-    qb = {name: f.pooled.query_basis for name, f in features.items() if f.pooled.rank > 0}
+    qb = {
+        name: f.pooled.query_basis if f.pooled.rank > 0 else f.union_query
+        for name, f in features.items()
+        if f.pooled.rank > 0 or (f.union_query is not None and f.union_query.shape[1] > 0)
+    }
     if not qb:
         reason = next(
             (

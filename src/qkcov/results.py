@@ -37,6 +37,15 @@ POOLED = "pooled"
 SWAP_METRICS = ("delta_p", "flip_items", "flip_all", "logprob_shift")
 
 
+def _headline_p(head: dict[str, Any]) -> float | None:
+    """p of the headline: the pooled ΔC's, or the groups' combined p when the headline swap
+    is the union of the group subspaces."""
+    sig = head.get("significance") or {}
+    if (head.get("swap_condition") or "").endswith(":groups"):
+        return sig.get("groups_p_value")
+    return sig.get("p_value")
+
+
 def _r(x: float | None, nd: int = 3) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
@@ -93,6 +102,7 @@ class FeatureResult:
     ``groups``: per group with both sides, plus ``"pooled"``. ``union_key`` / ``union_query``:
     per-group subspaces stacked and ordered by energy (``None`` with fewer than 2 groups).
     ``principal_angles``: smallest angle (degrees) between each pair of group key subspaces.
+    ``groups_p_value``: the smallest per-group p-value times the number of groups (Bonferroni).
     """
 
     name: str
@@ -100,6 +110,7 @@ class FeatureResult:
     union_key: torch.Tensor | None = None
     union_query: torch.Tensor | None = None
     principal_angles: list[dict[str, Any]] = field(default_factory=list)
+    groups_p_value: float | None = None  # Bonferroni-combined p of the per-group ΔCs
 
     @property
     def pooled(self) -> SubspaceResult:
@@ -110,6 +121,7 @@ class FeatureResult:
             "groups": {g: s.to_dict() for g, s in self.groups.items()},
             "union_rank": None if self.union_key is None else int(self.union_key.shape[1]),
             "principal_angles": self.principal_angles,
+            "groups_p_value": self.groups_p_value,
         }
 
 
@@ -251,13 +263,17 @@ class HeadResult:
         c = self.swaps.conditions.get(self.swaps.headline or "")
         ceiling = self.swaps.ceiling
         att = self.attribution
+        feature = next(iter(self.features.values()))
+        sig = dict(self.headline.significance or {}) or None
+        if sig is not None:
+            sig["groups_p_value"] = feature.groups_p_value
         return {
             "layer": self.layer,
             "head": self.head,
             "name": self.name,
-            "rank": self.headline.rank,
+            "rank": self.headline.rank if c is None else c.rank,
             "rank_rule": self.headline.rank_rule,
-            "significance": self.headline.significance,
+            "significance": sig,
             "swap": None if c is None else {m: c.metrics.get(m) for m in SWAP_METRICS},
             "swap_condition": self.swaps.headline,
             "random": None
@@ -355,7 +371,7 @@ class AnalysisResult:
                     h.name,
                     str(d["rank"]),
                     str(h.headline.rank_energy),
-                    _r(sig.get("p_value")) if sig.get("available", True) and sig else "–",
+                    _r(_headline_p(d)) if sig.get("available") else "–",
                     "–" if swap is None else _r(swap["delta_p"]),
                     "–"
                     if rnd is None
@@ -472,6 +488,7 @@ def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult
             t.get(f"{name}.{fname}.union_key"),
             t.get(f"{name}.{fname}.union_query"),
             fd.get("principal_angles", []),
+            fd.get("groups_p_value"),
         )
     projections = {}
     for fname, pd in d["projections"].items():

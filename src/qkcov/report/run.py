@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import read_json
+from ..results import _headline_p
 from .html import write_section
 
 __all__ = ["write_run_section", "head_rows"]
@@ -25,7 +26,9 @@ def _pm(d: dict[str, Any] | None, nd: int = 3) -> str:
 
 def _ci(c: dict[str, Any] | None, metric: str) -> str:
     ci = (c or {}).get("ci") or {}
-    return "–" if metric not in ci else f"[{ci[metric][0]:.3f}, {ci[metric][1]:.3f}]"
+    if not ci.get(metric) or None in ci[metric]:
+        return "–"
+    return f"[{ci[metric][0]:.3f}, {ci[metric][1]:.3f}]"
 
 
 def head_rows(info: dict[str, Any]) -> list[list[Any]]:
@@ -45,7 +48,7 @@ def head_rows(info: dict[str, Any]) -> list[list[Any]]:
                     "rank_energy",
                     h["features"][next(iter(h["features"]))]["groups"]["pooled"]["rank_energy"],
                 ),
-                _f(sig.get("p_value")) if avail else "–",
+                _f(_headline_p(h)) if avail else "–",
                 (
                     f"[{sig['rank_ci'][0]}, {sig['rank_ci'][1]}]"
                     if avail and sig.get("rank_ci")

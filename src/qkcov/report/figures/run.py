@@ -193,7 +193,9 @@ def plot_swaps(out: Path, info: dict[str, Any]) -> Entries:
         ci = [conds[n].get("ci") or {} for n in names]
         err = np.array(
             [
-                [v - c["delta_p"][0], c["delta_p"][1] - v] if "delta_p" in c else [0, 0]
+                [max(v - c["delta_p"][0], 0), max(c["delta_p"][1] - v, 0)]
+                if c.get("delta_p") and None not in c["delta_p"]
+                else [0, 0]
                 for v, c in zip(vals, ci, strict=False)
             ]
             + [[0, 0]]
