@@ -98,6 +98,8 @@ def test_sigint_during_heavy_imports_is_one_line(tmp_path):
     _, err = proc.communicate(timeout=60)
     if proc.returncode == 2:  # the machine was fast enough to finish first
         pytest.skip("the command finished before the signal")
+    if proc.returncode == -signal.SIGINT and not err.strip():  # a loaded machine: still starting
+        pytest.skip("the signal arrived while the interpreter itself was starting")
     assert proc.returncode == 130 and err.strip().splitlines() == ["qkcov report: interrupted"]
 
 
