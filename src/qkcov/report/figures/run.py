@@ -123,6 +123,7 @@ def plot_projections(out: Path, info: dict[str, Any], t: dict[str, Any]) -> tupl
                 ax.set(title=f"{h['name']} {name}: {what}", xlabel="dir 1", ylabel="dir 2")
                 if len(groups) <= 8:
                     ax.legend(fontsize=6)
+    fig.tight_layout()
     save_png(fig, out / "projections.png")
     entries = [
         {
@@ -212,7 +213,8 @@ def plot_swaps(out: Path, info: dict[str, Any]) -> Entries:
         ax.set_xticks(x, [f"{n}\n(r={conds[n]['rank']})" for n in names] + ["full key"], fontsize=7)
         ax.axhline(0, color="black", lw=0.5)
         ax.set(title=f"{h['name']} (n={h['swaps']['n']})", ylabel="Δp = Δ a_t/(a_o+a_t)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="best", framealpha=0.6)
+    fig.tight_layout()
     save_png(fig, out / "swaps.png")
     return [
         {
