@@ -60,6 +60,7 @@ DEFAULT_FEATURE = "feature"
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 RANK_RULES = ("null", "energy")
 STEPS = ("projections", "swaps", "attribution")
+ATTRIBUTION_RANDOM = 20  # random subspace pairs for the explained-fraction baseline
 PROJ_DIMS = 3
 Head = tuple[int, int]
 
@@ -106,7 +107,10 @@ class RunConfig(ConfigMixin):
         "random draws per condition that also get a downstream (log-prob) pass", default=3
     )
     n_swap: int = _help("held-out records used for swaps (0 = all)", default=64)
-    n_scan: int = _help("build records used for the head scan (0 = all)", default=0)
+    n_scan: int = _help(
+        "build records used for the head scan (0 = all; the scan reports bootstrap CIs)",
+        default=128,
+    )
     n_attribution: int = _help("held-out records used for attribution (0 = all)", default=64)
     n_centroid: int = _help(
         "build records whose keys fit the group centroids (0 = all)", default=96
@@ -569,7 +573,7 @@ def _attribution(
     ex = explain_logits(full["q"], full["keys"], qb, priority=order, scaling=full["scaling"])
     D = full["q"].shape[1]
     fr, fc = [], []
-    for d in range(cfg.n_random):
+    for d in range(min(cfg.n_random, ATTRIBUTION_RANDOM)):
         rb = {
             n: random_orthonormal(D, b.shape[1], seed=sub_seed(cfg.seed, f"attr-random:{n}", d))
             for n, b in qb.items()
@@ -588,8 +592,12 @@ def _attribution(
     )  # fmt: skip
 
 
-def _subset(idx: list[int], k: int) -> list[int]:
-    return idx if k == 0 or k >= len(idx) else idx[:k]
+def _subset(idx: list[int], k: int, seed: int, purpose: str) -> list[int]:
+    """``k`` of ``idx`` drawn at random (seeded per purpose), in record order; all when k = 0."""
+    if k == 0 or k >= len(idx):
+        return idx
+    gen = torch.Generator().manual_seed(sub_seed(seed, purpose))
+    return [idx[i] for i in sorted(torch.randperm(len(idx), generator=gen)[:k].tolist())]
 
 
 # --------------------------------------------------------------------------- resume
@@ -760,9 +768,11 @@ def _analyze(
         if limit:
             check_lengths(resolved, limit)
     steps = cfg.step_list()
-    scan_idx = _subset(plan.indices("build", two_sided=True), cfg.n_scan)
+    scan_idx = _subset(plan.indices("build", two_sided=True), cfg.n_scan, cfg.seed, "scan-subset")
     swap_idx = (
-        _subset(plan.indices("heldout", two_sided=True), cfg.n_swap) if "swaps" in steps else []
+        _subset(plan.indices("heldout", two_sided=True), cfg.n_swap, cfg.seed, "swap-subset")
+        if "swaps" in steps
+        else []
     )
     scan = rows = None
     auto = cfg.heads.strip().lower().startswith("auto")
@@ -803,7 +813,9 @@ def _analyze(
             stats[f] = contrasts[f].record_stats
 
     held = plan.indices("heldout") if "projections" in steps else []
-    cent = _subset(plan.indices("build"), cfg.n_centroid) if held else []
+    cent = (
+        _subset(plan.indices("build"), cfg.n_centroid, cfg.seed, "centroid-subset") if held else []
+    )
     with timer.phase("collect"):
         vecs = (
             collect_qk(
@@ -819,7 +831,9 @@ def _analyze(
             else {}
         )
         attr_idx = (
-            _subset(plan.indices("heldout"), cfg.n_attribution) if "attribution" in steps else []
+            _subset(plan.indices("heldout"), cfg.n_attribution, cfg.seed, "attribution-subset")
+            if "attribution" in steps
+            else []
         )
         full = (
             collect_full_keys(
