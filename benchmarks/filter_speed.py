@@ -35,11 +35,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         old_tree = tmp / "old"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old_tree), base], check=True, capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(old_tree), base],
+            check=True,
+            capture_output=True,
+        )
         try:
             env_old = dict(os.environ, PYTHONPATH=str(old_tree / "src"))
             env_new = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-            t_old = timed([sys.executable, "-m", "qkcov", "filter", "--out", str(tmp / "old-out"), "--quiet"], env_old)
+            t_old = timed(
+                [sys.executable, "-m", "qkcov", "filter", "--out", str(tmp / "old-out"), "--quiet"],
+                env_old,
+            )
             t_new = timed([sys.executable, "-m", "qkcov", "filter", "--out", str(tmp / "new-out"), "--quiet",
                            "--n-build", "300", "--n-heldout", "200", "--heads", "auto:1", "--n-swap", "64"], env_new)  # fmt: skip
             old = load_file(tmp / "old-out" / "filter.safetensors")
@@ -49,7 +56,10 @@ def main() -> None:
             old_info = json.loads((tmp / "old-out" / "filter.json").read_text())
             new_info = json.loads((tmp / "new-out" / "run.json").read_text())
         finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old_tree)], capture_output=True)
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old_tree)],
+                capture_output=True,
+            )
     head = old_info["heads"][0]["name"]
     new_head = new_info["heads"][0]
     print(f"old head {head}, new head {new_head['name']}")
@@ -62,10 +72,14 @@ def main() -> None:
         worst = max(worst, float((d_old - d_new).norm() / d_old.norm()))
         r_new = new_head["features"]["feature"]["groups"][g]["rank_energy"]
         ranks_equal &= r_old == r_new
-        print(f"  {g:12s} rank old {r_old} new (energy) {r_new} (null) {new_head['features']['feature']['groups'][g]['rank']}")
+        print(
+            f"  {g:12s} rank old {r_old} new (energy) {r_new} (null) {new_head['features']['feature']['groups'][g]['rank']}"
+        )
     print(f"old_seconds={t_old:.1f} new_seconds={t_new:.1f}")
     print(f"filter_speedup={t_old / t_new:.2f}")
-    print(f"delta_max_rel_diff={worst:.2e} (old artifacts store ΔC in float32) ranks_equal={ranks_equal}")
+    print(
+        f"delta_max_rel_diff={worst:.2e} (old artifacts store ΔC in float32) ranks_equal={ranks_equal}"
+    )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ def main() -> None:
             print(f"[{name}] {times[name]:.1f} s; phases {result.timings}")
             print(result.summary())
     print(f"run_seconds={times['defaults']:.1f}")
-    print(f"stats_overhead_wall={times['defaults'] / times['no_stats'] - 1:.3f} (whole runs; noisy)")
+    print(
+        f"stats_overhead_wall={times['defaults'] / times['no_stats'] - 1:.3f} (whole runs; noisy)"
+    )
     # the null and the bootstrap run in the "subspaces" phase (record statistics are kept during
     # the ΔC capture at no measurable cost): their share, robust to noise in the other phases
     extra = phases["defaults"]["subspaces"] - phases["no_stats"]["subspaces"]

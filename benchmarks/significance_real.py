@@ -13,7 +13,7 @@ import random
 import sys
 
 from qkcov.models.loading import load_model
-from qkcov.pipeline import RunConfig, analyze
+from qkcov.pipeline import analyze
 from qkcov.tasks.builtin import build_task_records
 
 
@@ -39,7 +39,9 @@ def main() -> None:
             continue
         real = analyze(lm.model, lm.tokenizer, records, heads="auto:3", steps="", progress=False)
         heads = ",".join(h.name for h in real.heads)
-        flip = analyze(lm.model, lm.tokenizer, coin_flip(records), heads=heads, steps="", progress=False)
+        flip = analyze(
+            lm.model, lm.tokenizer, coin_flip(records), heads=heads, steps="", progress=False
+        )
         for label, res in (("real", real), ("coin-flip", flip)):
             for h in res.heads:
                 s = h.headline.significance

@@ -37,7 +37,7 @@ POOLED = "pooled"
 SWAP_METRICS = ("delta_p", "flip_items", "flip_all", "logprob_shift")
 
 
-def _headline_p(head: dict[str, Any]) -> float | None:
+def headline_p(head: dict[str, Any]) -> float | None:
     """p of the headline: the pooled ΔC's, or the groups' combined p when the headline swap
     is the union of the group subspaces."""
     sig = head.get("significance") or {}
@@ -371,7 +371,7 @@ class AnalysisResult:
                     h.name,
                     str(d["rank"]),
                     str(h.headline.rank_energy),
-                    _r(_headline_p(d)) if sig.get("available") else "–",
+                    _r(headline_p(d)) if sig.get("available") else "–",
                     "–" if swap is None else _r(swap["delta_p"]),
                     "–"
                     if rnd is None

@@ -23,7 +23,7 @@ import torch
 
 from ..artifacts import load_tensors, read_tensor_metadata, save_tensors
 from ..core.covariance import ContrastiveCovariance
-from ..core.subspace import FeatureSubspace, feature_subspace, union_basis
+from ..core.subspace import FeatureSubspace, feature_subspace
 from ..models.capture import CapturedQK, QKSites, capture_prompts
 from ..models.heads import format_head
 from ..models.loading import format_prompt, model_info
@@ -237,19 +237,6 @@ class ContrastResult:
                 out[g] = feature_subspace(acc.delta(g), energy)
         out[POOLED] = feature_subspace(acc.delta(None), energy)
         return out
-
-    def union_key_basis(self, head: Head, energy: float = 0.99) -> torch.Tensor:
-        """Per-group key subspaces stacked and re-orthonormalised ``[D, r]``."""
-        subs = {g: s for g, s in self.subspaces(head, energy).items() if g != POOLED}
-        if not subs:
-            return self.subspaces(head, energy)[POOLED].key_basis
-        return union_basis([s.key_basis for s in subs.values()])
-
-    def union_query_basis(self, head: Head, energy: float = 0.99) -> torch.Tensor:
-        subs = {g: s for g, s in self.subspaces(head, energy).items() if g != POOLED}
-        if not subs:
-            return self.subspaces(head, energy)[POOLED].query_basis
-        return union_basis([s.query_basis for s in subs.values()])
 
     def save(self, path: str | Path) -> Path:
         tensors: dict[str, torch.Tensor] = {}

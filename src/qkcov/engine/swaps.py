@@ -38,7 +38,7 @@ from ..models.intervene import (
 )
 from ..models.loading import model_info
 
-__all__ = ["swap_pairs", "run_swaps", "metric_summary", "random_summary", "METRICS"]
+__all__ = ["swap_pairs", "run_swaps", "METRICS"]
 
 METRICS = ("delta_p", "flip_items", "flip_all", "logprob_shift")
 
@@ -261,13 +261,3 @@ def _random(name: str, n_random: int, means) -> dict[str, dict[str, Any]]:
     attn = _summarise([{k: v for k, v in m.items() if k != "logprob_shift"} for m in draws])
     down = [{"logprob_shift": m["logprob_shift"]} for m in draws if "logprob_shift" in m]
     return attn | _summarise(down)
-
-
-def metric_summary(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The headline :data:`METRICS` of one condition of :func:`run_swaps`."""
-    return {m: float(metrics[m]) for m in METRICS}
-
-
-def random_summary(random: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """Mean and std over draws of the headline metrics of a random-baseline condition."""
-    return {m: {"mean": float(random[m]["mean"]), "std": float(random[m]["std"])} for m in METRICS}

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import read_json
-from ..results import _headline_p
+from ..results import headline_p
 from .html import write_section
 
 __all__ = ["write_run_section", "head_rows"]
@@ -48,7 +48,7 @@ def head_rows(info: dict[str, Any]) -> list[list[Any]]:
                     "rank_energy",
                     h["features"][next(iter(h["features"]))]["groups"]["pooled"]["rank_energy"],
                 ),
-                _f(_headline_p(h)) if avail else "–",
+                _f(headline_p(h)) if avail else "–",
                 (
                     f"[{sig['rank_ci'][0]}, {sig['rank_ci'][1]}]"
                     if avail and sig.get("rank_ci")
