@@ -324,15 +324,36 @@ def _subspace_results(
                 angles.append(
                     {"a": a.group, "b": b.group, "min_degrees": math.degrees(float(ang.min()))}
                 )
-    group_p = [
-        s.significance["p_value"]
-        for g, s in groups.items()
-        if g != POOLED and s.significance and s.significance.get("available")
-    ]
-    combined = (
-        None if not group_p else min(1.0, len(group_p) * min(group_p))
-    )  # Bonferroni over groups
+    combined = _groups_max_t(groups)
+    for sr in groups.values():
+        if sr.significance:
+            sr.significance.pop(NULL_TOP, None)
     return FeatureResult(feature, groups, union_k, union_q, angles, combined)
+
+
+NULL_TOP = "_null_top"
+
+
+def _groups_max_t(groups: Mapping[str, SubspaceResult]) -> float | None:
+    """p of "some group's ΔC is above its null": a max-T permutation test over the groups.
+
+    Groups hold disjoint records, so the j-th draws of the per-group nulls together are one
+    permutation of the whole design; each group's top singular value is standardised by its
+    null median, and the observed maximum is compared with the permuted maxima (exact at the
+    permutations' resolution, unlike a Bonferroni bound, whose floor G/(P+1) can exceed α)."""
+    obs, draws = [], []
+    for g, sr in groups.items():
+        sig = sr.significance or {}
+        if g == POOLED or not sig.get("available") or NULL_TOP not in sig:
+            continue
+        null = sig[NULL_TOP].double()
+        scale = float(null.median()) or 1.0
+        obs.append(float(sr.subspace.singular_values[0]) / scale)
+        draws.append(null / scale)
+    if not obs or len({d.numel() for d in draws}) != 1:
+        return None
+    t_null = torch.stack(draws).max(0).values
+    return float((1 + (t_null >= max(obs)).sum()) / (1 + t_null.numel()))
 
 
 def _significance(
@@ -350,6 +371,7 @@ def _significance(
             stats, cfg.n_permutations, seed=sub_seed(cfg.seed, f"null:{group}"), group=group
         )
         sig = st.significance(delta, null, alpha=cfg.alpha, energy=cfg.energy)
+        null_top = null.singular_values[:, 0].clone() if null.available else None
         rule = cfg.rank_rule if sig.available else "energy"
         boot = (
             st.bootstrap(stats, cfg.n_bootstrap, seed=sub_seed(cfg.seed, f"boot:{group}"), group=group,
@@ -379,6 +401,8 @@ def _significance(
         out["rank_ci"] = list(boot.rank_ci) if boot.rank_ci is not None else None
         out["stability_deg"] = boot.stability_deg
         out["singular_value_ci"] = boot.singular_value_ci[:, :16].tolist()
+    if null_top is not None:
+        out[NULL_TOP] = null_top  # for the max-T test over groups; dropped before saving
     return out
 
 

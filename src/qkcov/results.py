@@ -38,7 +38,7 @@ SWAP_METRICS = ("delta_p", "flip_items", "flip_all", "logprob_shift")
 
 
 def headline_p(head: dict[str, Any]) -> float | None:
-    """p of the headline: the pooled ΔC's, or the groups' combined p when the headline swap
+    """p of the headline: the pooled ΔC's, or the groups' max-T p when the headline swap
     is the union of the group subspaces."""
     sig = head.get("significance") or {}
     if (head.get("swap_condition") or "").endswith(":groups"):
@@ -102,7 +102,7 @@ class FeatureResult:
     ``groups``: per group with both sides, plus ``"pooled"``. ``union_key`` / ``union_query``:
     per-group subspaces stacked and ordered by energy (``None`` with fewer than 2 groups).
     ``principal_angles``: smallest angle (degrees) between each pair of group key subspaces.
-    ``groups_p_value``: the smallest per-group p-value times the number of groups (Bonferroni).
+    ``groups_p_value``: p of "some group's ΔC is above its null" (max-T over the groups).
     """
 
     name: str
@@ -110,7 +110,7 @@ class FeatureResult:
     union_key: torch.Tensor | None = None
     union_query: torch.Tensor | None = None
     principal_angles: list[dict[str, Any]] = field(default_factory=list)
-    groups_p_value: float | None = None  # Bonferroni-combined p of the per-group ΔCs
+    groups_p_value: float | None = None  # max-T permutation p over the per-group ΔCs
 
     @property
     def pooled(self) -> SubspaceResult:
