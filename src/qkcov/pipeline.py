@@ -943,7 +943,7 @@ def _analyze(
     ]
     return AnalysisResult(
         config=cfg.to_dict(),
-        model=model_name or cfg.model if model_name else type(model).__name__,
+        model=model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__,
         model_info=dataclasses.asdict(info),
         features=feature_info,
         n_records=len(plan.records),
