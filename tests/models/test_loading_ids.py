@@ -20,7 +20,15 @@ def test_empty_names(name):
 
 
 @pytest.mark.parametrize(
-    "name", ["./nope", "~/no-such-qkcov-model", "/no/such/dir", "a/b/c", "missing.gguf", "../x"]
+    "name",
+    [
+        "./nope",
+        "~/no-such-qkcov-model",
+        "/no/such/dir",
+        "a/b/c",
+        "missing.gguf",
+        "../no-such-qkcov-x",
+    ],
 )
 def test_missing_paths_fail_immediately(name):
     t0 = time.perf_counter()
