@@ -40,6 +40,7 @@ def head_rows(info: dict[str, Any]) -> list[list[Any]]:
         sw = h["swaps"]
         c = sw["conditions"].get(sw["headline"] or "")
         att = h["attribution"]
+        groups = (sw["headline"] or "").endswith(":groups")  # pooled CI/stability do not apply
         rows.append(
             [
                 h["name"],
@@ -51,10 +52,10 @@ def head_rows(info: dict[str, Any]) -> list[list[Any]]:
                 _f(headline_p(h)) if avail else "–",
                 (
                     f"[{sig['rank_ci'][0]}, {sig['rank_ci'][1]}]"
-                    if avail and sig.get("rank_ci")
+                    if avail and sig.get("rank_ci") and not groups
                     else "–"
                 ),
-                _f(sig.get("stability_deg"), 1) if avail else "–",
+                _f(sig.get("stability_deg"), 1) if avail and not groups else "–",
                 "skipped" if c is None else _f(c["delta_p"]),
                 _ci(c, "delta_p"),
                 "–" if c is None else _pm(c["random"]["delta_p"]),
@@ -178,7 +179,7 @@ def write_run_section(
             body.append(f"{h['name']}: attribution skipped — {h['attribution']['skipped']}.")
     tables = [
         {
-            "caption": "Studied heads (headline condition: the first feature's pooled key subspace)",
+            "caption": "Studied heads. Headline condition: the first feature's pooled key subspace, or the union of its significant per-group subspaces (':groups') when the pooled ΔC is not significant; rank, p, CI and stability refer to that condition",
             "columns": HEAD_COLUMNS,
             "rows": head_rows(info),
         },
