@@ -29,7 +29,7 @@ from torch import nn
 from ..core.intervention import attention_weights, swap_in_subspace
 from .capture import LayerCall, attention_hooks, padded_forward, resolve_positions
 from .heads import check_heads, check_layers
-from .loading import model_info
+from .loading import input_device, model_info
 
 __all__ = [
     "KeySwap",
@@ -160,6 +160,24 @@ def _forward_logits(model: nn.Module, input_ids, attention_mask) -> torch.Tensor
     return out.logits[torch.arange(input_ids.shape[0], device=input_ids.device), inverse]
 
 
+def _checked_inputs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layer: int,
+    head: int,
+) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """Range-checked ``(layer, head)`` and the inputs on the model's input device (the
+    embedding's, also for models dispatched with ``device_map``)."""
+    info = model_info(model)
+    layer = check_layers(layer, info.n_layers)[0]
+    head = check_heads(head, info.n_heads)[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    device = input_device(model)
+    return layer, head, input_ids.to(device), attention_mask.to(device)
+
+
 def edit_head_forward(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -181,13 +199,10 @@ def edit_head_forward(
     forward of the same ``input_ids``/``attention_mask`` (:attr:`LayerInput.hidden`); the
     layers before ``layer`` are then skipped.
     """
-    info = model_info(model)
-    layer = check_layers(layer, info.n_layers)[0]
-    head = check_heads(head, info.n_heads)[0]
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    device = next(model.parameters()).device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    layer, head, input_ids, attention_mask = _checked_inputs(
+        model, input_ids, attention_mask, layer, head
+    )
+    device = input_ids.device
     B = input_ids.shape[0]
     qpos = [query_positions] * B if isinstance(query_positions, int) else list(query_positions)
     ex, q_padded, _ = resolve_positions([[p] for p in qpos], attention_mask, "query position")
@@ -265,7 +280,7 @@ def swap_keys_forward(
             raise ValueError(
                 f"swap basis of example {b} must be [head_dim={d}, r], got {list(V.shape)}"
             )
-    mask = attention_mask.to(next(model.parameters()).device)
+    mask = attention_mask.to(input_device(model))
     sub = mask[rows] if rows else mask[:0]
     _, pa, _ = (
         resolve_positions([[swaps[b].pos_a] for b in rows], sub, "swap position")
@@ -332,13 +347,10 @@ def capture_layer_input(
     themselves are not). ``keep_hidden=False`` skips the layer-input copy (full-forward
     fallback).
     """
-    info = model_info(model)
-    layer = check_layers(layer, info.n_layers)[0]
-    head = check_heads(head, info.n_heads)[0]
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    device = next(model.parameters()).device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    layer, head, input_ids, attention_mask = _checked_inputs(
+        model, input_ids, attention_mask, layer, head
+    )
+    device = input_ids.device
     B, S = input_ids.shape
     if answer_tokens.ndim != 2 or answer_tokens.shape[0] != B:
         raise ValueError(f"answer_tokens must be [B={B}, T], got {list(answer_tokens.shape)}")
