@@ -44,8 +44,8 @@ def test_success_writes_manifest_last_and_replaces_whole_folder(tmp_path):
     manifest = verify_run_folder(out)
     assert manifest["command"] == "qkcov second"
     assert [(f["path"], f["size"]) for f in manifest["files"]] == [("c.json", 3)]
-    # nothing left beside it but the lock file
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.lock", "run"]
+    # nothing left beside it, not even the lock file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_manifest_lists_sub_runs_recursively(tmp_path):
@@ -63,7 +63,7 @@ def test_run_killed_halfway_leaves_previous_run_intact(tmp_path, exc):
         raise exc
     assert (out / "a.json").read_bytes() == b"old"
     verify_run_folder(out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.lock", "run"]  # staging gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # staging and lock gone
     _run(out, {"a.json": b"again"})  # the lock was released
 
 

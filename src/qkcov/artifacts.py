@@ -14,6 +14,8 @@ manifest before anything reads it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import dataclasses
 import datetime
 import errno
 import fcntl
@@ -22,13 +24,16 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .config import ConfigMixin
 
 __all__ = [
     "atomic_write_bytes",
@@ -39,7 +44,9 @@ __all__ = [
     "read_tensor_metadata",
     "to_jsonable",
     "RunFolder",
+    "OutputConfig",
     "verify_run_folder",
+    "read_run_files",
     "add_to_manifest",
     "lock_run_folder",
     "MANIFEST_FILE",
@@ -136,7 +143,14 @@ def save_tensors(
     meta = {str(k): json.dumps(to_jsonable(v)) for k, v in (metadata or {}).items()}
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with _atomic_target(path) as tmp:
-        save_file(clean, tmp, metadata=meta)
+        try:
+            save_file(clean, tmp, metadata=meta)
+        except OSError:
+            raise
+        except Exception as err:  # safetensors reports a full disk as SafetensorError
+            raise OSError(
+                errno.EIO, f"cannot write ({err}); is the disk full?", str(path)
+            ) from None
     return Path(path)
 
 
@@ -189,27 +203,41 @@ def _now() -> str:
 
 
 class _FolderLock:
-    """Exclusive non-blocking ``flock`` on ``<parent>/.<name>.lock`` (holds our pid)."""
+    """Exclusive non-blocking ``flock`` on ``<parent>/.<name>.lock`` (holds our pid).
+
+    The lock file is removed on release (while still held), so no ``.lock`` is left behind;
+    one left by a killed run is taken over by the next. Taking the lock re-checks that the
+    locked file is still the one at the path (a holder may have just removed it)."""
 
     def __init__(self, out: Path, display: str | Path | None = None) -> None:
         self.path = out.parent / f".{out.name}.lock"
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _file_mode())
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, _file_mode())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise ValueError(
+                        f"--out {display or out}: another qkcov run is writing there (pid {holder})"
+                    ) from None
+                raise
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise ValueError(
-                    f"--out {display or out}: another qkcov run is writing there (pid {holder})"
-                ) from None
-            raise
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd: int | None = fd
 
     def release(self) -> None:
         if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
             with contextlib.suppress(OSError):
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
@@ -220,6 +248,8 @@ def _check_out(out: str | Path) -> Path:
     if not isinstance(out, (str, Path)) or not str(out).strip():
         raise ValueError(f"--out: expected a folder path, got {out!r}")
     path = Path(out).expanduser().absolute()
+    if path.is_symlink() and path.is_dir():  # write to the folder the link names; keep the link
+        path = Path(os.path.realpath(path))
     if path.exists() and not path.is_dir():
         raise ValueError(f"--out {out}: is a file, expected a folder")
     if path.name in ("", ".", ".."):
@@ -250,30 +280,203 @@ def lock_run_folder(out: str | Path) -> Iterator[Path]:
         lock.release()
 
 
+# names a run writes at the top of its folder; --force never lets them replace a user's file
+RUN_FILE_NAMES = (
+    MANIFEST_FILE, "run.json", "run.safetensors", "section.json", "report.html", "report_index.json"
+)  # fmt: skip
+
+
+def _protected_place(out: str | Path, protect: Sequence[str | Path] = ()) -> None:
+    """Refuse an ``--out`` that is the filesystem root, the home folder, the working
+    directory, or holds one of them or a ``protect`` path (e.g. the records file)."""
+    display = str(out)
+    raw = Path(out).expanduser()
+    real = Path(os.path.realpath(raw))
+    places = [("the working directory", Path.cwd()), ("your home folder", Path.home())]
+    places += [(f"a folder holding {p}", Path(p)) for p in protect]
+    what = "the filesystem root" if real == Path(real.anchor) else None
+    for name, place in places:
+        if what is not None:
+            break
+        place = Path(os.path.realpath(Path(place).expanduser()))
+        if name.startswith("a folder holding "):
+            what = name if real in place.parents else None
+        elif real == place or real in place.parents:
+            what = name if real == place else f"a parent of {name}"
+    if what is not None:
+        inside = os.path.join(display or ".", "qkcov-run")
+        raise ValueError(
+            f"--out {display!r}: is {what} ({real}); qkcov writes a run into a folder of its "
+            f"own: pick a new folder, e.g. --out {inside}"
+        )
+
+
+def _owned_files(root: Path) -> set[str]:
+    """Relative paths a qkcov manifest in ``root`` lists (plus the manifest), or empty."""
+    with contextlib.suppress(ValueError, OSError):
+        manifest = _read_manifest(root)
+        if str(manifest.get("format", "")).startswith("qkcov-run/"):
+            files = {
+                Path(f["path"]).as_posix()
+                for f in manifest["files"]
+                if not Path(f["path"]).is_absolute() and ".." not in Path(f["path"]).parts
+            }
+            return files | {MANIFEST_FILE}
+    return set()
+
+
+def _out_state(path: Path) -> tuple[str, str]:
+    """``("new" | "empty" | "run" | "foreign", why foreign)`` of an output folder."""
+    if not path.exists() and not path.is_symlink():
+        return "new", ""
+    if not any(path.iterdir()):
+        return "empty", ""
+    if not (path / MANIFEST_FILE).is_file():
+        return "foreign", "it has no qkcov manifest.json"
+    try:
+        manifest = verify_run_folder(path)
+    except ValueError as err:
+        return "foreign", str(err).removeprefix(f"{path}: ")
+    if manifest.get("shared"):
+        return "foreign", "a run was written into it beside files qkcov did not write (--force)"
+    return "run", ""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Under ``out``'s lock: put back a previous run a killed commit left in ``.old-*`` (when
+    ``out`` is missing) and delete staging / old folders of dead runs."""
+    prefixes = (f".{out.name}.staging-", f".{out.name}.old-")
+    for entry in sorted(os.listdir(out.parent)):
+        if not entry.startswith(prefixes):
+            continue
+        tail = entry[len(next(x for x in prefixes if entry.startswith(x))) :]
+        pid = tail.split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue
+        p = out.parent / entry
+        if entry.startswith(prefixes[1]) and not out.exists() and (p / "run").is_dir():
+            os.replace(p / "run", out)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@dataclasses.dataclass
+class OutputConfig(ConfigMixin):
+    """How a command may write its output folder (``--force``; flags derive from it)."""
+
+    force: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "write into an --out folder that holds files qkcov did not write, keeping "
+            "every one of them (refused if a run file name is taken by one)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.force, bool):
+            raise ValueError(f"--force must be true or false, got {self.force!r}")
+
+
 class RunFolder:
     """One complete run per output folder (context manager; yields the staging folder).
 
     ``RunFolder(out, command=...)`` checks ``out`` at once (not a file, parent creatable and
-    writable), takes an exclusive lock (``ValueError`` if another run holds it) and creates
-    a staging folder beside ``out`` on the same filesystem. Callers write every artifact
-    (sub-runs in subfolders included) into the folder ``__enter__`` returns. On success
-    ``manifest.json`` is written last (each file's relative path, size and sha256, the
-    command, the time) and the staging folder replaces ``out`` as a whole; on any error or
-    ``KeyboardInterrupt`` the staging folder is deleted and the old ``out`` is untouched.
+    writable; not the filesystem root, the home folder, the working directory or a folder
+    holding a ``protect`` path), takes an exclusive lock (``ValueError`` if another run holds
+    it), cleans what killed runs left beside ``out`` and creates a staging folder beside
+    ``out`` on the same filesystem. An existing ``out`` is replaced only when it is empty or
+    a complete qkcov run (its manifest verifies); any other folder is refused, or with
+    ``force=True`` the run is written inside it file by file, keeping every file the
+    folder's manifest does not list (a run file name taken by such a file is refused).
+
+    Callers write every artifact (sub-runs in subfolders included) into the folder
+    ``__enter__`` returns. On success ``manifest.json`` is written last (each file's relative
+    path, size and sha256, the command, the time) and the staging folder replaces ``out`` as
+    a whole in one atomic exchange (two renames where the system cannot exchange; a commit
+    killed between them is put back by the next run); on any error or ``KeyboardInterrupt``
+    the staging folder is deleted and the old ``out`` is untouched.
     """
 
-    def __init__(self, out: str | Path, *, command: str) -> None:
+    def __init__(
+        self,
+        out: str | Path,
+        *,
+        command: str,
+        force: bool = False,
+        protect: Sequence[str | Path] = (),
+    ) -> None:
+        if isinstance(out, (str, Path)) and str(out).strip():
+            _protected_place(out, protect)
         self.out, self._lock = _lock_for(out)
         self.command = str(command)
+        self.force = bool(force)
         try:
+            _clean_leftovers(self.out)
+            state, why = _out_state(self.out)
+            self._inplace = state == "foreign"
+            self._owned = _owned_files(self.out) if self._inplace else set()
+            if self._inplace and not self.force:
+                raise ValueError(
+                    f"--out {out}: holds files qkcov did not write ({why}); qkcov replaces only "
+                    "an empty folder or a complete qkcov run. Pick a new folder, or add --force "
+                    "to write the run inside it (files its manifest does not list are kept)"
+                )
+            if self._inplace:
+                self._check_names(RUN_FILE_NAMES)
             self.staging = Path(
-                tempfile.mkdtemp(prefix=f".{self.out.name}.staging-", dir=self.out.parent)
+                tempfile.mkdtemp(
+                    prefix=f".{self.out.name}.staging-{os.getpid()}-", dir=self.out.parent
+                )
             )
             os.chmod(self.staging, _dir_mode())
         except BaseException:
             self._lock.release()
             raise
         self._done = False
+
+    def _check_names(self, names: Sequence[str]) -> None:
+        """--force: refuse when a run file would replace a file qkcov did not write."""
+        for rel in names:
+            parts = Path(rel).parts
+            for i in range(1, len(parts) + 1):
+                sub = Path(*parts[:i]).as_posix()
+                dst = self.out / sub
+                last = i == len(parts)
+                if not (dst.exists() or dst.is_symlink()) or (not last and dst.is_dir()):
+                    continue
+                if last and sub in self._owned and dst.is_file() and not dst.is_symlink():
+                    continue
+                raise ValueError(
+                    f"--out {self.out}: --force keeps files qkcov did not write, and "
+                    f"{dst} is one the run would replace; move it away or pick a new folder"
+                )
 
     def __enter__(self) -> Path:
         if self._done:
@@ -294,26 +497,63 @@ class RunFolder:
             self._lock.release()
 
     def _commit(self) -> None:
-        manifest = {
+        manifest: dict[str, Any] = {
             "format": "qkcov-run/1",
             "command": self.command,
             "created": _now(),
             "files": _manifest_entries(self.staging),
         }
+        if self._inplace:
+            self._commit_inplace(manifest)
+            return
         write_json(self.staging / MANIFEST_FILE, manifest)
-        old = None
-        if self.out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-            os.replace(self.out, old / "run")
+        state, why = _out_state(self.out)
+        if state == "foreign":  # files appeared during the run: leave them, keep the new run
+            kept = self.out.parent / f"{self.out.name}.new-run"
+            n = 1
+            while kept.exists():
+                n += 1
+                kept = self.out.parent / f"{self.out.name}.new-run-{n}"
+            os.replace(self.staging, kept)
+            raise ValueError(
+                f"--out {self.out}: files qkcov did not write appeared there during the run "
+                f"({why}); it was left alone and the new run is in {kept}"
+            )
+        if state == "new" or state == "empty":
+            os.replace(self.staging, self.out)
+            return
+        if _exchange(self.staging, self.out):
+            shutil.rmtree(self.staging, ignore_errors=True)  # now the previous run
+            return
+        old = Path(
+            tempfile.mkdtemp(prefix=f".{self.out.name}.old-{os.getpid()}-", dir=self.out.parent)
+        )
+        os.replace(self.out, old / "run")
         try:
             os.replace(self.staging, self.out)
         except BaseException:
-            if old is not None:  # put the previous run back
-                os.replace(old / "run", self.out)
+            os.replace(old / "run", self.out)  # put the previous run back
             raise
         finally:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _commit_inplace(self, manifest: dict[str, Any]) -> None:
+        """--force into a folder holding other files: move the run's files in one by one
+        (the manifest goes first and comes back last, so a reader sees no half run)."""
+        files = [e["path"] for e in manifest["files"]]
+        self._check_names(files)
+        if MANIFEST_FILE in self._owned:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.out / MANIFEST_FILE)
+        for rel in files:
+            (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.staging / rel, self.out / rel)
+        for rel in sorted(self._owned - set(files) - {MANIFEST_FILE}):
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                (self.out / rel).unlink()  # the previous qkcov run's own file
+        manifest["shared"] = True  # files beside the run are not the manifest's business
+        write_json(self.out / MANIFEST_FILE, manifest)
+        shutil.rmtree(self.staging, ignore_errors=True)
 
     def close(self) -> None:
         """Abandon an unentered run: delete the staging folder and release the lock."""
@@ -345,7 +585,9 @@ def verify_run_folder(path: str | Path) -> dict[str, Any]:
     """Check ``path`` against its ``manifest.json``; return the manifest.
 
     Every listed file must be present with the recorded size and sha256, and no other file
-    may be there (a mixed folder). Raises ``ValueError`` naming the first mismatch.
+    may be there (a mixed folder) unless the manifest says the run was written with
+    ``--force`` into a folder of other files (``"shared"``). Raises ``ValueError`` naming
+    the first mismatch.
     """
     root = Path(path)
     manifest = _read_manifest(root)
@@ -365,12 +607,40 @@ def verify_run_folder(path: str | Path) -> dict[str, Any]:
         if f.stat().st_size != entry.get("size") or _sha256(f) != entry.get("sha256"):
             raise ValueError(f"{root}: {rel} was modified after the run (size/sha256 mismatch)")
     extra = [r for r in present if r not in listed]
-    if extra:
+    if extra and not manifest.get("shared"):
         raise ValueError(
             f"{root}: {extra[0]} is not in the manifest (a file from another run or a "
             f"mixed folder; {len(extra)} unlisted file(s))"
         )
     return manifest
+
+
+def read_run_files(path: str | Path, names: Sequence[str]) -> dict[str, bytes]:
+    """The bytes of ``names`` (relative paths) of a verified run folder, all from one run:
+    each file's sha256 must match the manifest that was verified, so a run replacing the
+    folder while it is read is retried rather than mixed with the previous one."""
+    import time
+
+    root = Path(path)
+    for attempt in range(20):
+        listed = {e["path"]: e for e in verify_run_folder(root)["files"]}
+        out: dict[str, bytes] = {}
+        for rel in names:
+            if rel not in listed:
+                raise ValueError(f"{root}: {rel} is not in the manifest (not a complete run)")
+            try:
+                data = (root / rel).read_bytes()
+            except FileNotFoundError:
+                break
+            if hashlib.sha256(data).hexdigest() != listed[rel].get("sha256"):
+                break
+            out[rel] = data
+        else:
+            return out
+        time.sleep(0.05 * (attempt + 1))
+    raise ValueError(
+        f"{root}: the run kept changing while it was read (another run is replacing it)"
+    )
 
 
 def add_to_manifest(path: str | Path, files: list[str]) -> dict[str, Any]:

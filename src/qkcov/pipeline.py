@@ -157,6 +157,7 @@ class RunConfig(ConfigMixin):
             "n_scan",
             "n_attribution",
             "n_centroid",
+            "checkpoint_every",
         ):
             check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name), 0)
         check_positive_int("--n-random", self.n_random, 10)
@@ -239,9 +240,34 @@ def _as_records(records: Sequence[ContrastRecord | Mapping[str, Any]]) -> list[C
     return out
 
 
+def _check_pins(recs: Sequence[ContrastRecord]) -> None:
+    """``meta.split`` is ``build`` or ``heldout`` on every record, or on none."""
+    from .naming import lines_of, where_of
+
+    bad = [
+        (i, r) for i, r in enumerate(recs) if r.meta.get("split") not in (None, "build", "heldout")
+    ]
+    if bad:
+        i, r = bad[0]
+        raise ValueError(
+            f"records ({lines_of([where_of(r, i) for i, r in bad])}): meta.split must be 'build' or "
+            f"'heldout', got {r.meta['split']!r}"
+        )
+    unpinned = [where_of(r, i) for i, r in enumerate(recs) if r.meta.get("split") is None]
+    if unpinned and len(unpinned) < len(recs):
+        raise ValueError(
+            f"records: meta.split pins {len(recs) - len(unpinned)} of {len(recs)} records but not "
+            f"{lines_of(unpinned)}; pin every record or none (then --holdout splits them)"
+        )
+
+
 def plan_records(records: Sequence[ContrastRecord | Mapping[str, Any]], cfg: RunConfig) -> Plan:
     """Group, split and check records (``ValueError`` naming the problem; no model needed)."""
     recs = _as_records(records)
+    from .naming import check_record_names
+
+    check_record_names(recs, DEFAULT_FEATURE)
+    _check_pins(recs)
     features: list[str] = []
     for r in recs:
         f = r.feature or DEFAULT_FEATURE
@@ -692,9 +718,10 @@ class RunState:
         if not self.enabled:
             return None
         from .engine.checkpoint import Checkpoint
+        from .naming import safe_component
 
         return Checkpoint(
-            self.dir / f"contrast-{feature}.safetensors", self.fingerprint,
+            self.dir / f"contrast-{safe_component(feature)}.safetensors", self.fingerprint,
             every=max(self.cfg.checkpoint_every, 1), resume=self.resume,
         )  # fmt: skip
 
@@ -966,6 +993,7 @@ def run(
     extras: Callable[[Any, Any, list[ContrastRecord], RunConfig], list[dict[str, Any]]]
     | None = None,
     resume: bool = False,
+    force: bool = False,
 ) -> AnalysisResult:
     """``qkcov run``: records (a JSONL path or records) → ``out_dir`` with ``run.json``,
     ``run.safetensors``, figures, ``section.json`` and ``report.html``.
@@ -973,6 +1001,8 @@ def run(
     Every input is checked (records, split, flags, output folder) before the model loads.
     Under ``torchrun`` records are sharded by whole batches over the ranks and rank 0 writes.
     ``resume=True`` continues from the checkpoints of an interrupted run (``checkpoint_every``).
+    An existing ``out_dir`` is replaced only when empty or a complete qkcov run; ``force=True``
+    writes the run inside any other folder, keeping files qkcov did not write.
     ``section`` overrides the report section's title/key/text and ``extras(model, tokenizer,
     records, cfg)`` adds task-specific tables to it (the built-in tasks use both).
     """
@@ -987,7 +1017,10 @@ def run(
     resolve_device(cfg.device)  # --device cuda without CUDA: refused before anything is written
     dist = Dist.from_env(cfg.device)
     # --out is checked and locked before the model loads; rank 0 alone writes artifacts
-    folder = RunFolder(out_dir, command="run") if dist.is_main else None
+    protect = [records] if isinstance(records, (str, Path)) else []
+    folder = (
+        RunFolder(out_dir, command="run", force=force, protect=protect) if dist.is_main else None
+    )
     try:
         state = RunState(out_dir, cfg, recs, resume=resume, dist=dist)
         if loaded is None:

@@ -4,7 +4,9 @@ concept, with JSON (``run.json``) + safetensors (``run.safetensors``) round trip
 ``run.json`` is the contract scripts read: ``heads`` is a list with one object per studied
 head (``layer``, ``head``, ``rank``, ``swap``, ``random``, ``ceiling``, ``attribution``, ...),
 plus ``model``, ``n_records`` and ``seconds``. Tensors (ΔC, bases, projections, the
-attribution example) live in ``run.safetensors`` under ``<head>.<feature>.<group>.<name>``.
+attribution example) live in ``run.safetensors`` under ``<head>.<feature>.<group>.<name>``,
+each feature, group and swap-condition name mapped by :func:`qkcov.naming.safe_component`
+(plain lowercase names unchanged; real names stay in ``run.json``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 
 from .core.subspace import FeatureSubspace
+from .naming import safe_component, tensor_prefix
 
 __all__ = [
     "SubspaceResult",
@@ -293,14 +296,14 @@ class HeadResult:
         out: dict[str, torch.Tensor] = {}
         for fname, feat in self.features.items():
             for g, s in feat.groups.items():
-                p = f"{self.name}.{fname}.{g}."
+                p = tensor_prefix(self.name, fname, g)
                 out[p + "delta"] = s.delta.double()
                 out.update({p + k: v.double() for k, v in s.subspace.to_tensors().items()})
             if feat.union_key is not None:
-                out[f"{self.name}.{fname}.union_key"] = feat.union_key.double()
-                out[f"{self.name}.{fname}.union_query"] = feat.union_query.double()
+                out[tensor_prefix(self.name, fname) + "union_key"] = feat.union_key.double()
+                out[tensor_prefix(self.name, fname) + "union_query"] = feat.union_query.double()
         for fname, pr in self.projections.items():
-            p = f"{self.name}.{fname}.proj."
+            p = tensor_prefix(self.name, fname) + "proj."
             out[p + "keys"] = pr.keys.float()
             out[p + "queries"] = pr.queries.float()
             out[p + "key_positive"] = pr.key_positive.to(torch.uint8)
@@ -310,7 +313,8 @@ class HeadResult:
         for cname, c in self.swaps.conditions.items():
             if c.per_prompt:
                 for m, v in c.per_prompt.items():
-                    out[f"{self.name}.swap.{cname}.{m}"] = torch.tensor(v, dtype=torch.float64)
+                    key = f"{self.name}.swap.{safe_component(cname)}.{m}"
+                    out[key] = torch.tensor(v, dtype=torch.float64)
         return out
 
 
@@ -418,15 +422,19 @@ class AnalysisResult:
         write_json(out / RUN_JSON, self.to_dict())
         return out
 
-    def save(self, out_dir: str | Path, *, section: dict[str, Any] | None = None) -> Path:
+    def save(
+        self, out_dir: str | Path, *, section: dict[str, Any] | None = None, force: bool = False
+    ) -> Path:
         """Write the complete run folder: artifacts, figures, ``section.json``,
         ``report.html`` and a manifest, replacing ``out_dir`` as a whole (never a mix of
-        two runs). ``section`` overrides the report section's key/title/text."""
+        two runs; an existing folder only when empty or a complete qkcov run, else
+        ``force=True`` writes inside it, keeping its other files). ``section`` overrides the
+        report section's key/title/text."""
         from .artifacts import RunFolder
         from .report import build_report
         from .report.run import write_run_section
 
-        with RunFolder(out_dir, command="run") as staging:
+        with RunFolder(out_dir, command="run", force=force) as staging:
             self.write_artifacts(staging)
             write_run_section(staging, **dict(section or {}))
             build_report(staging)
@@ -436,14 +444,18 @@ class AnalysisResult:
     def load(cls, out_dir: str | Path) -> AnalysisResult:
         """Read a saved run back into typed results (tensors included); the folder's
         manifest is checked first, so a partial or mixed folder is refused."""
-        from .artifacts import load_tensors, read_json, verify_run_folder
+        import json
+
+        from safetensors.torch import load as load_safetensors
+
+        from .artifacts import read_run_files
 
         out = Path(out_dir)
         if not (out / RUN_JSON).is_file():
             raise FileNotFoundError(f"{out}: no {RUN_JSON} (not a qkcov run folder)")
-        verify_run_folder(out)
-        data = read_json(out / RUN_JSON)
-        tensors = load_tensors(out / RUN_TENSORS)
+        raw = read_run_files(out, [RUN_JSON, RUN_TENSORS])  # both from one run, verified
+        data = json.loads(raw[RUN_JSON].decode("utf-8"))
+        tensors = load_safetensors(raw[RUN_TENSORS])
         heads = [_head_from_dict(h, tensors) for h in data["heads"]]
         return cls(
             config=data["config"],
@@ -469,7 +481,7 @@ def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult
     for fname, fd in d["features"].items():
         groups = {}
         for g, sd in fd["groups"].items():
-            p = f"{name}.{fname}.{g}."
+            p = tensor_prefix(name, fname, g)
             sub = FeatureSubspace(
                 rank=sd["rank"],
                 singular_values=t[p + "singular_values"],
@@ -485,14 +497,14 @@ def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult
         features[fname] = FeatureResult(
             fname,
             groups,
-            t.get(f"{name}.{fname}.union_key"),
-            t.get(f"{name}.{fname}.union_query"),
+            t.get(tensor_prefix(name, fname) + "union_key"),
+            t.get(tensor_prefix(name, fname) + "union_query"),
             fd.get("principal_angles", []),
             fd.get("groups_p_value"),
         )
     projections = {}
     for fname, pd in d["projections"].items():
-        p = f"{name}.{fname}.proj."
+        p = tensor_prefix(name, fname) + "proj."
         projections[fname] = ProjectionResult(
             fname, t[p + "keys"], t[p + "queries"], t[p + "key_positive"].bool(),
             pd["key_labels"], pd["query_labels"], pd.get("accuracy"),
@@ -502,7 +514,7 @@ def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult
     def cond(cname: str, cd: dict[str, Any] | None) -> SwapCondition | None:
         if cd is None:
             return None
-        prefix = f"{name}.swap.{cname}."
+        prefix = f"{name}.swap.{safe_component(cname)}."
         per = {k[len(prefix) :]: v.tolist() for k, v in t.items() if k.startswith(prefix)}
         metrics = {k: v for k, v in cd.items() if k not in ("rank", "random", "ci", "p_value")}
         return SwapCondition(

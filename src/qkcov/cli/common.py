@@ -20,6 +20,8 @@ __all__ = [
     "add_config_flags",
     "add_common_flags",
     "add_resume_flag",
+    "add_out_flags",
+    "out_path",
     "config_from_args",
     "flag_name",
 ]
@@ -90,18 +92,40 @@ def add_config_flags(
         )
 
 
+def out_path(text: str) -> Path:
+    """``--out`` value: a non-empty path (``''`` would be the working directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a folder path, got {text!r}")
+    return Path(text)
+
+
+def add_out_flags(
+    parser: argparse.ArgumentParser | Any,
+    *,
+    default: Path | None = None,
+    help: str = "output folder (one complete run, replaced as a whole)",
+) -> None:
+    """``--out`` and the :class:`~qkcov.artifacts.OutputConfig` flags (``--force``)."""
+    from ..artifacts import OutputConfig
+
+    kw: dict[str, Any] = {"required": True} if default is None else {"default": default}
+    parser.add_argument(
+        "--out",
+        type=out_path,
+        help=help + "; an existing folder is replaced only when empty or a complete qkcov run",
+        **kw,
+    )
+    add_config_flags(parser, OutputConfig)
+
+
 def add_common_flags(parser: argparse.ArgumentParser | Any, *, out: bool = True) -> None:
-    """``--model --device --dtype --device-map --heads --batch-size --seed --out --quiet``."""
+    """``--model --device --dtype --device-map --heads --batch-size --seed --out --force
+    --quiet``."""
     from ..pipeline import RunConfig
 
     add_config_flags(parser, RunConfig, only=COMMON)
     if out:
-        parser.add_argument(
-            "--out",
-            type=Path,
-            required=True,
-            help="output folder (one complete run, replaced as a whole)",
-        )
+        add_out_flags(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 

@@ -19,7 +19,7 @@ DEMO_TASKS: dict[str, dict[str, Any]] = {
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from .common import add_config_flags
+    from .common import add_config_flags, add_out_flags
 
     p = subparsers.add_parser(
         "demo",
@@ -35,9 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_flags(
         p, RunConfig, only=("model", "device", "dtype", "device_map", "heads", "batch_size", "seed")
     )
-    p.add_argument(
-        "--out", type=Path, default=Path("qkcov-demo"), help="output folder (default: ./qkcov-demo)"
-    )
+    add_out_flags(p, default=Path("qkcov-demo"), help="output folder (default: ./qkcov-demo)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--skip-llm", action="store_true", help="run only the toy-model sections")
     p.set_defaults(func=run)
@@ -55,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     cfg = config_from_args(RunConfig, args, heads="auto:2" if args.heads == "auto" else args.heads)
     rows: list[tuple[str, Any]] = []
-    with RunFolder(args.out, command="demo") as staging:
+    with RunFolder(args.out, command="demo", force=args.force) as staging:
         print(f"[demo] toy model experiments -> {args.out / 'toy'}", flush=True)
         run_toy_demo(staging / "toy", quick=True, progress=not args.quiet)
         loaded = None

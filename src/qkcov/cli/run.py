@@ -42,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline import run as run_pipeline
 
     cfg = config_from_args(RunConfig, args)
-    result = run_pipeline(cfg, args.data, args.out, quiet=args.quiet, resume=args.resume)
+    result = run_pipeline(
+        cfg, args.data, args.out, quiet=args.quiet, resume=args.resume, force=args.force
+    )
     print(result.summary())
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0

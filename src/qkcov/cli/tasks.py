@@ -113,7 +113,7 @@ def run_task(args: argparse.Namespace) -> int:
     section = {"key": spec.name, "title": spec.title, "order": spec.order, "text": list(spec.text)}
     result = run_pipeline(
         cfg, records, args.out, quiet=args.quiet, section=section,
-        extras=EXTRAS.get(args.task), resume=args.resume,
+        extras=EXTRAS.get(args.task), resume=args.resume, force=args.force,
     )  # fmt: skip
     print(result.summary())
     print(f"report: {Path(args.out) / 'report.html'}")

@@ -32,7 +32,9 @@ section.json for `qkcov report OUT`. OUT is replaced as a whole when the run suc
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
+    from .common import add_out_flags
+
+    add_out_flags(p, help="output folder (created if missing)")
     p.add_argument("--seed", type=int, default=0, help="seed for maps, init and data (default 0)")
     p.add_argument(
         "--n-pairs",
@@ -143,7 +145,7 @@ def _in_run_folder(func: Callable[[argparse.Namespace], int]) -> Callable[..., i
 
         out = args.out
         command = getattr(args, "command_line", None) or f"qkcov toy {args.toy_command}"
-        with RunFolder(out, command=command) as stage:
+        with RunFolder(out, command=command, force=args.force) as stage:
             args.out = stage
             try:
                 rc = func(args)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ...artifacts import load_tensors, read_json
+from ...naming import tensor_prefix
 from .common import plt, save_plotly, save_png
 
 __all__ = [
@@ -65,7 +66,7 @@ def plot_scree(out: Path, info: dict[str, Any], t: dict[str, Any]) -> Entries:
     fig, axes = plt.subplots(1, len(heads), figsize=(3.6 * len(heads), 3.0), squeeze=False)
     for ax, h in zip(axes[0], heads, strict=True):
         for fi, f in enumerate(feats):
-            sv = t[f"{h['name']}.{f}.pooled.singular_values"].numpy()
+            sv = t[tensor_prefix(h["name"], f, "pooled") + "singular_values"].numpy()
             k = min(len(sv), 16)
             x = np.arange(1, k + 1)
             color = f"C{fi}"
@@ -102,7 +103,7 @@ def plot_projections(out: Path, info: dict[str, Any], t: dict[str, Any]) -> tupl
     for row, h in zip(axes, heads, strict=True):
         for fi, f in enumerate(feats):
             name = f["name"]
-            p = f"{h['name']}.{name}.proj."
+            p = tensor_prefix(h["name"], name) + "proj."
             keys, queries = t[p + "keys"].numpy(), t[p + "queries"].numpy()
             pos = t[p + "key_positive"].numpy().astype(bool)
             pr = h["projections"][name]
@@ -138,7 +139,7 @@ def plot_projections(out: Path, info: dict[str, Any], t: dict[str, Any]) -> tupl
         return entries, inter
     best = next((h for h in heads if h["name"] == info.get("best_head")), heads[0])
     name = feats[0]["name"]
-    p = f"{best['name']}.{name}.proj."
+    p = tensor_prefix(best["name"], name) + "proj."
     keys = t[p + "keys"].numpy()
     pos = t[p + "key_positive"].numpy().astype(bool)
     klab = np.array(best["projections"][name]["key_labels"])
@@ -266,7 +267,9 @@ def plot_attribution(out: Path, info: dict[str, Any], t: dict[str, Any]) -> Entr
 def plot_all(out_dir: str | Path) -> tuple[Entries, Entries]:
     out = Path(out_dir)
     info, t = _load(out)
-    figs = plot_scan(out, info) + plot_scree(out, info, t)
-    proj, inter = plot_projections(out, info, t)
-    figs += proj + plot_swaps(out, info) + plot_attribution(out, info, t)
+    # names from records (a group "$\frac{a}$") are drawn as text, never parsed as TeX
+    with plt.rc_context({"text.parse_math": False}):
+        figs = plot_scan(out, info) + plot_scree(out, info, t)
+        proj, inter = plot_projections(out, info, t)
+        figs += proj + plot_swaps(out, info) + plot_attribution(out, info, t)
     return figs, inter
