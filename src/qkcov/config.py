@@ -5,9 +5,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
-__all__ = ["ConfigMixin", "check_range", "check_positive_int"]
+__all__ = ["ConfigMixin", "InputError", "check_range", "check_positive_int"]
 
 T = TypeVar("T", bound="ConfigMixin")
+
+
+class InputError(ValueError, TypeError):
+    """Bad input from a user (a wrong type or value): one line naming it. A ``ValueError``
+    (the CLI prints it as one line) and a ``TypeError`` (what a notebook user expects)."""
 
 
 class ConfigMixin:

@@ -682,7 +682,12 @@ class RunState:
         from .artifacts import read_json, write_json
 
         fp = self.dir / "fingerprint.json"
-        if resume and fp.is_file():
+        if resume and not fp.is_file():
+            raise ValueError(
+                f"--resume: no checkpoint to resume in {self.dir} (a run makes one with "
+                "--checkpoint-every N); run without --resume to start afresh"
+            )
+        if resume:
             saved = read_json(fp)
             for key in ("records", "settings"):
                 if saved.get(key) != self.fingerprint[key]:
@@ -726,38 +731,40 @@ class RunState:
         )  # fmt: skip
 
     def load_scan(self) -> tuple[torch.Tensor, list[dict[str, Any]] | None] | None:
-        from .artifacts import load_tensors, read_json
+        from .engine.checkpoint import load_checked
 
         if not (self.resume and (self.dir / "scan.json").is_file()):
             return None
-        return load_tensors(self.dir / "scan.safetensors")["rows"], read_json(
-            self.dir / "scan.json"
-        )["scan"]
+        data, tensors = load_checked(self.dir / "scan.json", self.dir / "scan.safetensors")
+        return tensors["rows"], data["scan"]
 
     def save_scan(self, rows: torch.Tensor, scan: list[dict[str, Any]] | None) -> None:
-        from .artifacts import save_tensors, write_json
+        from .engine.checkpoint import save_checked
 
         if self.enabled and self._main:
-            save_tensors(self.dir / "scan.safetensors", {"rows": rows.contiguous()})
-            write_json(self.dir / "scan.json", {"scan": scan})
+            save_checked(
+                self.dir / "scan.json", self.dir / "scan.safetensors", {"scan": scan},
+                {"rows": rows.contiguous()},
+            )  # fmt: skip
 
     def load_head(self, name: str) -> HeadResult | None:
-        from .artifacts import load_tensors, read_json
+        from .engine.checkpoint import load_checked
         from .results import _head_from_dict
 
         if not (self.resume and (self.dir / f"head-{name}.json").is_file()):
             return None
         return _head_from_dict(
-            read_json(self.dir / f"head-{name}.json"),
-            load_tensors(self.dir / f"head-{name}.safetensors"),
+            *load_checked(self.dir / f"head-{name}.json", self.dir / f"head-{name}.safetensors")
         )
 
     def save_head(self, head: HeadResult) -> None:
-        from .artifacts import save_tensors, write_json
+        from .engine.checkpoint import save_checked
 
         if self.enabled and self._main:
-            save_tensors(self.dir / f"head-{head.name}.safetensors", head.tensors())
-            write_json(self.dir / f"head-{head.name}.json", head.to_dict())
+            save_checked(
+                self.dir / f"head-{head.name}.json", self.dir / f"head-{head.name}.safetensors",
+                head.to_dict(), head.tensors(),
+            )  # fmt: skip
 
     def finish(self) -> None:
         import shutil
@@ -785,9 +792,54 @@ def analyze(
     ``records``: :class:`ContrastRecord` objects or dicts in the JSONL schema. ``overrides``
     are :class:`RunConfig` fields (``heads``, ``n_random``, ``seed``, ...).
     """
+    records = _check_notebook_inputs(model, tokenizer, records, config, overrides)
     cfg = dataclasses.replace(config, **overrides) if config is not None else RunConfig(**overrides)
     plan = plan_records(records, cfg)
     return _analyze(model, tokenizer, plan, cfg, Timer("run", quiet=not progress), model_name=None)
+
+
+LOAD_FIELDS = ("device", "dtype", "device_map", "trust_remote_code")  # used when qkcov loads
+
+
+def _check_notebook_inputs(
+    model: Any, tokenizer: Any, records: Any, config: Any, overrides: Mapping[str, Any]
+) -> Any:
+    """:func:`analyze`'s arguments: a loaded model and tokenizer, records (or a JSONL path,
+    loaded here), no load-time setting it would silently ignore (:class:`InputError`)."""
+    from .config import InputError
+
+    def what(x: Any) -> str:
+        return "None" if x is None else f"{type(x).__name__} {x!r}"[:80]
+
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise InputError(
+            f"analyze(model, ...): expected a loaded transformers model, got {what(model)}; "
+            "load one with qkcov.load_model(name) (or run `qkcov run --model NAME`)"
+        )
+    if tokenizer is None or isinstance(tokenizer, (str, Path)) or not callable(tokenizer):
+        raise InputError(
+            f"analyze(model, tokenizer, ...): expected the model's tokenizer, got {what(tokenizer)}"
+        )
+    if isinstance(records, (str, Path)):
+        from .tasks.records import load_records
+
+        records = load_records(records)
+    if records is None or isinstance(records, (bytes, Mapping)) or not hasattr(records, "__len__"):
+        raise InputError(
+            f"analyze(..., records): expected a list of ContrastRecord or dicts (or a JSONL "
+            f"path), got {what(records)}"
+        )
+    if config is not None and not isinstance(config, RunConfig):
+        raise InputError(f"analyze(config=...): expected a RunConfig, got {what(config)}")
+    ignored = [k for k in LOAD_FIELDS if k in overrides]
+    if config is not None:
+        ignored += [k for k in LOAD_FIELDS if getattr(config, k) != getattr(RunConfig(), k)]
+    if ignored:
+        raise InputError(
+            f"analyze(): {ignored[0]}= is a setting for loading a model, and analyze() runs the "
+            "model you pass where it is; move or cast it yourself (model.to(...)) instead"
+        )
+    return records
 
 
 def _analyze(

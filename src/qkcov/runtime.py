@@ -9,7 +9,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-__all__ = ["Timer", "sub_seed"]
+__all__ = ["Timer", "sub_seed", "is_main_process"]
+
+
+def is_main_process() -> bool:
+    """False on the ranks other than 0 of a ``torchrun`` launch (they print nothing)."""
+    import os
+
+    try:
+        world, rank = int(os.environ.get("WORLD_SIZE") or 1), int(os.environ.get("RANK") or 0)
+    except ValueError:
+        return True
+    return world <= 1 or rank == 0
 
 
 def sub_seed(seed: int, purpose: str, index: int = 0) -> int:

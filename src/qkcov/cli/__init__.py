@@ -9,6 +9,8 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from ..config import InputError  # torch-free: the error handling stays cheap to import
+
 __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 
 # Each module defines ``register(subparsers)``, adding its command(s) with ``func=run``.
@@ -25,7 +27,7 @@ COMMAND_MODULES = (
 )
 
 
-class CLIError(ValueError):
+class CLIError(InputError):
     """A user-facing error: printed as one line, exit status 2."""
 
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..runtime import is_main_process
 from .common import COMMON, add_common_flags, add_config_flags, add_resume_flag, config_from_args
 
 __all__ = ["register", "run"]
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_pipeline(
         cfg, args.data, args.out, quiet=args.quiet, resume=args.resume, force=args.force
     )
-    print(result.summary())
-    print(f"report: {Path(args.out) / 'report.html'}")
+    if is_main_process():  # under torchrun the other ranks print nothing
+        print(result.summary())
+        print(f"report: {Path(args.out) / 'report.html'}")
     return 0

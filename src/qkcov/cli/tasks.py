@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..runtime import is_main_process
 from .common import COMMON, add_common_flags, add_config_flags, add_resume_flag, config_from_args
 
 __all__ = ["register", "run_task", "export"]
@@ -115,8 +116,9 @@ def run_task(args: argparse.Namespace) -> int:
         cfg, records, args.out, quiet=args.quiet, section=section,
         extras=EXTRAS.get(args.task), resume=args.resume, force=args.force,
     )  # fmt: skip
-    print(result.summary())
-    print(f"report: {Path(args.out) / 'report.html'}")
+    if is_main_process():  # under torchrun the other ranks print nothing
+        print(result.summary())
+        print(f"report: {Path(args.out) / 'report.html'}")
     return 0
 
 

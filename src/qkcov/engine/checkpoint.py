@@ -22,7 +22,14 @@ import torch
 from ..artifacts import load_tensors, read_tensor_metadata, save_tensors, to_jsonable
 from .distributed import Dist
 
-__all__ = ["Checkpoint", "CheckpointState", "data_hash"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointState",
+    "data_hash",
+    "tensors_hash",
+    "save_checked",
+    "load_checked",
+]
 
 _FORMAT = "qkcov-checkpoint-1"
 
@@ -31,6 +38,53 @@ def data_hash(obj: Any) -> str:
     """sha256 (hex) of ``obj`` as canonical JSON (tensors/tuples/paths converted first)."""
     text = json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def tensors_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 (hex) over the names, dtypes, shapes and bytes of ``tensors``."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _tampered(path: str | Path) -> ValueError:
+    return ValueError(
+        f"--resume: {path} was changed after qkcov wrote it (checksum mismatch); it is not "
+        f"resumed: delete {Path(path).parent} to start afresh"
+    )
+
+
+def save_checked(
+    json_path: str | Path, tensor_path: str | Path, obj: Any, tensors: Mapping[str, torch.Tensor]
+) -> None:
+    """A checkpoint pair: tensors first, then JSON carrying both files' checksums."""
+    from ..artifacts import write_json
+
+    save_tensors(tensor_path, tensors)
+    data = to_jsonable(obj)
+    digest = data_hash({"data": data, "tensors": tensors_hash(tensors)})
+    write_json(json_path, {"format": _FORMAT, "data": data, "sha256": digest})
+
+
+def load_checked(
+    json_path: str | Path, tensor_path: str | Path
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Read a pair written by :func:`save_checked`; ValueError if either file was changed."""
+    from ..artifacts import read_json
+
+    saved = read_json(json_path)
+    if not isinstance(saved, dict) or saved.get("format") != _FORMAT or "data" not in saved:
+        raise _tampered(json_path)
+    try:
+        tensors = load_tensors(tensor_path)
+    except Exception:  # missing or not safetensors
+        raise _tampered(tensor_path) from None
+    if data_hash({"data": saved["data"], "tensors": tensors_hash(tensors)}) != saved.get("sha256"):
+        raise _tampered(json_path)
+    return saved["data"], tensors
 
 
 @dataclass
@@ -99,6 +153,7 @@ class Checkpoint:
             "next_batch": int(next_batch),
             "n_batches": int(n_batches),
         }
+        meta["sha256"] = data_hash({**meta, "tensors": tensors_hash(tensors)})
         return save_tensors(self.file(dist), tensors, meta)
 
     def load(self, dist: Dist | None = None) -> CheckpointState | None:
@@ -118,7 +173,11 @@ class Checkpoint:
                 f"--resume: {path} is not a qkcov checkpoint (format {meta.get('format')!r})"
             )
         self.check_fingerprint(meta.get("fingerprint") or {}, path)
-        return CheckpointState(load_tensors(path), int(meta["next_batch"]), int(meta["n_batches"]))
+        tensors = load_tensors(path)
+        fields = {k: v for k, v in meta.items() if k != "sha256"}
+        if data_hash({**fields, "tensors": tensors_hash(tensors)}) != meta.get("sha256"):
+            raise _tampered(path)
+        return CheckpointState(tensors, int(meta["next_batch"]), int(meta["n_batches"]))
 
     def check_fingerprint(self, saved: Mapping[str, Any], where: str | Path) -> None:
         """ValueError naming the first field that differs between ``saved`` and this run."""

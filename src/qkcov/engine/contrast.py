@@ -131,6 +131,22 @@ def check_lengths(
             )
 
 
+_USER_MARK = "qkcovUserMessage7f3a9c"
+
+
+def _user_offset(tokenizer: Any, msgs: list[dict[str, str]], text: str, prompt: str) -> int:
+    """Where the user message's text starts in the templated ``text`` (-1 if it is not
+    there verbatim): the template rendered with a marker as the user message gives the text
+    before it, so a system message (or the template's default one) repeating the prompt is
+    never taken for it; templates whose framing depends on the content fall back to the last
+    occurrence (the user message comes after the system message)."""
+    marked = format_prompt(tokenizer, [*msgs[:-1], {"role": "user", "content": _USER_MARK}])
+    at = marked.find(_USER_MARK)
+    if at >= 0 and text.startswith(marked[:at]) and text[at : at + len(prompt)] == prompt:
+        return at
+    return text.rfind(prompt)
+
+
 def resolve_records(
     tokenizer: Any, records: Sequence[ContrastRecord], *, chat: bool = False
 ) -> list[ResolvedRecord]:
@@ -150,7 +166,7 @@ def resolve_records(
                 {"role": "user", "content": rec.prompt}
             ]
             text = format_prompt(tokenizer, msgs, chat=True)
-            offset = text.find(rec.prompt)
+            offset = _user_offset(tokenizer, msgs, text, rec.prompt)
             if offset < 0:
                 raise ValueError(
                     f"{where}: the chat template changed the prompt text; cannot map spans"

@@ -256,6 +256,8 @@ class ContrastRecord:
             self.system,
             self.meta,
         )
+        values = {"prompt": self.prompt, "group": self.group, "system": self.system}
+        errors += _value_errors({**values, "feature": self.feature, "meta": self.meta})
         if errors:
             raise ValueError("ContrastRecord: " + "; ".join(errors))
 
@@ -285,9 +287,46 @@ class ContrastRecord:
         return record
 
 
+MAX_DEPTH = 64  # nesting of a record's JSON (meta included)
+
+
+def _value_errors(obj: Any) -> list[str]:
+    """Strings that are not valid Unicode (a lone surrogate such as ``"\\ud800"``, which no
+    tokenizer can encode) and nesting deeper than :data:`MAX_DEPTH`, naming the field."""
+    stack: list[tuple[str, Any, int]] = [("", obj, 0)]
+    while stack:
+        where, value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return [f"{where.split('.')[0] or 'record'}: nested deeper than {MAX_DEPTH} levels"]
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                return [
+                    f"{where or 'record'}: not valid Unicode (a lone surrogate "
+                    f"{value[err.start]!r} at character {err.start}, which no tokenizer can encode); remove it"
+                ]
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                key = str(k)
+                try:
+                    shown = key.encode("utf-8") and key
+                except UnicodeEncodeError:
+                    return [
+                        f"{where or 'record'}: key {key!r} is not valid Unicode (a lone surrogate)"
+                    ]
+                stack.append((f"{where}.{shown}" if where else shown, v, depth + 1))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{where}[{i}]", v, depth + 1) for i, v in enumerate(value))
+    return []
+
+
 def _parse_record(obj: Any, line: int | None = None) -> tuple[ContrastRecord | None, list[str]]:
     if not isinstance(obj, dict):
         return None, [f"record must be a JSON object, got {type(obj).__name__}"]
+    bad = _value_errors(obj)
+    if bad:
+        return None, bad
     errors: list[str] = []
     unknown = sorted(set(obj) - _RECORD_KEYS)
     if unknown:
@@ -357,6 +396,10 @@ def parse_records(lines: list[str], source: str = "records") -> list[ContrastRec
             errors.append(f"line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})")
             bad_lines += 1
             continue
+        except RecursionError:
+            errors.append(f"line {lineno}: JSON nested too deeply (at most {MAX_DEPTH} levels)")
+            bad_lines += 1
+            continue
         record, errs = _parse_record(obj, lineno)
         if errs:
             bad_lines += 1
@@ -381,6 +424,8 @@ def parse_records(lines: list[str], source: str = "records") -> list[ContrastRec
 def load_records(path: str | Path) -> list[ContrastRecord]:
     """Load and validate a JSONL file of contrast records (see ``docs/contrast-records.md``)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, expected a JSONL file of contrast records")
     if not path.is_file():
         raise FileNotFoundError(f"records file not found: {path}")
     data = path.read_bytes()
