@@ -148,15 +148,26 @@ def test_analyze_records_none_and_ignored_device_are_refused(tmp_path):
         analyze(model, tok, None)
     with pytest.raises(InputError, match=r"analyze\(model, tokenizer, \.\.\.\)"):
         analyze(model, None, _records())
-    for kw in ({"device": "meta"}, {"device": "cpu"}, {"dtype": "float16"}):
-        with pytest.raises(InputError, match=r"= is a setting for loading a model"):
+    for kw in ({"device": "meta"}, {"dtype": "float16"}, {"device_map": "auto"}):
+        with pytest.raises(InputError, match=r"is a setting for loading a model.*float32 on cpu"):
             analyze(model, tok, _records(), progress=False, **kw)
-    with pytest.raises(InputError, match="device= is a setting"):
+    with pytest.raises(InputError, match="device='cuda:1' is a setting"):
         analyze(model, tok, _records(), config=RunConfig(device="cuda:1"), progress=False)
     path = tmp_path / "r.jsonl"  # a JSONL path is loaded, like `qkcov run --data`
     save_records(path, _records(16))
-    result = analyze(model, tok, path, heads="L0H1", n_random=10, n_permutations=0,
-                     n_bootstrap=0, steps="", progress=False)  # fmt: skip
+    result = analyze(
+        model,
+        tok,
+        path,
+        heads="L0H1",
+        n_random=10,
+        n_permutations=0,
+        n_bootstrap=0,
+        steps="",
+        progress=False,
+        device="cpu",
+        dtype="float32",
+    )  # fmt: skip  (the model's own device and dtype: honoured)
     assert result.n_records == 16
 
 

@@ -831,14 +831,33 @@ def _check_notebook_inputs(
         )
     if config is not None and not isinstance(config, RunConfig):
         raise InputError(f"analyze(config=...): expected a RunConfig, got {what(config)}")
-    ignored = [k for k in LOAD_FIELDS if k in overrides]
-    if config is not None:
-        ignored += [k for k in LOAD_FIELDS if getattr(config, k) != getattr(RunConfig(), k)]
-    if ignored:
-        raise InputError(
-            f"analyze(): {ignored[0]}= is a setting for loading a model, and analyze() runs the "
-            "model you pass where it is; move or cast it yourself (model.to(...)) instead"
-        )
+    given = {k: getattr(config, k) for k in LOAD_FIELDS} if config is not None else {}
+    given.update({k: v for k, v in overrides.items() if k in LOAD_FIELDS})
+    param = next(iter(model.parameters()), None)
+    here = {
+        "device": None if param is None else param.device,
+        "dtype": None if param is None else str(param.dtype).removeprefix("torch."),
+    }
+    for key, value in given.items():
+        if key == "device" and isinstance(value, str) and value.strip():
+            try:
+                same = torch.device(value) == here["device"] or (
+                    torch.device(value).index is None
+                    and here["device"] is not None
+                    and torch.device(value).type == here["device"].type
+                )
+            except (RuntimeError, ValueError):
+                same = False
+        elif key == "dtype":
+            same = value in ("auto", here["dtype"])
+        else:
+            same = value == getattr(RunConfig, key, None) or not value
+        if not same:
+            raise InputError(
+                f"analyze(): {key}={value!r} is a setting for loading a model, and analyze() runs "
+                f"the model you pass where it is ({here['dtype']} on {here['device']}); move or "
+                "cast the model yourself (model.to(...)) instead"
+            )
     return records
 
 
