@@ -4,7 +4,8 @@ either in one clear error before any heavy work, or in a complete run folder; ne
 traceback, never a file outside --out.
 
 N_CASES cases on the tiny model with cheap settings (no permutations/bootstrap, 10 random
-subspaces), about a second each."""
+subspaces), a quarter with --chat and a quarter with --checkpoint-every 1, about two seconds
+each."""
 
 from __future__ import annotations
 
@@ -146,7 +147,12 @@ def test_random_record_files_end_cleanly(case, tiny_dir, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(contrast_mod, "run_contrast", counted)
     out = tmp_path / "runs" / "out"
-    rc = main(["run", "--data", str(data), "--model", str(tiny_dir), "--out", str(out), *FLAGS])
+    flags = [*FLAGS]
+    if rng.random() < 0.25:
+        flags.append("--chat")  # the tiny tokenizer has a chat template
+    if rng.random() < 0.25:
+        flags += ["--checkpoint-every", "1"]  # checkpoints beside --out, removed at the end
+    rc = main(["run", "--data", str(data), "--model", str(tiny_dir), "--out", str(out), *flags])
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err
     assert rc in (0, 2), captured.err

@@ -370,3 +370,29 @@ def test_mixed_group_and_no_group_is_one_line_before_the_model(tmp_path, capsys)
     err = capsys.readouterr().err
     assert rc == 2 and "3 have no group (line 7, line 8, line 9)" in err
     assert "a group on every record of a feature, or on none" in err
+
+
+def test_kill_9_leftovers_are_cleaned_by_the_next_run(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    code = (
+        "import time;from qkcov.artifacts import RunFolder, atomic_write_bytes;"
+        f"r=RunFolder({str(out)!r},command='x');s=r.__enter__();"
+        "atomic_write_bytes(s/'half.json',b'1');print('writing',flush=True);time.sleep(60)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.readline().strip() == b"writing"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert ".run.lock" in left and any(n.startswith(".run.staging-") for n in left)
+    with RunFolder(out, command="next") as stage:
+        atomic_write_bytes(stage / "a.json", b"1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert [f["path"] for f in verify_run_folder(out)["files"]] == ["a.json"]

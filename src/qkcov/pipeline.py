@@ -766,6 +766,14 @@ class RunState:
                 head.to_dict(), head.tensors(),
             )  # fmt: skip
 
+    def discard_if_empty(self) -> None:
+        """Delete a checkpoint that holds nothing but its fingerprint (no work to resume)."""
+        import shutil
+
+        empty = self.dir.is_dir() and {p.name for p in self.dir.iterdir()} <= {"fingerprint.json"}
+        if self.enabled and self._main and empty:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
     def finish(self) -> None:
         import shutil
 
@@ -1092,6 +1100,7 @@ def run(
     folder = (
         RunFolder(out_dir, command="run", force=force, protect=protect) if dist.is_main else None
     )
+    state = None
     try:
         state = RunState(out_dir, cfg, recs, resume=resume, dist=dist)
         if loaded is None:
@@ -1120,6 +1129,10 @@ def run(
                 write_run_section(staging, **section)
                 build_report(staging)
         state.finish()
+    except BaseException:
+        if state is not None:
+            state.discard_if_empty()  # refused before any work: leave nothing beside --out
+        raise
     finally:
         if folder is not None:
             folder.close()
