@@ -60,7 +60,7 @@ def test_two_processes_equal_one(command, setup):
     outs = {}
     for nproc in (1, 2):
         out = root / f"{command}-{nproc}"
-        _qkcov(
+        proc = _qkcov(
             command,
             "--model",
             str(model),
@@ -71,6 +71,7 @@ def test_two_processes_equal_one(command, setup):
             *FLAGS,
             nproc=nproc,
         )
+        assert proc.stdout.count("report: ") == 1  # under torchrun only rank 0 prints
         outs[nproc] = out
     one, two = _deltas(outs[1]), _deltas(outs[2])
     assert one.keys() == two.keys() and len(one) >= 6  # 2 heads x (2 groups + pooled)

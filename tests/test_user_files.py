@@ -396,3 +396,15 @@ def test_kill_9_leftovers_are_cleaned_by_the_next_run(tmp_path):
         atomic_write_bytes(stage / "a.json", b"1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert [f["path"] for f in verify_run_folder(out)["files"]] == ["a.json"]
+
+
+def test_symlinked_out_writes_the_target_and_keeps_the_link(tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    with RunFolder(tmp_path / "link", command="x") as stage:
+        atomic_write_bytes(stage / "a.json", b"1")
+    assert (tmp_path / "link").is_symlink() and verify_run_folder(target)["command"] == "x"
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="is a broken symbolic link"):
+        RunFolder(tmp_path / "dangling", command="x")

@@ -248,6 +248,8 @@ def _check_out(out: str | Path) -> Path:
     if not isinstance(out, (str, Path)) or not str(out).strip():
         raise ValueError(f"--out: expected a folder path, got {out!r}")
     path = Path(out).expanduser().absolute()
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"--out {out}: is a broken symbolic link, expected a folder")
     if path.is_symlink() and path.is_dir():  # write to the folder the link names; keep the link
         path = Path(os.path.realpath(path))
     if path.exists() and not path.is_dir():
@@ -292,7 +294,9 @@ def _protected_place(out: str | Path, protect: Sequence[str | Path] = ()) -> Non
     display = str(out)
     raw = Path(out).expanduser()
     real = Path(os.path.realpath(raw))
-    places = [("the working directory", Path.cwd()), ("your home folder", Path.home())]
+    places = [("the working directory", Path.cwd())]
+    with contextlib.suppress(RuntimeError, KeyError):  # no home folder known
+        places.append(("your home folder", Path.home()))
     places += [(f"a folder holding {p}", Path(p)) for p in protect]
     what = "the filesystem root" if real == Path(real.anchor) else None
     for name, place in places:
