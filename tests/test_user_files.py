@@ -408,3 +408,33 @@ def test_symlinked_out_writes_the_target_and_keeps_the_link(tmp_path):
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="is a broken symbolic link"):
         RunFolder(tmp_path / "dangling", command="x")
+
+
+def test_concurrent_replaces_never_give_a_mixed_read(tmp_path):
+    import threading
+
+    out = tmp_path / "run"
+
+    def commit(n: int) -> None:
+        with RunFolder(out, command=f"run {n}") as stage:
+            atomic_write_bytes(stage / "run.json", str(n).encode())
+            atomic_write_bytes(stage / "run.safetensors", str(n).encode() * 2)
+
+    commit(0)
+    done, seen = threading.Event(), []
+
+    def writer() -> None:
+        for n in range(1, 40):
+            commit(n)
+        done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        while not done.is_set():
+            got = read_run_files(out, ["run.json", "run.safetensors"])
+            assert got["run.safetensors"] == got["run.json"] * 2  # both files from one run
+            seen.append(int(got["run.json"]))
+    finally:
+        thread.join()
+    assert seen and seen == sorted(seen)

@@ -627,7 +627,13 @@ def read_run_files(path: str | Path, names: Sequence[str]) -> dict[str, bytes]:
 
     root = Path(path)
     for attempt in range(20):
-        listed = {e["path"]: e for e in verify_run_folder(root)["files"]}
+        try:
+            listed = {e["path"]: e for e in verify_run_folder(root)["files"]}
+        except (ValueError, FileNotFoundError):
+            if attempt >= 2:  # a folder being replaced settles at once; a bad one stays bad
+                raise
+            time.sleep(0.05)
+            continue
         out: dict[str, bytes] = {}
         for rel in names:
             if rel not in listed:
