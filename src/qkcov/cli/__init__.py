@@ -22,6 +22,8 @@ COMMAND_MODULES = (
     "binding",
     "tasks",
     "report",
+    "export",
+    "compare",
 )
 
 
