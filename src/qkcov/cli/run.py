@@ -42,7 +42,10 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline import run as run_pipeline
 
     cfg = config_from_args(RunConfig, args)
-    result = run_pipeline(cfg, args.data, args.out, quiet=args.quiet, resume=args.resume)
+    result = run_pipeline(
+        cfg, args.data, args.out, quiet=args.quiet, resume=args.resume,
+        command_line=getattr(args, "command_line", None),
+    )  # fmt: skip
     print(result.summary())
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0

@@ -114,6 +114,7 @@ def run_task(args: argparse.Namespace) -> int:
     result = run_pipeline(
         cfg, records, args.out, quiet=args.quiet, section=section,
         extras=EXTRAS.get(args.task), resume=args.resume,
+        command_line=getattr(args, "command_line", None),
     )  # fmt: skip
     print(result.summary())
     print(f"report: {Path(args.out) / 'report.html'}")
