@@ -34,7 +34,9 @@ def main() -> None:
         out, secs = {}, {}
         for name, layers in (("all_heads", None), ("explicit", [layer])):
             t0 = time.perf_counter()
-            out[name] = attention_rows(lm.model, lm.tokenizer, resolved, progress=False, layers=layers)
+            out[name] = attention_rows(
+                lm.model, lm.tokenizer, resolved, progress=False, layers=layers
+            )
             secs[name] = time.perf_counter() - t0
         assert torch.equal(out["all_heads"][:, layer, head], out["explicit"][:, layer, head])
         print(

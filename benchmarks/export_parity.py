@@ -57,7 +57,8 @@ def parity(make_model, tok_dir, tok, layer, head, pos_a, pos_b, name) -> None:
             return x
 
         bridge.run_with_hooks(
-            ids, fwd_hooks=[*swap_hooks(sub, pos_a, pos_b), (f"blocks.{layer}.attn.hook_pattern", keep)]
+            ids,
+            fwd_hooks=[*swap_hooks(sub, pos_a, pos_b), (f"blocks.{layer}.attn.hook_pattern", keep)],
         )
     tl = (seen["p"][0, head].double() - ref.double()).abs().max().item()
     nm = NNsight(model)

@@ -187,7 +187,11 @@ def compare(runs: Sequence[str | Path | Any], *, labels: Sequence[str] | None = 
                 s = fr.pooled
                 sig = s.significance or {}
                 c = h.swaps.conditions.get(fname)
-                cr = causal.get("rank") if isinstance(causal, dict) and causal.get("feature") in (None, fname) else None
+                cr = (
+                    causal.get("rank")
+                    if isinstance(causal, dict) and causal.get("feature") in (None, fname)
+                    else None
+                )
                 cmp.ranks.append(
                     {"run": name, "head": h.name, "feature": fname, "rank": s.rank,
                      "rank_rule": s.rank_rule, "rank_energy": s.rank_energy,

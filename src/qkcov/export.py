@@ -85,7 +85,9 @@ class Subspace:
         """The same subspace truncated to ``rank`` (an int, or ``"causal"``/``"null"``/``"energy"``)."""
         if isinstance(rank, str):
             if rank not in self.ranks:
-                raise ValueError(f"rank must be an int or one of {sorted(self.ranks)}, got {rank!r}")
+                raise ValueError(
+                    f"rank must be an int or one of {sorted(self.ranks)}, got {rank!r}"
+                )
             value = self.ranks[rank]
             if value is None:
                 raise ValueError(f"{self.name} {self.feature}: the run has no {rank} rank")
@@ -249,9 +251,7 @@ def subspace_from_result(
         raise ValueError(f"head {head!r} is not in the run; it has {', '.join(names) or 'none'}")
     hr = result.head(head)
     if feature not in hr.features:
-        raise ValueError(
-            f"feature {feature!r} is not in the run; it has {', '.join(hr.features)}"
-        )
+        raise ValueError(f"feature {feature!r} is not in the run; it has {', '.join(hr.features)}")
     fr = hr.features[feature]
     if group not in fr.groups:
         raise ValueError(

@@ -167,7 +167,9 @@ class ProjectionResult:
     accuracy: dict[str, float] | None = None
 
     def __repr__(self) -> str:
-        acc = "" if not self.accuracy else f", accuracy={self.accuracy.get('subspace', math.nan):.3f}"
+        acc = (
+            "" if not self.accuracy else f", accuracy={self.accuracy.get('subspace', math.nan):.3f}"
+        )
         return f"ProjectionResult({self.feature!r}, keys={list(self.keys.shape)}{acc})"
 
     def to_dict(self) -> dict[str, Any]:
@@ -498,7 +500,16 @@ class AnalysisResult:
         return subspace_from_result(self, head, feature, group)
 
     def _repr_html_(self) -> str:
-        cols = ["head", "rank", "rank (energy)", "p", "Δp swap", "Δp random", "Δp full key", "explained"]
+        cols = [
+            "head",
+            "rank",
+            "rank (energy)",
+            "p",
+            "Δp swap",
+            "Δp random",
+            "Δp full key",
+            "explained",
+        ]
         return f"<b>{self.model}</b>, {self.n_records} records" + html_table(
             cols, self.summary_rows()
         )

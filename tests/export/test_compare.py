@@ -55,7 +55,9 @@ def test_seeds_agree_coin_flip_does_not(runs):
 
 def test_different_models_refused(runs, tmp_path, capsys):
     _, r = runs
-    other = analyze(tiny_model("qwen3"), tiny_tokenizer(), build_task_records("agreement", n=48), **CFG)
+    other = analyze(
+        tiny_model("qwen3"), tiny_tokenizer(), build_task_records("agreement", n=48), **CFG
+    )
     with pytest.raises(ValueError, match="different models.*nothing was compared"):
         qkcov.compare([r["seed0"], other])
     other.save(tmp_path / "qwen")
@@ -68,7 +70,9 @@ def test_different_models_refused(runs, tmp_path, capsys):
 def test_cli_compare_page_and_index(runs, tmp_path, capsys):
     root, r = runs
     page = tmp_path / "cmp.html"
-    assert main(["compare", str(r["seed0"]), str(r["seed1"]), str(r["coin"]), "--out", str(page)]) == 0
+    assert (
+        main(["compare", str(r["seed0"]), str(r["seed1"]), str(r["coin"]), "--out", str(page)]) == 0
+    )
     text = page.read_text()
     assert "Principal angles" in text and text.count("<tr>") >= 1 + 2 * 3
     assert "L1H2" in capsys.readouterr().out

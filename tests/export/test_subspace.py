@@ -58,9 +58,14 @@ def test_bad_head_feature_one_line(tiny_run):
 def test_cli_export(tiny_run, tmp_path, capsys):
     _, out = tiny_run
     target = tmp_path / "x.safetensors"
-    assert main(["export", str(out), "--head", "L1H2", "--feature", "feature", "--out", str(target)]) == 0
+    assert (
+        main(["export", str(out), "--head", "L1H2", "--feature", "feature", "--out", str(target)])
+        == 0
+    )
     assert Subspace.load(target).name == "L1H2"
-    assert main(["export", str(out), "--head", "L7H0", "--out", str(tmp_path / "y.safetensors")]) == 2
+    assert (
+        main(["export", str(out), "--head", "L7H0", "--out", str(tmp_path / "y.safetensors")]) == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "L1H2, L0H1" in err[0]
 
@@ -75,7 +80,9 @@ def test_model_shape_mismatch_before_forward(tiny_run, tiny_llama):
     with pytest.raises(ValueError, match="2-layer model"), swap(other, sub, 1, 2):
         other(torch.ones(1, 4, dtype=torch.long))
     small = dataclasses.replace(
-        sub, key_directions=torch.eye(8, dtype=torch.float64), query_directions=torch.eye(8, dtype=torch.float64)
+        sub,
+        key_directions=torch.eye(8, dtype=torch.float64),
+        query_directions=torch.eye(8, dtype=torch.float64),
     )
     model, _ = tiny_llama
     model.register_forward_pre_hook(lambda *a: calls.append(1))

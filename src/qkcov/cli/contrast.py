@@ -45,7 +45,12 @@ def run(args: argparse.Namespace) -> int:
         "title": f"Contrastive covariance: {args.data.name}",
     }
     result = run_pipeline(
-        cfg, args.data, args.out, quiet=args.quiet, section=section, resume=args.resume,
+        cfg,
+        args.data,
+        args.out,
+        quiet=args.quiet,
+        section=section,
+        resume=args.resume,
         command_line=getattr(args, "command_line", None),
     )
     print(result.summary())

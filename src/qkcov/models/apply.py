@@ -65,7 +65,9 @@ def edit_head(model: nn.Module, layer: int, head: int, edit: EditFn) -> Iterator
 def _checked(model: nn.Module, subspace) -> None:
     subspace.check_model(model)
     if subspace.rank == 0:
-        raise ValueError(f"subspace {subspace.name} {subspace.feature!r} has rank 0: nothing to edit")
+        raise ValueError(
+            f"subspace {subspace.name} {subspace.feature!r} has rank 0: nothing to edit"
+        )
 
 
 def _per_example(pos: Positions, B: int, S: int, what: str) -> list[int]:
