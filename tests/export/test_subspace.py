@@ -152,3 +152,14 @@ def test_ablate_and_steer(tiny_run, tiny_llama):
     assert (edit.attention[0, -1] - base.attention[0]).abs().max() > 1e-4
     with pytest.raises(ValueError, match="coords must have"), steer(model, sub, [1.0] * 99):
         pass
+
+
+def test_steer_is_differentiable(tiny_run, tiny_llama):
+    model, tok = tiny_llama
+    sub = tiny_run[0].subspace("L1H2")
+    ids, mask = _inputs(tok, ["The keys of the cabinet is here"])
+    coords = torch.zeros(sub.rank, requires_grad=True)
+    with steer(model, sub, coords, positions=[3]):
+        out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+    out.logits[0, -1].logsumexp(-1).backward()
+    assert coords.grad is not None and coords.grad.abs().sum() > 0

@@ -58,7 +58,7 @@ def edit_head(model: nn.Module, layer: int, head: int, edit: EditFn) -> Iterator
         handle.attention, handle.calls = a.detach(), handle.calls + 1
         return out, w
 
-    with torch.no_grad(), attention_hooks(model, {layer: hook}):
+    with attention_hooks(model, {layer: hook}):  # gradients flow unless the caller disables them
         yield handle
 
 
