@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qkcov-installed
+EXTRAS := $(VENV)/.qkcov-extras
 
 .PHONY: setup demo test test-fast lint bench clean
 
@@ -17,14 +18,22 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The optional bridges (TransformerLens, nnsight) for the tests; torch and transformers are
+# pinned by a constraints file so the resolver can never replace them.
+$(EXTRAS): $(STAMP)
+	$(BIN)/python -c "import torch, transformers; print(f'torch=={torch.__version__.split(\"+\")[0]}'); print(f'transformers=={transformers.__version__}')" > $(VENV)/constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[tl,nnsight]"
+	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(EXTRAS)
+
 demo: $(STAMP)
 	$(BIN)/qkcov demo
 
-test: $(STAMP)
+test: $(EXTRAS)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(EXTRAS)
 	$(BIN)/pytest -q -m "not slow"
 
 lint: $(STAMP)

@@ -129,7 +129,7 @@ def test_figures_drawn_from_artifacts_only(agreement_run, tmp_path):
 
 
 def _strip(info: dict) -> dict:
-    return {k: v for k, v in info.items() if k not in ("seconds", "timings_s")}
+    return {k: v for k, v in info.items() if k not in ("seconds", "timings_s", "provenance")}
 
 
 @pytest.mark.parametrize("task", ["filter", "binding"])

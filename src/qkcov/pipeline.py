@@ -75,7 +75,10 @@ class RunConfig(ConfigMixin):
     """Settings of one pipeline run; every ``qkcov run`` flag is one of these fields."""
 
     model: str = _help("preset, Hugging Face id, local path or .gguf", default="smollm2-135m")
-    device: str = _help("torch device of the forward pass (cpu, cuda, cuda:1)", default="cpu")
+    device: str = _help(
+        "torch device of the forward pass (auto = cuda when available, else cpu; cpu, cuda:1)",
+        default="auto",
+    )
     dtype: str = _help(
         f"forward dtype, one of {', '.join(DTYPES)}; ΔC accumulates in float64", default="auto"
     )
@@ -142,7 +145,7 @@ class RunConfig(ConfigMixin):
                 f"--device must be a torch device such as cpu or cuda, got {self.device!r}"
             )
         try:
-            torch.device(self.device)
+            torch.device(auto_device(self.device))
         except (RuntimeError, ValueError):
             raise ValueError(
                 f"--device {self.device!r} is not a torch device (cpu, cuda, cuda:1)"
@@ -187,6 +190,66 @@ class RunConfig(ConfigMixin):
 
     def step_list(self) -> list[str]:
         return [s.strip() for s in str(self.steps).split(",") if s.strip()]
+
+
+def auto_device(device: str) -> str:
+    """``--device auto`` → ``cuda`` when CUDA is available, else ``cpu``; others unchanged."""
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def provenance(
+    model: Any, plan: Plan | None, records_path: str | Path | None, command_line: str | None
+) -> dict[str, Any]:
+    """What reproduces a run: dtype and device actually used, the records file (path,
+    sha256, the JSONL line of every build / held-out record), versions, the command line."""
+    import hashlib
+    import platform
+    import sys
+
+    import transformers
+
+    from . import __version__
+
+    param = next(iter(model.parameters()), None)
+    out: dict[str, Any] = {
+        "dtype": None if param is None else str(param.dtype).removeprefix("torch."),
+        "device": None if param is None else str(param.device),
+        "device_map": getattr(model, "hf_device_map", None),
+        "versions": {"qkcov": __version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "python": platform.python_version()},
+        "command_line": command_line if command_line is not None else " ".join(sys.argv),
+        "revision": getattr(getattr(model, "config", None), "_commit_hash", None),
+        "records": None,
+    }  # fmt: skip
+    if records_path is not None and plan is not None:
+        path = Path(records_path)
+        data = path.read_bytes()
+        text = data.decode("utf-8-sig")
+        # the records are the non-blank lines in order (tasks.records.parse_records)
+        lines = [n for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+        if len(lines) == len(plan.records):
+            split = {
+                k: [lines[i] for i in range(len(lines)) if plan.split[i] == k]
+                for k in ("build", "heldout")
+            }
+        else:
+            split = {"build": None, "heldout": None}
+        out["records"] = {
+            "path": str(path.expanduser().absolute()),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "n_lines": len(lines),
+            "build_lines": split["build"],
+            "heldout_lines": split["heldout"],
+        }
+    elif plan is not None:
+        out["records"] = {
+            "path": None,
+            "build_index": [i for i, s in enumerate(plan.split) if s == "build"],
+            "heldout_index": [i for i, s in enumerate(plan.split) if s == "heldout"],
+        }
+    return out
 
 
 # --------------------------------------------------------------------------- plan
@@ -622,6 +685,12 @@ def _attribution(
     )  # fmt: skip
 
 
+def _explicit_heads(spec: str, info: Any) -> list[Head]:
+    from .models.heads import parse_heads
+
+    return list(parse_heads(spec, info.n_layers, info.n_heads))
+
+
 def _subset(idx: list[int], k: int, seed: int, purpose: str) -> list[int]:
     """``k`` of ``idx`` drawn at random (seeded per purpose), in record order; all when k = 0."""
     if k == 0 or k >= len(idx):
@@ -785,7 +854,11 @@ def analyze(
     records = check_notebook_inputs(model, tokenizer, records, config, overrides)
     cfg = dataclasses.replace(config, **overrides) if config is not None else RunConfig(**overrides)
     plan = plan_records(records, cfg)
-    return _analyze(model, tokenizer, plan, cfg, Timer("run", quiet=not progress), model_name=None)
+    result = _analyze(
+        model, tokenizer, plan, cfg, Timer("run", quiet=not progress), model_name=None
+    )
+    result.provenance = provenance(model, plan, None, None)
+    return result
 
 
 def _analyze(
@@ -831,11 +904,17 @@ def _analyze(
             rows, scan = saved
             timer.log("head scan: resumed from the checkpoint")
         elif auto or swap_idx:
-            timer.log(f"head scan over {info.n_layers} layers x {info.n_heads} heads")
+            # explicit --heads: only their layers' rows (the swaps' targets), no all-head scan
+            only = None if auto else sorted({l for l, _ in _explicit_heads(cfg.heads, info)})
+            timer.log(
+                f"head scan over {info.n_layers} layers x {info.n_heads} heads"
+                if only is None
+                else f"attention rows of layer(s) {only} for the swap targets"
+            )
             idx = (scan_idx if auto else []) + swap_idx
             all_rows = attention_rows(
                 model, tokenizer, [resolved[i] for i in idx], batch_size=cfg.batch_size,
-                progress=progress, dist=dist,
+                progress=progress, dist=dist, layers=only,
             )  # fmt: skip
             n_scan = len(idx) - len(swap_idx)
             rows = all_rows[n_scan:]
@@ -992,6 +1071,7 @@ def run(
     | None = None,
     resume: bool = False,
     force: bool = False,
+    command_line: str | None = None,
 ) -> AnalysisResult:
     """``qkcov run``: records (a JSONL path or records) → ``out_dir`` with ``run.json``,
     ``run.safetensors``, figures, ``section.json`` and ``report.html``.
@@ -1012,6 +1092,9 @@ def run(
     timer = Timer("run", quiet=quiet)
     recs = load_records(records) if isinstance(records, (str, Path)) else list(records)
     plan = plan_records(recs, cfg)
+    if cfg.device.strip().lower() == "auto":
+        cfg = dataclasses.replace(cfg, device=auto_device(cfg.device))
+        timer.log(f"device: {cfg.device} (--device auto)")
     resolve_device(cfg.device)  # --device cuda without CUDA: refused before anything is written
     dist = Dist.from_env(cfg.device)
     # --out is checked and locked before the model loads; rank 0 alone writes artifacts
@@ -1032,6 +1115,9 @@ def run(
         model, tokenizer = loaded
         result = _analyze(
             model, tokenizer, plan, cfg, timer, cfg.model, state, dist if dist.enabled else None
+        )
+        result.provenance = provenance(
+            model, plan, records if isinstance(records, (str, Path)) else None, command_line
         )
         section = dict(section or {})
         if extras is not None:
@@ -1062,8 +1148,8 @@ def _load_kwargs(cfg: RunConfig, dist: Any = None) -> dict[str, Any]:
     kw: dict[str, Any] = {}
     if dist is not None and dist.enabled:
         kw["device"] = str(dist.device)
-    elif cfg.device != "cpu" and not cfg.device_map:
-        kw["device"] = cfg.device
+    elif auto_device(cfg.device) != "cpu" and not cfg.device_map:
+        kw["device"] = auto_device(cfg.device)
     if cfg.dtype != "auto":
         kw["dtype"] = cfg.dtype
     if cfg.device_map:

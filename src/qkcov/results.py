@@ -53,6 +53,18 @@ def _r(x: float | None, nd: int = 3) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
+def html_table(columns: list[str], rows: list[list[Any]]) -> str:
+    """A small escaped HTML table (notebook ``_repr_html_``)."""
+    import html
+
+    def cell(v: Any) -> str:
+        return html.escape(_r(v) if isinstance(v, float) else str(v))
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 @dataclass
 class SubspaceResult:
     """ΔC of one head for one feature and group (``group="pooled"``: all groups).
@@ -85,6 +97,13 @@ class SubspaceResult:
     @property
     def query_basis(self) -> torch.Tensor:
         return self.subspace.query_basis[:, : self.rank]
+
+    def __repr__(self) -> str:
+        return (
+            f"SubspaceResult({self.feature!r}/{self.group}, rank={self.rank} ({self.rank_rule}), "
+            f"rank_energy={self.rank_energy}, D={self.delta.shape[0]}, n_pos={self.n_pos}, "
+            f"n_neg={self.n_neg})"
+        )
 
     def to_dict(self, n_sv: int = 16) -> dict[str, Any]:
         return {
@@ -119,6 +138,10 @@ class FeatureResult:
     def pooled(self) -> SubspaceResult:
         return self.groups[POOLED]
 
+    def __repr__(self) -> str:
+        ranks = ", ".join(f"{g}={s.rank}" for g, s in self.groups.items())
+        return f"FeatureResult({self.name!r}, ranks: {ranks})"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "groups": {g: s.to_dict() for g, s in self.groups.items()},
@@ -146,6 +169,12 @@ class ProjectionResult:
     query_labels: list[str]
     accuracy: dict[str, float] | None = None
 
+    def __repr__(self) -> str:
+        acc = (
+            "" if not self.accuracy else f", accuracy={self.accuracy.get('subspace', math.nan):.3f}"
+        )
+        return f"ProjectionResult({self.feature!r}, keys={list(self.keys.shape)}{acc})"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "accuracy": self.accuracy,
@@ -166,6 +195,14 @@ class SwapCondition:
     per_prompt: dict[str, list[float]] | None = None
     ci: dict[str, list[float]] | None = None
     p_value: float | None = None
+
+    def __repr__(self) -> str:
+        m = ", ".join(f"{k}={v:.3f}" for k, v in self.metrics.items())
+        rnd = ""
+        if self.random and "delta_p" in self.random:
+            rnd = f", random Δp {self.random['delta_p']['mean']:.3f}"
+        p = "" if self.p_value is None else f", p={self.p_value:.3f}"
+        return f"SwapCondition({self.name!r}, rank={self.rank}, {m}{rnd}{p})"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -188,6 +225,14 @@ class SwapResult:
     null: dict[str, float] | None
     n_random: int
     skipped: str | None = None
+
+    def __repr__(self) -> str:
+        if self.skipped:
+            return f"SwapResult(skipped: {self.skipped})"
+        return (
+            f"SwapResult(n={self.n}, headline={self.headline!r}, "
+            f"conditions={list(self.conditions)}, n_random={self.n_random})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -220,6 +265,14 @@ class AttributionResult:
     example_total: torch.Tensor | None = None
     example_tokens: list[str] = field(default_factory=list)
     skipped: str | None = None
+
+    def __repr__(self) -> str:
+        if self.skipped:
+            return f"AttributionResult(skipped: {self.skipped})"
+        return (
+            f"AttributionResult(n={self.n}, parts={self.names}, "
+            f"explained={self.explained_fraction:.3f}, random={self.random.get('mean', math.nan):.3f})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -254,6 +307,29 @@ class HeadResult:
     @property
     def headline(self) -> SubspaceResult:
         return next(iter(self.features.values())).pooled
+
+    def __repr__(self) -> str:
+        c = self.swaps.conditions.get(self.swaps.headline or "")
+        swap = (
+            f", swap Δp={c.metrics['delta_p']:.3f}"
+            + ("" if not c.random else f" vs random {c.random['delta_p']['mean']:.3f}")
+            if c is not None
+            else ""
+        )
+        return (
+            f"HeadResult({self.name}, features={list(self.features)}, "
+            f"rank={self.headline.rank} ({self.headline.rank_rule}){swap})"
+        )
+
+    def _repr_html_(self) -> str:
+        rows = [
+            [f, g, s.rank, s.rank_energy, s.n_pos, s.n_neg]
+            for f, fr in self.features.items()
+            for g, s in fr.groups.items()
+        ]
+        return f"<b>{self.name}</b>" + html_table(
+            ["feature", "group", "rank", "rank (energy)", "n_pos", "n_neg"], rows
+        )
 
     def swap_margin(self) -> float:
         """Headline swap Δp minus its random baseline's mean (``-inf`` when skipped)."""
@@ -337,6 +413,7 @@ class AnalysisResult:
     timings: dict[str, float]
     seconds: float
     notes: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)  # see pipeline.provenance
 
     @property
     def best(self) -> HeadResult:
@@ -362,6 +439,7 @@ class AnalysisResult:
             "timings_s": self.timings,
             "config": self.config,
             "notes": self.notes,
+            "provenance": self.provenance,
         }
 
     def summary_rows(self) -> list[list[str]]:
@@ -387,6 +465,58 @@ class AnalysisResult:
                 ]
             )
         return rows
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """The summary as one dict per head (numbers, ``None`` where absent), e.g. for
+        ``pandas.DataFrame(result.to_rows())``."""
+        rows = []
+        for h in self.heads:
+            d = h.to_dict()
+            sig = d["significance"] or {}
+            swap, rnd, ceil, att = d["swap"], d["random"], d["ceiling"], d["attribution"]
+            rows.append(
+                {
+                    "head": h.name,
+                    "layer": h.layer,
+                    "head_index": h.head,
+                    "feature": next(iter(h.features), None),
+                    "rank": d["rank"],
+                    "rank_rule": d["rank_rule"],
+                    "rank_energy": h.headline.rank_energy,
+                    "p": headline_p(d) if sig.get("available") else None,
+                    "swap_condition": d["swap_condition"],
+                    "delta_p": None if swap is None else swap["delta_p"],
+                    "delta_p_random": None if rnd is None else rnd["delta_p"]["mean"],
+                    "delta_p_random_std": None if rnd is None else rnd["delta_p"]["std"],
+                    "delta_p_full_key": None if ceil is None else ceil["delta_p"],
+                    "explained": None if att["skipped"] else att["explained_fraction"],
+                }
+            )
+        return rows
+
+    def subspace(self, head: str, feature: str | None = None, group: str = POOLED) -> Any:
+        """:class:`qkcov.export.Subspace` of ``head`` / ``feature`` (default: the first
+        feature) — bases, singular values, ranks, head, frame, model."""
+        from .export import subspace_from_result
+
+        if feature is None:
+            feature = self.features[0]["name"] if self.features else "feature"
+        return subspace_from_result(self, head, feature, group)
+
+    def _repr_html_(self) -> str:
+        cols = [
+            "head",
+            "rank",
+            "rank (energy)",
+            "p",
+            "Δp swap",
+            "Δp random",
+            "Δp full key",
+            "explained",
+        ]
+        return f"<b>{self.model}</b>, {self.n_records} records" + html_table(
+            cols, self.summary_rows()
+        )
 
     def summary(self) -> str:
         """A short table: head, rank, p, Δp vs random, ceiling, explained fraction."""
@@ -468,6 +598,7 @@ class AnalysisResult:
             timings=data.get("timings_s", {}),
             seconds=data["seconds"],
             notes=data.get("notes", []),
+            provenance=data.get("provenance") or {},
         )
 
     def report(self, out_dir: str | Path) -> Path:

@@ -24,6 +24,8 @@ COMMAND_MODULES = (
     "binding",
     "tasks",
     "report",
+    "export",
+    "compare",
 )
 
 

@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         section=section,
         resume=args.resume,
         force=args.force,
+        command_line=getattr(args, "command_line", None),
     )
     if is_main_process():  # under torchrun the other ranks print nothing
         print(result.summary())

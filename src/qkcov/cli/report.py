@@ -20,12 +20,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "every run): a modified, missing or foreign file is refused."
         ),
     )
-    p.add_argument("dir", help="output folder of one or more qkcov commands (e.g. ./qkcov-demo)")
+    p.add_argument(
+        "dir",
+        help="output folder of one or more qkcov commands (e.g. ./qkcov-demo), or a folder of "
+        "run folders (writes DIR/index.html linking each run)",
+    )
     p.add_argument("--title", default="qkcov report", help="page title")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..artifacts import MANIFEST_FILE
+    from ..report.compare import run_folders, write_index
+
+    if not (Path(args.dir) / MANIFEST_FILE).is_file() and run_folders(args.dir):
+        print(write_index(args.dir))  # a folder of runs: an index page linking each
+        return 0
     path = report_run_folder(args.dir, title=args.title)
     print(path)
     return 0

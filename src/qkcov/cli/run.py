@@ -44,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(RunConfig, args)
     result = run_pipeline(
-        cfg, args.data, args.out, quiet=args.quiet, resume=args.resume, force=args.force
-    )
+        cfg, args.data, args.out, quiet=args.quiet, resume=args.resume, force=args.force,
+        command_line=getattr(args, "command_line", None),
+    )  # fmt: skip
     if is_main_process():  # under torchrun the other ranks print nothing
         print(result.summary())
         print(f"report: {Path(args.out) / 'report.html'}")

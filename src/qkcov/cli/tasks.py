@@ -115,6 +115,7 @@ def run_task(args: argparse.Namespace) -> int:
     result = run_pipeline(
         cfg, records, args.out, quiet=args.quiet, section=section,
         extras=EXTRAS.get(args.task), resume=args.resume, force=args.force,
+        command_line=getattr(args, "command_line", None),
     )  # fmt: skip
     if is_main_process():  # under torchrun the other ranks print nothing
         print(result.summary())

@@ -8,6 +8,7 @@ ranks heads by mean attention on positive vs negative keys with bootstrap interv
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from collections.abc import Sequence
@@ -17,7 +18,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.intervention import attention_weights
-from ..models.capture import LayerCall, attention_hooks, padded_forward, tokenize_batch
+from ..models.capture import (
+    LayerCall,
+    _StopForward,
+    attention_hooks,
+    padded_forward,
+    tokenize_batch,
+)
 from ..models.heads import format_head, parse_heads
 from ..models.loading import input_device, model_info
 from .distributed import Dist, gather_objects, shard_batches
@@ -34,8 +41,12 @@ def attention_rows(
     padding_side: str = "left",
     progress: bool = True,
     dist: Dist | None = None,
+    layers: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Query-row attention of every head: ``[n_records, L, H, S_max]`` (float32).
+
+    ``layers``: compute only these layers' rows (the others stay zero) and end each forward
+    after the deepest of them (explicit ``--heads`` need no all-head scan).
 
     Row ``[i, l, h]`` is record i's attention from its query token over its own tokens in
     unpadded coordinates (zeros past its length). One forward pass per batch. ``dist``: each
@@ -75,15 +86,27 @@ def attention_rows(
             )  # [B, H, 1, S]
             store[call.layer] = a[:, :, 0]
 
-        hooks = dict.fromkeys(range(info.n_layers), hook)
-        with torch.no_grad(), attention_hooks(model, hooks) as session:
+        want = sorted(set(range(info.n_layers) if layers is None else layers))
+        last = want[-1]
+
+        def stop_after(call: LayerCall, last=last) -> None:
+            hook(call)
+            if layers is not None and call.layer == last:
+                raise _StopForward  # nothing after the deepest requested layer is used
+
+        hooks = dict.fromkeys(want, stop_after)
+        with (
+            torch.no_grad(),
+            attention_hooks(model, hooks) as session,
+            contextlib.suppress(_StopForward),
+        ):
             padded_forward(model, ids, mask, logits_to_keep=1)
-        session.check_called(model, list(range(info.n_layers)))
-        stacked = torch.stack([store[l] for l in range(info.n_layers)], dim=1).cpu()  # [B, L, H, S]
+        session.check_called(model, want)
+        stacked = torch.stack([store[l] for l in want], dim=1).cpu()  # [B, L', H, S]
         for b in range(B):
             n = int(lengths[b])
             o = int(offset[b])
-            out[start + b, :, :, :n] = stacked[b, :, :, o : o + n]
+            out[start + b, want, :, :n] = stacked[b, :, :, o : o + n]
     if dist is not None and dist.enabled:
         mine = torch.tensor([i for rng in batches for i in rng], dtype=torch.long)
         for idx, rows in gather_objects((mine, out[mine]), dist):

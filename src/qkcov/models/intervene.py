@@ -34,6 +34,7 @@ from .loading import input_device, model_info
 __all__ = [
     "KeySwap",
     "HeadEditResult",
+    "edited_head_call",
     "edit_head_forward",
     "swap_keys_forward",
     "last_token_logits",
@@ -178,6 +179,27 @@ def _checked_inputs(
     return layer, head, input_ids.to(device), attention_mask.to(device)
 
 
+def edited_head_call(
+    call: LayerCall, head: int, edit: EditFn | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The layer's attention with head ``head`` recomputed from ``edit(q_h, k_h)`` (the other
+    heads as the model computes them): ``(attn_output, attn_weights | None, a [B, S_q, S_k])``."""
+    out, w = call.run()  # every head as the model computes it
+    kv = head // call.group_size
+    q_h, k_h = call.query[:, head].clone(), call.key[:, kv].clone()  # [B, S, D]
+    if edit is not None:
+        q_h, k_h = edit(q_h, k_h)
+    a = attention_weights(q_h[:, None], k_h[:, None], call.mask(), call.scaling, call.softcap)
+    a = torch.nan_to_num(a[:, 0], nan=0.0).to(call.value.dtype)  # [B, S_q, S_k]; pad rows -> 0
+    o_h = a @ call.value[:, kv]  # [B, S_q, D_v]
+    out = out.clone()
+    out[:, :, head] = o_h.to(out.dtype)
+    if w is not None:
+        w = w.clone()
+        w[:, head] = a.to(w.dtype)
+    return out, w, a
+
+
 def edit_head_forward(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -209,19 +231,7 @@ def edit_head_forward(
     store: dict[str, torch.Tensor] = {}
 
     def hook(call: LayerCall):
-        out, w = call.run()  # every head as the model computes it
-        kv = head // call.group_size
-        q_h, k_h = call.query[:, head].clone(), call.key[:, kv].clone()  # [B, S, D]
-        if edit is not None:
-            q_h, k_h = edit(q_h, k_h)
-        a = attention_weights(q_h[:, None], k_h[:, None], call.mask(), call.scaling, call.softcap)
-        a = torch.nan_to_num(a[:, 0], nan=0.0).to(call.value.dtype)  # [B, S_q, S_k]; pad rows -> 0
-        o_h = a @ call.value[:, kv]  # [B, S_q, D_v]
-        out = out.clone()
-        out[:, :, head] = o_h.to(out.dtype)
-        if w is not None:
-            w = w.clone()
-            w[:, head] = a.to(w.dtype)
+        out, w, a = edited_head_call(call, head, edit)
         store["attention"] = a[ex, q_padded]  # [B, S_k]
         if return_layer_output:
             store["layer_output"] = out

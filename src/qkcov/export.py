@@ -1,0 +1,307 @@
+"""A found subspace as a portable research result: :class:`Subspace`.
+
+One head's query and key subspaces for one feature (and group), in the frame they were
+found in (post-RoPE query/key coordinates of that head), with the singular values, the
+ranks a run produced (``causal`` where the run measured it, ``null``, ``energy``), the head
+and the model it belongs to. ``save``/``load`` use safetensors (tensors, with the JSON
+fields in its metadata) plus a readable JSON beside it; no pickle.
+
+>>> sub = result.subspace("L13H8", "number")          # doctest: +SKIP
+>>> sub = qkcov.load_subspace("runs/mine", "L13H8", "number")   # doctest: +SKIP
+>>> sub.save("number.safetensors"); qkcov.Subspace.load("number.safetensors")  # doctest: +SKIP
+
+Applying it to a model: :mod:`qkcov.models.apply` (plain PyTorch / Hugging Face),
+``docs/export.md`` (TransformerLens, nnsight).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["Subspace", "load_subspace", "FRAME", "FORMAT"]
+
+FRAME = "post-rope"
+FORMAT = "qkcov-subspace/1"
+_TENSORS = ("query_directions", "key_directions", "singular_values")
+
+
+@dataclass
+class Subspace:
+    """Query/key subspace of one head for one feature.
+
+    Attributes:
+        query_directions / key_directions: ``[D, K]`` orthonormal columns ordered by singular
+            value (the left / right singular vectors of ΔC, ``K = min(D_q, D_k)``);
+            ``query_basis`` / ``key_basis`` are their first ``rank`` columns.
+        singular_values: ``[K]`` descending.
+        rank: the rank in force; ``ranks``: ``{"causal", "null", "energy"}`` as the run
+            found them (``None`` where it did not measure one).
+        layer, head: the head (``name`` is ``L{layer}H{head}``); ``frame``: ``"post-rope"``.
+        model / revision: the model id (preset, hub id or path) and its revision if known;
+            ``model_info``: ``n_layers``, ``n_heads``, ``n_kv_heads``, ``head_dim`` of it.
+    """
+
+    layer: int
+    head: int
+    feature: str
+    group: str
+    query_directions: torch.Tensor
+    key_directions: torch.Tensor
+    singular_values: torch.Tensor
+    rank: int
+    rank_rule: str
+    ranks: dict[str, int | None]
+    model: str
+    revision: str | None = None
+    model_info: dict[str, Any] = field(default_factory=dict)
+    frame: str = FRAME
+    source: dict[str, Any] = field(default_factory=dict)  # run folder, seed, n_build, ...
+
+    # ------------------------------------------------------------------ views
+    @property
+    def name(self) -> str:
+        return f"L{self.layer}H{self.head}"
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.key_directions.shape[0])
+
+    @property
+    def key_basis(self) -> torch.Tensor:
+        """``[D, rank]`` orthonormal key directions."""
+        return self.key_directions[:, : self.rank]
+
+    @property
+    def query_basis(self) -> torch.Tensor:
+        """``[D, rank]`` orthonormal query directions."""
+        return self.query_directions[:, : self.rank]
+
+    def at_rank(self, rank: int | str) -> Subspace:
+        """The same subspace truncated to ``rank`` (an int, or ``"causal"``/``"null"``/``"energy"``)."""
+        if isinstance(rank, str):
+            if rank not in self.ranks:
+                raise ValueError(
+                    f"rank must be an int or one of {sorted(self.ranks)}, got {rank!r}"
+                )
+            value = self.ranks[rank]
+            if value is None:
+                raise ValueError(f"{self.name} {self.feature}: the run has no {rank} rank")
+            rank_rule, rank = rank, int(value)
+        else:
+            rank_rule = self.rank_rule if rank == self.rank else "fixed"
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= self.head_dim:
+            raise ValueError(f"rank must be an integer in [0, {self.head_dim}], got {rank!r}")
+        return replace(self, rank=rank, rank_rule=rank_rule)
+
+    def check_model(self, model: Any) -> None:
+        """One clear ``ValueError`` when ``model`` (an HF model or a ``model_info`` dict) is
+        not shaped like the model the subspace came from (layers, heads, head dimension)."""
+        if isinstance(model, dict):
+            info = model
+        else:
+            import dataclasses
+
+            from .models.loading import model_info
+
+            info = dataclasses.asdict(model_info(model))
+        d = int(info.get("head_dim", self.head_dim))
+        if d != self.head_dim:
+            raise ValueError(
+                f"subspace {self.name} {self.feature!r} is [head_dim={self.head_dim}, r] but the "
+                f"model's heads have dimension {d} (subspace from {self.model})"
+            )
+        n_layers = info.get("n_layers")
+        want = self.model_info.get("n_layers")
+        if want is not None and n_layers is not None and int(n_layers) != int(want):
+            raise ValueError(
+                f"subspace {self.name} {self.feature!r} comes from a {want}-layer model "
+                f"({self.model}); this model has {n_layers} layers"
+            )
+        if n_layers is not None and self.layer >= int(n_layers):
+            raise ValueError(f"subspace layer {self.layer} is past the model's {n_layers} layers")
+        n_heads = info.get("n_heads")
+        if n_heads is not None and self.head >= int(n_heads):
+            raise ValueError(f"subspace head {self.head} is past the model's {n_heads} heads")
+
+    # ------------------------------------------------------------------ notebook
+    def __repr__(self) -> str:
+        r = ", ".join(f"{k}={v}" for k, v in self.ranks.items() if v is not None)
+        return (
+            f"Subspace({self.name} {self.feature!r}/{self.group}, rank={self.rank} "
+            f"[{self.rank_rule}; {r}], D={self.head_dim}, {self.frame}, model={self.model!r})"
+        )
+
+    def _repr_html_(self) -> str:
+        from .results import html_table
+
+        rows = [[k, v] for k, v in self.to_json().items() if k not in ("source", "model_info")]
+        return html_table(["field", "value"], rows)
+
+    # ------------------------------------------------------------------ files
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "head": self.name,
+            "layer": self.layer,
+            "head_index": self.head,
+            "feature": self.feature,
+            "group": self.group,
+            "rank": self.rank,
+            "rank_rule": self.rank_rule,
+            "ranks": self.ranks,
+            "frame": self.frame,
+            "model": self.model,
+            "revision": self.revision,
+            "model_info": self.model_info,
+            "head_dim": self.head_dim,
+            "singular_values": self.singular_values[:16].tolist(),
+            "source": self.source,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """``path`` (safetensors; the JSON fields in its metadata) and ``path`` with suffix
+        ``.json`` beside it. Refuses to overwrite a file that is not a qkcov subspace."""
+        from .artifacts import atomic_write_bytes, save_tensors, to_jsonable
+
+        path = Path(path)
+        sidecar = path.with_suffix(".json")
+        if sidecar == path:
+            raise ValueError(f"{path}: the subspace file needs a suffix such as .safetensors")
+        for p in (path, sidecar):
+            if p.exists() and not _is_ours(p):
+                raise ValueError(f"{p} exists and is not a qkcov subspace; not overwriting it")
+        meta = self.to_json()
+        tensors = {k: getattr(self, k).double().contiguous() for k in _TENSORS}
+        save_tensors(path, tensors, {"qkcov_subspace": meta})
+        text = json.dumps(to_jsonable(meta), indent=1, ensure_ascii=False) + "\n"
+        atomic_write_bytes(sidecar, text.encode())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Subspace:
+        """Read a file written by :meth:`save` (only its safetensors file is needed)."""
+        from .artifacts import load_tensors, read_tensor_metadata
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"subspace file not found: {path}")
+        try:
+            meta = read_tensor_metadata(path).get("qkcov_subspace")
+        except Exception:  # not a safetensors file
+            meta = None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a qkcov subspace file (qkcov export writes them)")
+        t = load_tensors(path)
+        return cls(
+            layer=int(meta["layer"]),
+            head=int(meta["head_index"]),
+            feature=meta["feature"],
+            group=meta["group"],
+            query_directions=t["query_directions"],
+            key_directions=t["key_directions"],
+            singular_values=t["singular_values"],
+            rank=int(meta["rank"]),
+            rank_rule=meta["rank_rule"],
+            ranks=dict(meta["ranks"]),
+            model=meta["model"],
+            revision=meta.get("revision"),
+            model_info=dict(meta.get("model_info") or {}),
+            frame=meta.get("frame", FRAME),
+            source=dict(meta.get("source") or {}),
+        )
+
+
+def _is_ours(path: Path) -> bool:
+    from .artifacts import read_tensor_metadata
+
+    try:
+        if path.suffix == ".json":
+            return json.loads(path.read_text()).get("format") == FORMAT
+        meta = read_tensor_metadata(path).get("qkcov_subspace")
+        return isinstance(meta, dict) and meta.get("format") == FORMAT
+    except Exception:
+        return False
+
+
+def _causal_rank(causal: Any, feature: str) -> int | None:
+    """``causal_rank.rank`` of a head when the run measured it for ``feature``."""
+    if causal is None:
+        return None
+    get = causal.get if isinstance(causal, dict) else lambda k, d=None: getattr(causal, k, d)
+    if get("feature") not in (None, feature):
+        return None
+    rank = get("rank")
+    return None if rank is None else int(rank)
+
+
+def subspace_from_result(
+    result: Any, head: str, feature: str, group: str = "pooled", causal: Any = None
+) -> Subspace:
+    """:class:`Subspace` of ``head``/``feature``/``group`` in an :class:`AnalysisResult`;
+    one line listing what the run has when one of them is not in it."""
+    from .core.subspace import feature_subspace
+
+    names = [h.name for h in result.heads]
+    if head not in names:
+        raise ValueError(f"head {head!r} is not in the run; it has {', '.join(names) or 'none'}")
+    hr = result.head(head)
+    if feature not in hr.features:
+        raise ValueError(f"feature {feature!r} is not in the run; it has {', '.join(hr.features)}")
+    fr = hr.features[feature]
+    if group not in fr.groups:
+        raise ValueError(
+            f"group {group!r} of feature {feature!r} is not in the run; it has "
+            f"{', '.join(fr.groups)}"
+        )
+    s = fr.groups[group]
+    full = feature_subspace(s.delta, rank=min(s.delta.shape))
+    sig = s.significance or {}
+    rank_null = sig.get("rank_null") if sig.get("available") else None
+    if causal is None:
+        causal = getattr(hr, "causal_rank", None)
+    mi = dict(result.model_info or {})
+    cfg = result.config or {}
+    prov = getattr(result, "provenance", None) or (cfg.get("provenance") if cfg else None) or {}
+    return Subspace(
+        layer=hr.layer,
+        head=hr.head,
+        feature=feature,
+        group=group,
+        query_directions=full.query_basis.double(),
+        key_directions=full.key_basis.double(),
+        singular_values=full.singular_values.double(),
+        rank=int(s.rank),
+        rank_rule=s.rank_rule,
+        ranks={
+            "causal": _causal_rank(causal, feature),
+            "null": None if rank_null is None else int(rank_null),
+            "energy": int(s.rank_energy),
+        },
+        model=result.model,
+        revision=cfg.get("revision") or prov.get("revision"),
+        model_info={k: mi[k] for k in ("architecture", "n_layers", "n_heads", "n_kv_heads", "head_dim") if k in mi},
+        source={"seed": cfg.get("seed"), "n_pos": s.n_pos, "n_neg": s.n_neg},
+    )  # fmt: skip
+
+
+def load_subspace(
+    run_dir: str | Path, head: str, feature: str | None = None, group: str = "pooled"
+) -> Subspace:
+    """:class:`Subspace` of ``head`` / ``feature`` (default: the run's first feature) from a
+    saved run folder (checked against its manifest)."""
+    from .artifacts import read_json
+    from .results import RUN_JSON, AnalysisResult
+
+    result = AnalysisResult.load(run_dir)
+    data = read_json(Path(run_dir) / RUN_JSON)
+    if feature is None:
+        feature = result.features[0]["name"] if result.features else "feature"
+    causal = next((h.get("causal_rank") for h in data["heads"] if h.get("name") == head), None)
+    sub = subspace_from_result(result, head, feature, group, causal=causal)
+    sub.source["run"] = str(Path(run_dir))
+    return sub

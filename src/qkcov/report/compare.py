@@ -1,0 +1,164 @@
+"""Pages that span several runs, from their artifacts only: the ``qkcov compare`` page and
+the index page of ``qkcov report DIR`` over a folder of run folders."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+__all__ = ["comparison_html", "write_comparison_page", "run_folders", "write_index"]
+
+GENERATOR = "qkcov-multi-run"
+INDEX_FILE = "index.html"
+_CSS = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+    "table{border-collapse:collapse;margin:0.6em 0}"
+    "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f2f2f2}"
+    ".note{color:#555}"
+)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    if isinstance(v, list):
+        return ", ".join(_cell(x) if not isinstance(x, float) else f"{x:.1f}" for x in v[:8]) + (
+            " …" if len(v) > 8 else ""
+        )
+    return html.escape(str(v))
+
+
+def _table(cols: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><meta name='generator' "
+        f"content='{GENERATOR}'><title>{html.escape(title)}</title><style>{_CSS}</style>"
+        f"</head><body><h1>{html.escape(title)}</h1>{body}</body></html>"
+    )
+
+
+def comparison_html(cmp: Any, *, full_page: bool = True) -> str:
+    """The comparison as HTML: principal angles per pair of runs, ranks and swaps per run."""
+    runs = "".join(f"<li>{html.escape(r)}</li>" for r in cmp.runs)
+    angles = _table(
+        ["head", "feature", "run a", "run b", "rank a/b", "k", "key angles @k (°)",
+         "query angles @k (°)", "random max @k (°)", "top-1 key°", "top-1 query°",
+         "energy rank a/b", "key angles at energy rank (°)"],
+        [[p["head"], p["feature"], p["a"], p["b"], f"{p['rank_a']}/{p['rank_b']}",
+          p["common_rank"], p["key_deg_common"], p["query_deg_common"],
+          p["random_max_deg_common"], p["key_top1_deg"], p["query_top1_deg"],
+          f"{p['rank_energy_a']}/{p['rank_energy_b']}", p["key_deg_energy"]] for p in cmp.pairs],
+    )  # fmt: skip
+    ranks = _table(
+        ["run", "head", "feature", "rank", "rule", "rank (energy)", "rank (null)",
+         "rank (causal)", "p", "swap", "Δp swap", "Δp random"],
+        [[r["run"], r["head"], r["feature"], r["rank"], r["rank_rule"], r["rank_energy"],
+          r["rank_null"], r["rank_causal"], r["p_value"], r["swap_condition"], r["delta_p"],
+          r["delta_p_random"]] for r in cmp.ranks],
+    )  # fmt: skip
+    only = (
+        f"<p class='note'>In one run only, not compared: {html.escape(', '.join(cmp.only_in_one))}</p>"
+        if cmp.only_in_one
+        else ""
+    )
+    body = (
+        f"<p>Model <b>{html.escape(cmp.model)}</b>; runs:</p><ul>{runs}</ul>"
+        "<h2>Principal angles between the subspaces</h2><p class='note'>0° = the same "
+        "direction; 90° = orthogonal. Angles are between the first k = min(rank a, rank b) "
+        "directions of each run (a bigger subspace covers more of the head, so its angles to "
+        "anything shrink); 'random max' is the median largest angle between two random "
+        "k-dimensional subspaces of the head.</p>"
+        f"{angles}{only}<h2>Ranks and swap effects</h2>{ranks}"
+    )
+    return _page("qkcov compare", body) if full_page else body
+
+
+def _check_ours(path: Path) -> None:
+    if path.exists():
+        try:
+            ours = GENERATOR in path.read_text(encoding="utf-8", errors="replace")[:400]
+        except OSError:
+            ours = False
+        if not ours:
+            raise ValueError(f"{path} exists and was not written by qkcov; not overwriting it")
+
+
+def write_comparison_page(cmp: Any, out: str | Path) -> Path:
+    """``out`` (an HTML file; never overwrites a file qkcov did not write)."""
+    from ..artifacts import atomic_write_bytes
+
+    out = Path(out)
+    _check_ours(out)
+    atomic_write_bytes(out, comparison_html(cmp).encode())
+    return out
+
+
+def run_folders(root: str | Path) -> list[Path]:
+    """Sub-folders of ``root`` (any depth) holding a run (a ``run.json`` or a manifest)."""
+    from ..artifacts import MANIFEST_FILE
+    from ..results import RUN_JSON
+
+    root = Path(root)
+    found = {p.parent for name in (RUN_JSON, MANIFEST_FILE) for p in root.rglob(name)}
+    out = []
+    for f in sorted(found):
+        if f != root and not any(a in found for a in f.parents if a != root and root in a.parents):
+            out.append(f)
+    return out
+
+
+def write_index(root: str | Path, title: str = "qkcov runs") -> Path:
+    """``root/index.html`` linking every run folder under ``root`` with its key numbers.
+
+    Each run folder is checked against its manifest first: a partial or mixed run is refused
+    (``ValueError`` naming it) and nothing is written.
+    """
+    from ..artifacts import atomic_write_bytes, read_json, verify_run_folder
+    from ..results import RUN_JSON, headline_p
+
+    root = Path(root)
+    folders = run_folders(root)
+    if not folders:
+        raise FileNotFoundError(f"{root}: no run folders (with {RUN_JSON}) under it")
+    rows = []
+    for f in folders:
+        verify_run_folder(f)  # refuses a partial or mixed run
+        rel = f.relative_to(root).as_posix()
+        report = f / "report.html"
+        link = (
+            f"<a href='{html.escape(rel)}/report.html'>{html.escape(rel)}</a>"
+            if report.is_file()
+            else html.escape(rel)
+        )
+        if not (f / RUN_JSON).is_file():
+            rows.append([link, "", "", "", "", "", ""])
+            continue
+        d = read_json(f / RUN_JSON)
+        best = next((h for h in d.get("heads", []) if h.get("name") == d.get("best_head")), None)
+        prov = d.get("provenance") or {}
+        rows.append(
+            [link, d.get("model"), d.get("n_records"), prov.get("dtype"),
+             None if best is None else best["name"], None if best is None else best.get("rank"),
+             None if best is None else headline_p(best)]
+        )  # fmt: skip
+    cells = "".join(
+        "<tr>" + "".join(f"<td>{v if i == 0 else _cell(v)}</td>" for i, v in enumerate(r)) + "</tr>"
+        for r in rows
+    )
+    cols = ["run", "model", "records", "dtype", "best head", "rank", "p"]
+    table = (
+        "<table><thead><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr></thead>"
+        f"<tbody>{cells}</tbody></table>"
+    )
+    target = root / INDEX_FILE
+    _check_ours(target)
+    atomic_write_bytes(target, _page(title, table).encode())
+    return target
