@@ -39,7 +39,10 @@ def test_report_embeds_sections_in_order(tmp_path):
     page = out.read_text()
     assert page.index("Section first") < page.index("Section second")
     assert page.count("<img ") == 2
-    assert "Plotly.newPlot" in page and "<script src=" not in page  # plotly.js embedded offline
+    # plotly figures (older sections) use ONE plotly.js copy beside the page, nothing fetched
+    assert "Plotly.newPlot" in page and page.count('<script src="plotly.min.js">') == 1
+    assert (tmp_path / "plotly.min.js").is_file() and "http" not in page.split("<body>")[0]
+    assert sum(1 for _ in tmp_path.rglob("plotly*.js")) == 1
     index = json.loads((tmp_path / "report_index.json").read_text())
     assert [s["key"] for s in index["sections"]] == ["first", "second"]
 
