@@ -63,3 +63,32 @@ def test_report_cli_errors_on_empty_folder(tmp_path, capsys):
         pass  # a complete run without any section
     assert main(["report", str(tmp_path / "run")]) == 2
     assert "no section.json" in capsys.readouterr().err
+
+
+def test_old_section_without_head_blocks_renders_with_a_reason(tmp_path):
+    """A run section written before head blocks existed: the page says why there is no view."""
+    from qkcov.report.html import NO_VIEW_OLD
+
+    (tmp_path / "run.json").write_text("{}")
+    write_section(tmp_path, key="run", title="Contrast analysis", text=["old"])
+    page = build_report(tmp_path).read_text()
+    assert page.count(NO_VIEW_OLD) == 1 and "Contrast analysis" in page
+
+
+def test_unavailable_groups_collapse_into_one_row():
+    from qkcov.report.run import _subspace_rows
+
+    unavailable = {"available": False, "reason": "significance unavailable (n=2)"}
+    groups = {
+        f"g{i}": {"rank": i % 3, "rank_energy": 1, "n_pos": 2, "n_neg": 2, "singular_values": [1.0],
+                  "significance": unavailable}
+        for i in range(40)
+    }  # fmt: skip
+    groups["pooled"] = {"rank": 2, "rank_energy": 1, "n_pos": 80, "n_neg": 80,
+                        "singular_values": [3.0], "significance": {"available": True, "p_value": 0.01}}  # fmt: skip
+    info = {"heads": [{"name": "L0H0", "features": {"f": {"groups": groups}}}]}
+    rows = _subspace_rows(info)
+    assert len(rows) == 2
+    assert rows[0][2] == "pooled" and rows[0][7] == 0.01
+    assert rows[1][2].startswith("40 groups (g0, g1, g2, g3, …)") and rows[1][3] == "0–2"
+    assert rows[1][7] == "unavailable: significance unavailable (n=2)"

@@ -265,6 +265,9 @@ def _plot_swaps(out: Path, h: dict[str, Any]) -> Entries:
     ]  # fmt: skip
 
 
+_ONE = {"keys": "key", "queries": "query"}
+
+
 def _scatter(out: Path, h: dict[str, Any], t: dict[str, Any]) -> Entries:
     """Held-out keys (and queries) on the first projected feature's top directions, as a
     scatter spec with one hover label (token, JSONL line, group) per point."""
@@ -297,7 +300,7 @@ def _scatter(out: Path, h: dict[str, Any], t: dict[str, Any]) -> Entries:
     ) -> dict[str, Any]:
         return {
             "name": name, "color": colour, "points": pts(a, sel), "panel_set": what,
-            "labels": [f"{what[:-1]} {names[i]}" + (f" · group {labels[i]}" if labels[i] else "")
+            "labels": [f"{_ONE[what]} {names[i]}" + (f" · group {labels[i]}" if labels[i] else "")
                        for i in np.flatnonzero(sel)],
         }  # fmt: skip
 
