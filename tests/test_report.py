@@ -92,3 +92,17 @@ def test_unavailable_groups_collapse_into_one_row():
     assert rows[0][2] == "pooled" and rows[0][7] == 0.01
     assert rows[1][2].startswith("40 groups (g0, g1, g2, g3, …)") and rows[1][3] == "0–2"
     assert rows[1][7] == "unavailable: significance unavailable (n=2)"
+
+
+@pytest.mark.parametrize("kind", ["token_view", "scatter", "figures"])
+def test_head_block_files_outside_the_folder_are_refused(tmp_path, kind):
+    from qkcov.artifacts import write_json
+
+    entry = "/etc/hostname" if kind == "token_view" else [{"file": "/etc/hostname"}]
+    write_json(
+        tmp_path / "section.json",
+        {"key": "h", "title": "t", "heads": [{"name": "L0H0", kind: entry}]},
+    )
+    with pytest.raises(ValueError, match=r"heads\[L0H0\]|/etc/hostname.*outside"):
+        build_report(tmp_path)
+    assert not (tmp_path / "report.html").exists()
