@@ -84,3 +84,35 @@ def test_json_block_cannot_close_its_script():
     inner = block[block.index(">") + 1 : block.rindex("</script>")]
     assert "<" not in inner and ">" not in inner and "&" not in inner
     assert json.loads(inner) == {"t": hostile}
+
+
+def test_a_verdict_leads_each_head_block(run, tmp_path):
+    """Whatever verdict a run holds is the head block's first line (escaped); without one a
+    neutral summary of the saved numbers stands there."""
+    from qkcov.artifacts import read_json, write_json
+    from qkcov.report import build_report
+    from qkcov.report.run import write_run_section
+
+    _, out = run
+    info = read_json(out / "run.json")
+    h0 = info["heads"][0]
+    h0["verdict"] = {
+        "status": "supported",
+        "sentence": "Attends <b>by</b> number.",
+        "evidence": ["p = 0.01"],
+    }
+    h0["causal_rank"] = {"feature": "feature", "rank": 2, "R": 1, "curve": [0.1, 0.2, 0.2]}
+    write_json(tmp_path / "run.json", info)
+    (tmp_path / "run.safetensors").write_bytes((out / "run.safetensors").read_bytes())
+    write_run_section(tmp_path)
+    page = build_report(tmp_path).read_text()
+    block = page[page.index(f'<article class="head" id="run-{h0["name"]}">') :]
+    first = block[block.index("<p") : block.index("</p>")]
+    assert "supported" in first and "Attends &lt;b&gt;by&lt;/b&gt; number." in first
+    assert "<b>by</b>" not in page
+    other = info["heads"][1]
+    block = page[page.index(f'<article class="head" id="run-{other["name"]}">') :]
+    first = block[block.index("<p") : block.index("</p>")]
+    assert 'class="verdict neutral"' in first and f"{other['name']}: rank {other['rank']}" in first
+    # the headline swap named by the run is the one the summary quotes
+    assert f"inside the {other['swap_condition']} subspace" in first

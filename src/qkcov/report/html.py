@@ -225,6 +225,13 @@ def _head_html(folder: Path, h: dict[str, Any], root: Path, anchor: str, ids: _I
     return "\n".join(parts)
 
 
+def _verdict_line(h: dict[str, Any]) -> str:
+    v = h.get("verdict") if isinstance(h.get("verdict"), dict) else {}
+    if v.get("sentence") or v.get("status"):
+        return " — ".join(str(x) for x in (v.get("status"), v.get("sentence")) if x)
+    return str(h.get("lead", ""))
+
+
 NO_VIEW_OLD = (
     "Token view unavailable: this section was written before per-prompt token views existed "
     "(its section.json has no head blocks); rerun the analysis to get it."
@@ -242,7 +249,7 @@ def _section_html(folder: Path, sec: dict[str, Any], root: Path, ids: _Ids) -> s
     if heads:  # a run: the verdicts first, one line per head
         parts.append('<ul class="verdicts">' + "".join(
             f'<li><a href="#{anchor}-{html.escape(h["name"])}">{html.escape(h["name"])}</a>: '
-            f"{html.escape(str((h.get('verdict') or {}).get('sentence') or h.get('lead', '')))}</li>"
+            f"{html.escape(_verdict_line(h))}</li>"
             for h in heads
         ) + "</ul>")  # fmt: skip
     text = "".join(f"<p>{html.escape(para)}</p>" for para in sec.get("text", []))

@@ -213,6 +213,26 @@ def _plot_scree(out: Path, info: dict[str, Any], h: dict[str, Any], t: dict[str,
     ]
 
 
+def _causal_curve(h: dict[str, Any]) -> tuple[list[float], list[float]] | None:
+    """``(k, Δp)`` of the run's causal-rank curve when it holds one in a readable form
+    (numbers, ``[k, Δp]`` pairs or objects with a rank and a ``delta_p``)."""
+    curve = (h.get("causal_rank") or {}).get("curve")
+    if not isinstance(curve, list) or not curve:
+        return None
+    try:
+        if all(isinstance(c, (int, float)) for c in curve):
+            return list(range(1, len(curve) + 1)), [float(c) for c in curve]
+        if all(isinstance(c, (list, tuple)) and len(c) >= 2 for c in curve):
+            return [float(c[0]) for c in curve], [float(c[1]) for c in curve]
+        if all(isinstance(c, dict) for c in curve):
+            kx = next(k for k in ("k", "rank", "r", "n") if k in curve[0])
+            ky = next(k for k in ("delta_p", "dp", "effect", "value") if k in curve[0])
+            return [float(c[kx]) for c in curve], [float(c[ky]) for c in curve]
+    except (StopIteration, TypeError, ValueError, KeyError):
+        return None
+    return None
+
+
 def _plot_swaps(out: Path, h: dict[str, Any]) -> Entries:
     """Δp of every condition vs its equal-rank random subspaces and the full-key ceiling."""
     sw = h["swaps"]
@@ -255,6 +275,16 @@ def _plot_swaps(out: Path, h: dict[str, Any]) -> Entries:
     ax.axhline(0, color="black", lw=0.5)
     ax.set(title=f"{h['name']}: key swaps (n={sw['n']})", ylabel="Δp")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=1, frameon=False)
+    curve = _causal_curve(h)
+    if curve is not None:  # Δp against the number of leading directions swapped
+        inset = ax.inset_axes([1.08, 0.0, 0.55, 1.0])
+        inset.plot(curve[0], curve[1], "o-", color="#333333", ms=2.5, lw=1)
+        R = (h.get("causal_rank") or {}).get("R")
+        if R:
+            inset.axvline(R, color="black", ls="--", lw=0.9)
+        inset.set_title(f"Δp vs directions swapped (R={R})", fontsize=8)
+        inset.set_xlabel("leading directions", fontsize=7)
+        inset.tick_params(labelsize=7)
     name = f"{_safe(h['name'])}.swaps.png"
     save_png(fig, out / name)
     return [
