@@ -106,3 +106,11 @@ def test_head_block_files_outside_the_folder_are_refused(tmp_path, kind):
     with pytest.raises(ValueError, match=r"heads\[L0H0\]|/etc/hostname.*outside"):
         build_report(tmp_path)
     assert not (tmp_path / "report.html").exists()
+
+
+def test_figures_are_referenced_once_or_embedded_on_request(tmp_path):
+    _section(tmp_path / "a", "first", 1)
+    page = build_report(tmp_path).read_text()
+    assert 'src="a/fig.png"' in page and "base64," not in page
+    page = build_report(tmp_path, embed_figures=True).read_text()
+    assert 'src="a/fig.png"' not in page and page.count("data:image/png;base64,") == 1

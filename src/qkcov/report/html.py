@@ -3,9 +3,10 @@
 Every experiment writes ``<its folder>/section.json`` (via :func:`write_section`): a title,
 key numbers, short text, tables, the figure files it produced and, for a run, one block per
 studied head (verdict line, figures, a hover-labelled scatter, the per-prompt token view).
-:func:`build_report` finds every section below a folder and embeds PNGs as base64, scatter
-specs and token views as escaped JSON drawn by a small inline script (no library, nothing
-fetched), so the page works offline. Plotly figures of older sections are drawn with one
+:func:`build_report` finds every section below a folder, references its PNGs by their paths
+inside the folder (one copy each; ``embed_figures=True`` embeds them as base64) and embeds
+scatter specs and token views as escaped JSON drawn by a small inline script (no library,
+nothing fetched), so the page works offline. Plotly figures of older sections are drawn with one
 copy of plotly.js written beside the report (``plotly.min.js``) and referenced relatively.
 
 Only files inside the report folder are ever read: every section's figure paths are
@@ -19,9 +20,11 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from ..artifacts import (
     add_to_manifest,
@@ -175,20 +178,29 @@ def _folded(summary: str, inner: str, open_: bool = False) -> str:
 
 
 class _Ids:
-    """Unique element ids for the data blocks of one page."""
+    """Unique element ids for the data blocks of one page, and the page's folder (figures
+    are referenced relative to it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, base: Path, embed: bool = False) -> None:
         self.n = 0
+        self.base = base.resolve()
+        self.embed = embed
 
     def __call__(self, kind: str) -> str:
         self.n += 1
         return f"{kind}-{self.n}"
 
 
-def _png(root: Path, folder: Path, fig: dict[str, Any]) -> str:
-    data = base64.b64encode(_inside(root, folder / fig["file"], "figure").read_bytes()).decode()
+def _png(root: Path, folder: Path, fig: dict[str, Any], ids: _Ids) -> str:
+    """A figure referenced by its path relative to the page (one copy of each PNG per
+    folder), or embedded as base64 (``build_report(..., embed_figures=True)``: one file)."""
+    real = _inside(root, folder / fig["file"], "figure")
+    if ids.embed:
+        src = "data:image/png;base64," + base64.b64encode(real.read_bytes()).decode()
+    else:
+        src = quote(Path(os.path.relpath(real, ids.base)).as_posix())
     return (
-        f'<figure><img alt="{html.escape(fig["file"])}" src="data:image/png;base64,{data}">'
+        f'<figure><img alt="{html.escape(fig["file"])}" src="{html.escape(src)}">'
         f"<figcaption>{html.escape(fig.get('caption', ''))}</figcaption></figure>"
     )
 
@@ -212,7 +224,9 @@ def _head_html(folder: Path, h: dict[str, Any], root: Path, anchor: str, ids: _I
     parts.append(verdict_html(h.get("verdict"), h.get("lead", "")))
     figs = h.get("figures", [])
     if figs:
-        parts.append('<div class="figs">' + "".join(_png(root, folder, f) for f in figs) + "</div>")
+        parts.append(
+            '<div class="figs">' + "".join(_png(root, folder, f, ids) for f in figs) + "</div>"
+        )
     for sc in h.get("scatter", []):
         parts.append(_scatter(root, folder, sc, ids))
     parts.append(f"<h4>{name}: per-prompt token view</h4>")
@@ -265,7 +279,7 @@ def _section_html(folder: Path, sec: dict[str, Any], root: Path, ids: _Ids) -> s
         rows = [[k, v] for k, v in sec["summary"].items()]
         table = _table(["quantity", "value"], rows, "Key numbers")
         parts.append(_folded("Key numbers", table) if heads else table)
-    figs = "".join(_png(root, folder, f) for f in sec.get("figures", []))
+    figs = "".join(_png(root, folder, f, ids) for f in sec.get("figures", []))
     figs += "".join(_scatter(root, folder, f, ids) for f in sec.get("scatter", []))
     for fig in sec.get("interactive", []):
         pfig = pio.from_json(_inside(root, folder / fig["file"], "figure").read_text())
@@ -300,11 +314,18 @@ METHOD_NOTE = (
 
 
 def build_report(
-    root: str | Path, out: str | Path | None = None, title: str = "qkcov report"
+    root: str | Path,
+    out: str | Path | None = None,
+    title: str = "qkcov report",
+    *,
+    embed_figures: bool = False,
 ) -> Path:
-    """Write ``root/report.html`` (or ``out``) embedding every section found under ``root``.
+    """Write ``root/report.html`` (or ``out``) showing every section found under ``root``.
 
-    Plotly figures (older sections only) get one ``plotly.min.js`` beside the report."""
+    PNG figures are referenced by their paths inside the folder (one copy of each; the page
+    reads nothing else and nothing from the network), or embedded as base64 with
+    ``embed_figures=True`` (one self-contained file). Plotly figures (older sections only)
+    get one ``plotly.min.js`` beside the report."""
     from .views import VIEW_CSS, VIEW_JS
 
     root = Path(root)
@@ -325,7 +346,7 @@ def build_report(
 
         atomic_write_bytes(target.parent / PLOTLY_FILE, plotly.offline.get_plotlyjs().encode())
         plotly_js = f'<script src="{PLOTLY_FILE}"></script>'
-    ids = _Ids()
+    ids = _Ids(target.parent, embed_figures)
     body = "\n".join(_section_html(f, s, root, ids) for f, s in sections)
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

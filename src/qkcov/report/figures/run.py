@@ -70,7 +70,7 @@ def plot_scan(out: Path, info: dict[str, Any]) -> Entries:
         )
     ax.set(xlabel="head", ylabel="layer", title="query attention: positive − negative keys")
     fig.colorbar(im, ax=ax, shrink=0.8)
-    save_png(fig, out / "scan.png")
+    save_png(fig, out / "scan.png", dpi=100)
     return [
         {
             "file": "scan.png",
@@ -154,7 +154,7 @@ def _plot_attends(out: Path, h: dict[str, Any], view: dict[str, Any]) -> Entries
         fontsize=9,
     )
     name = f"{_safe(h['name'])}.attends.png"
-    save_png(fig, out / name)
+    save_png(fig, out / name, dpi=100)
     return [
         {
             "file": name,
@@ -204,7 +204,7 @@ def _plot_scree(out: Path, info: dict[str, Any], h: dict[str, Any], t: dict[str,
     ax.set_yscale("log")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     name = f"{_safe(h['name'])}.scree.png"
-    save_png(fig, out / name)
+    save_png(fig, out / name, dpi=100)
     return [
         {
             "file": name,
@@ -286,7 +286,7 @@ def _plot_swaps(out: Path, h: dict[str, Any]) -> Entries:
         inset.set_xlabel("leading directions", fontsize=7)
         inset.tick_params(labelsize=7)
     name = f"{_safe(h['name'])}.swaps.png"
-    save_png(fig, out / name)
+    save_png(fig, out / name, dpi=100)
     return [
         {
             "file": name,

@@ -130,7 +130,7 @@ def plot_projections(out_dir: str | Path) -> tuple[list[dict[str, str]], list[di
                 )
         ax.set_title(title + ("" if binary else f" (colour: {latent}[0])"), fontsize=10)
     fig.suptitle("Projections onto the contrastive subspaces (first 3 coordinates)")
-    save_png(fig, out / "fig3_projections.png", dpi=130)
+    save_png(fig, out / "fig3_projections.png", dpi=80)  # thousands of points: small
     figures = [
         {
             "file": "fig3_projections.png",
