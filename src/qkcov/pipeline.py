@@ -581,11 +581,7 @@ def _token_view(
         return None
     pairs = swap_pairs(resolved, rows, seed=sub_seed(cfg.seed, "pairs"))
     basis = _swap_conditions(features, cfg.energy).get(swaps.headline or "")
-    qb = {
-        name: f.pooled.query_basis if f.pooled.rank > 0 else f.union_query
-        for name, f in features.items()
-        if f.pooled.rank > 0 or (f.union_query is not None and f.union_query.shape[1] > 0)
-    }
+    qb = _query_bases(features)
     info, tensors = collect_token_view(
         model, tokenizer, resolved, pairs, head[0], head[1], basis, qb,
         condition=swaps.headline, batch_size=cfg.batch_size,
@@ -624,17 +620,23 @@ def model_head_dim(model: Any) -> int:
     return model_info(model).head_dim
 
 
+def _query_bases(features: Mapping[str, FeatureResult]) -> dict[str, torch.Tensor]:
+    """Query-side basis per feature for the attribution: the pooled subspace, or the group
+    union when the pooled rank is 0 (features without either are left out)."""
+    return {
+        name: f.pooled.query_basis if f.pooled.rank > 0 else f.union_query
+        for name, f in features.items()
+        if f.pooled.rank > 0 or (f.union_query is not None and f.union_query.shape[1] > 0)
+    }
+
+
 def _attribution(
     full: Mapping[str, Any],
     features: Mapping[str, FeatureResult],
     tokens: list[str],
     cfg: RunConfig,
 ) -> AttributionResult:
-    qb = {
-        name: f.pooled.query_basis if f.pooled.rank > 0 else f.union_query
-        for name, f in features.items()
-        if f.pooled.rank > 0 or (f.union_query is not None and f.union_query.shape[1] > 0)
-    }
+    qb = _query_bases(features)
     if not qb:
         reason = next(
             (
@@ -973,7 +975,7 @@ def _analyze(
                 model, tokenizer, [resolved[i] for i in swap_idx], None if rows is None else rows[:, head[0], head[1]],
                 head, features, cfg, progress, None if "swaps" in steps else "step off (--steps)",
             )  # fmt: skip
-        with timer.phase("token view"):
+        with timer.phase("token_view"):
             token_view = _token_view(
                 model, tokenizer, [resolved[i] for i in swap_idx], None if rows is None else rows[:, head[0], head[1]],
                 head, features, swaps, cfg,
