@@ -69,7 +69,7 @@ VIEW_CSS = """
 .st-supported,.st-confirmed,.st-yes{border-color:#1b7837}.st-not-supported,.st-rejected,.st-no{border-color:#b2182b}
 .evidence{font-size:.85em;color:#444;margin:.2em 0 .6em}.lead{font-size:.9em;color:#444}
 article.head{border-top:1px solid #ddd;margin-top:1.5em;padding-top:.3em}
-.figs{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}.figs figure{flex:1 1 320px;max-width:540px}
+.figs{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}.figs figure{flex:1 1 440px;max-width:540px}
 details{margin:.6em 0}summary{cursor:pointer;font-weight:600}
 .tokenview{border:1px solid #ccc;padding:.6em;margin:1em 0;border-radius:4px}
 .tv-controls{display:flex;flex-wrap:wrap;gap:.5em;align-items:center;margin-bottom:.5em}
