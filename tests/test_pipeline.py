@@ -128,6 +128,14 @@ def test_figures_drawn_from_artifacts_only(agreement_run, tmp_path):
 
 
 def _strip(info: dict) -> dict:
+    """Everything but timings and record provenance (a JSONL line exists only for records
+    read from a file: the token view's ``line``, the projections' hover names)."""
+    info = json.loads(json.dumps(info))
+    for h in info["heads"]:
+        for p in (h.get("token_view") or {}).get("prompts", []):
+            p.pop("line")
+        for pr in h["projections"].values():
+            pr.pop("key_names", None), pr.pop("query_names", None)
     return {k: v for k, v in info.items() if k not in ("seconds", "timings_s")}
 
 
