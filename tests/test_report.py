@@ -86,12 +86,13 @@ def test_unavailable_groups_collapse_into_one_row():
     }  # fmt: skip
     groups["pooled"] = {"rank": 2, "rank_energy": 1, "n_pos": 80, "n_neg": 80,
                         "singular_values": [3.0], "significance": {"available": True, "p_value": 0.01}}  # fmt: skip
+    groups["g39"] = dict(groups["g39"], n_pos=4, significance={"available": False, "reason": "significance unavailable (n=4)"})  # fmt: skip
     info = {"heads": [{"name": "L0H0", "features": {"f": {"groups": groups}}}]}
     rows = _subspace_rows(info)
     assert len(rows) == 2
     assert rows[0][2] == "pooled" and rows[0][7] == 0.01
     assert rows[1][2].startswith("40 groups (g0, g1, g2, g3, …)") and rows[1][3] == "0–2"
-    assert rows[1][7] == "unavailable: significance unavailable (n=2)"
+    assert rows[1][5] == "2–4" and rows[1][7] == "unavailable: significance unavailable"
 
 
 @pytest.mark.parametrize("kind", ["token_view", "scatter", "figures"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -121,9 +122,9 @@ def _subspace_rows(info: dict[str, Any]) -> list[list[Any]]:
             for g, s in f["groups"].items():
                 sig = s.get("significance") or {}
                 if g != "pooled" and not sig.get("available"):
-                    collapsed.setdefault(sig.get("reason") or "no significance test", []).append(
-                        (g, s)
-                    )
+                    # one row per reason; the record counts show as the n columns' range
+                    why = re.sub(r"\s*\(n=\d+\)", "", sig.get("reason") or "no significance test")
+                    collapsed.setdefault(why, []).append((g, s))
                     continue
                 rows.append(
                     [h["name"], fname, g, s["rank"], s["rank_energy"], s["n_pos"], s["n_neg"],
