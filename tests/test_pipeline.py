@@ -78,8 +78,8 @@ def test_run_json_contract(agreement_run):
         "section.json",
         "report.html",
         "manifest.json",
-        "scree.png",
-        "swaps.png",
+        f"{info['heads'][0]['name']}.scree.png",
+        f"{info['heads'][0]['name']}.swaps.png",
     ):
         assert (out / name).is_file(), name
 
@@ -105,7 +105,7 @@ def test_save_load_round_trip(agreement_run):
     torch.testing.assert_close(l0.headline.delta, h0.headline.delta)
     assert loaded.summary().splitlines()[0].split()[:2] == ["head", "rank"]
     # a mixed folder is refused: a file changed after the run
-    (out / "scree.png").write_bytes(b"not the run's figure")
+    (out / "scan.png").write_bytes(b"not the run's figure")
     with pytest.raises(ValueError, match="modified after the run"):
         AnalysisResult.load(out)
 
@@ -119,16 +119,23 @@ def test_figures_drawn_from_artifacts_only(agreement_run, tmp_path):
     for name in ("run.json", "run.safetensors"):
         (copy / name).write_bytes((out / name).read_bytes())
     figs, inter = plot_all(copy)
-    assert {f["file"] for f in figs} >= {
-        "scree.png",
-        "swaps.png",
-        "projections.png",
-        "attribution.png",
+    heads = [h["name"] for h in read_json(out / "run.json")["heads"]]
+    assert {f["file"] for f in figs} >= {"scan.png"} | {
+        f"{h}.{kind}.png" for h in heads for kind in ("attends", "scree", "swaps")
     }
+    assert {f["file"] for f in inter} == {f"{h}.projections.scatter.json" for h in heads}
     assert all((copy / f["file"]).is_file() for f in figs + inter)
 
 
 def _strip(info: dict) -> dict:
+    """Everything but timings and record provenance (a JSONL line exists only for records
+    read from a file: the token view's ``line``, the projections' hover names)."""
+    info = json.loads(json.dumps(info))
+    for h in info["heads"]:
+        for p in (h.get("token_view") or {}).get("prompts", []):
+            p.pop("line")
+        for pr in h["projections"].values():
+            pr.pop("key_names", None), pr.pop("query_names", None)
     return {k: v for k, v in info.items() if k not in ("seconds", "timings_s", "provenance")}
 
 

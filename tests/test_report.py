@@ -39,7 +39,10 @@ def test_report_embeds_sections_in_order(tmp_path):
     page = out.read_text()
     assert page.index("Section first") < page.index("Section second")
     assert page.count("<img ") == 2
-    assert "Plotly.newPlot" in page and "<script src=" not in page  # plotly.js embedded offline
+    # plotly figures (older sections) use ONE plotly.js copy beside the page, nothing fetched
+    assert "Plotly.newPlot" in page and page.count('<script src="plotly.min.js">') == 1
+    assert (tmp_path / "plotly.min.js").is_file() and "http" not in page.split("<body>")[0]
+    assert sum(1 for _ in tmp_path.rglob("plotly*.js")) == 1
     index = json.loads((tmp_path / "report_index.json").read_text())
     assert [s["key"] for s in index["sections"]] == ["first", "second"]
 
@@ -60,3 +63,55 @@ def test_report_cli_errors_on_empty_folder(tmp_path, capsys):
         pass  # a complete run without any section
     assert main(["report", str(tmp_path / "run")]) == 2
     assert "no section.json" in capsys.readouterr().err
+
+
+def test_old_section_without_head_blocks_renders_with_a_reason(tmp_path):
+    """A run section written before head blocks existed: the page says why there is no view."""
+    from qkcov.report.html import NO_VIEW_OLD
+
+    (tmp_path / "run.json").write_text("{}")
+    write_section(tmp_path, key="run", title="Contrast analysis", text=["old"])
+    page = build_report(tmp_path).read_text()
+    assert page.count(NO_VIEW_OLD) == 1 and "Contrast analysis" in page
+
+
+def test_unavailable_groups_collapse_into_one_row():
+    from qkcov.report.run import _subspace_rows
+
+    unavailable = {"available": False, "reason": "significance unavailable (n=2)"}
+    groups = {
+        f"g{i}": {"rank": i % 3, "rank_energy": 1, "n_pos": 2, "n_neg": 2, "singular_values": [1.0],
+                  "significance": unavailable}
+        for i in range(40)
+    }  # fmt: skip
+    groups["pooled"] = {"rank": 2, "rank_energy": 1, "n_pos": 80, "n_neg": 80,
+                        "singular_values": [3.0], "significance": {"available": True, "p_value": 0.01}}  # fmt: skip
+    groups["g39"] = dict(groups["g39"], n_pos=4, significance={"available": False, "reason": "significance unavailable (n=4)"})  # fmt: skip
+    info = {"heads": [{"name": "L0H0", "features": {"f": {"groups": groups}}}]}
+    rows = _subspace_rows(info)
+    assert len(rows) == 2
+    assert rows[0][2] == "pooled" and rows[0][7] == 0.01
+    assert rows[1][2].startswith("40 groups (g0, g1, g2, g3, …)") and rows[1][3] == "0–2"
+    assert rows[1][5] == "2–4" and rows[1][7] == "unavailable: significance unavailable"
+
+
+@pytest.mark.parametrize("kind", ["token_view", "scatter", "figures"])
+def test_head_block_files_outside_the_folder_are_refused(tmp_path, kind):
+    from qkcov.artifacts import write_json
+
+    entry = "/etc/hostname" if kind == "token_view" else [{"file": "/etc/hostname"}]
+    write_json(
+        tmp_path / "section.json",
+        {"key": "h", "title": "t", "heads": [{"name": "L0H0", kind: entry}]},
+    )
+    with pytest.raises(ValueError, match=r"heads\[L0H0\]|/etc/hostname.*outside"):
+        build_report(tmp_path)
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_figures_are_referenced_once_or_embedded_on_request(tmp_path):
+    _section(tmp_path / "a", "first", 1)
+    page = build_report(tmp_path).read_text()
+    assert 'src="a/fig.png"' in page and "base64," not in page
+    page = build_report(tmp_path, embed_figures=True).read_text()
+    assert 'src="a/fig.png"' not in page and page.count("data:image/png;base64,") == 1

@@ -135,7 +135,8 @@ def test_report_verifies_then_records_itself(tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     paths = [f["path"] for f in verify_run_folder(out)["files"]]
     assert "report.html" in paths and "report_index.json" in paths
-    assert "base64," in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert 'src="exp/fig.png"' in page and "exp/fig.png" in paths  # the manifest's own copy
     assert main(["report", str(out)]) == 0  # re-running replaces its own entries
     verify_run_folder(out)
 

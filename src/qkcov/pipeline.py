@@ -50,6 +50,7 @@ from .results import (
     SubspaceResult,
     SwapCondition,
     SwapResult,
+    TokenViewResult,
 )
 from .runtime import Timer, sub_seed
 from .tasks.records import ContrastRecord
@@ -458,7 +459,12 @@ def _significance(
         "rank_energy": sig.rank_energy,
         "alpha": cfg.alpha,
         "n_permutations": cfg.n_permutations,
-        "null_band": None if sig.null_band is None else sig.null_band[:, :16].tolist(),
+        # the band reaches well beyond the ranks, so the scree shows where the rank ends
+        "null_band": None
+        if sig.null_band is None
+        else sig.null_band[
+            :, : max(16, max(sig.rank_null or 0, sig.rank_energy or 0) + 16)
+        ].tolist(),
         "rank_ci": None,
         "stability_deg": None,
         "singular_value_ci": None,
@@ -527,6 +533,23 @@ def _projection(
         feature.name, project(test.keys.double(), kb).float(), project(test.q.double(), qb).float(),
         test.key_positive.clone(), key_labels, query_labels, accuracy,
     )  # fmt: skip
+
+
+def _name_points(proj: ProjectionResult, tokenizer: Any, resolved: Sequence[Any]) -> None:
+    """Hover names of the projected points: token and JSONL line (or record index), in the
+    order :func:`qkcov.engine.contrast.collect_qk` stacks them (record order, key order)."""
+
+    def where(r: Any) -> str:
+        return f"line {r.record.line}" if r.record.line is not None else f"record {r.index}"
+
+    keys = [
+        f"{tokenizer.decode([r.input_ids[p]])!r} · {where(r)}"
+        for r in resolved
+        for p in r.key_positions
+    ]
+    queries = [f"{tokenizer.decode([r.input_ids[r.query]])!r} · {where(r)}" for r in resolved]
+    if len(keys) == len(proj.key_labels) and len(queries) == len(proj.query_labels):
+        proj.key_names, proj.query_names = keys, queries
 
 
 def _swap_conditions(
@@ -608,6 +631,35 @@ def _swaps(
     return SwapResult(int(sw["n"]), headline, conditions, ceiling, dict(sw["null"]), cfg.n_random)
 
 
+def _token_view(
+    model: Any,
+    tokenizer: Any,
+    resolved: Sequence[Any],
+    rows: torch.Tensor | None,
+    head: Head,
+    features: Mapping[str, FeatureResult],
+    swaps: SwapResult,
+    cfg: RunConfig,
+) -> TokenViewResult | None:
+    """The report's per-prompt view: the swap records' first prompts (same swap pairs as
+    :func:`_swaps`), attention before/after the headline swap and the exact logit split."""
+    from .engine.swaps import swap_pairs
+    from .engine.tokenview import collect_token_view
+
+    if rows is None or not resolved:
+        return None
+    pairs = swap_pairs(resolved, rows, seed=sub_seed(cfg.seed, "pairs"))
+    basis = _swap_conditions(features, cfg.energy).get(swaps.headline or "")
+    qb = _query_bases(features)
+    info, tensors = collect_token_view(
+        model, tokenizer, resolved, pairs, head[0], head[1], basis, qb,
+        condition=swaps.headline, batch_size=cfg.batch_size,
+    )  # fmt: skip
+    if basis is None:
+        info["after_reason"] = swaps.skipped or f"condition {swaps.headline!r} has no key basis"
+    return TokenViewResult(info, tensors)
+
+
 def _swap_statistics(conditions: Mapping[str, SwapCondition], cfg: RunConfig) -> None:
     """Paired bootstrap CIs over prompts and the p-value against the random subspaces."""
     try:
@@ -637,17 +689,23 @@ def model_head_dim(model: Any) -> int:
     return model_info(model).head_dim
 
 
+def _query_bases(features: Mapping[str, FeatureResult]) -> dict[str, torch.Tensor]:
+    """Query-side basis per feature for the attribution: the pooled subspace, or the group
+    union when the pooled rank is 0 (features without either are left out)."""
+    return {
+        name: f.pooled.query_basis if f.pooled.rank > 0 else f.union_query
+        for name, f in features.items()
+        if f.pooled.rank > 0 or (f.union_query is not None and f.union_query.shape[1] > 0)
+    }
+
+
 def _attribution(
     full: Mapping[str, Any],
     features: Mapping[str, FeatureResult],
     tokens: list[str],
     cfg: RunConfig,
 ) -> AttributionResult:
-    qb = {
-        name: f.pooled.query_basis if f.pooled.rank > 0 else f.union_query
-        for name, f in features.items()
-        if f.pooled.rank > 0 or (f.union_query is not None and f.union_query.shape[1] > 0)
-    }
+    qb = _query_bases(features)
     if not qb:
         reason = next(
             (
@@ -1012,11 +1070,19 @@ def _analyze(
                         feat, v.select(tr) if tr else None, v.select(te), [groups_all[j] for j in tr], [groups_all[j] for j in te], cfg,
                         sub_seed(cfg.seed, f"proj:{name}:{f}"),
                     )  # fmt: skip
+                    _name_points(
+                        projections[f], tokenizer, [resolved[held[j - n_cent]] for j in te]
+                    )
         with timer.phase("swaps"):
             timer.log(f"{name}: swaps")
             swaps = _swaps(
                 model, tokenizer, [resolved[i] for i in swap_idx], None if rows is None else rows[:, head[0], head[1]],
                 head, features, cfg, progress, None if "swaps" in steps else "step off (--steps)",
+            )  # fmt: skip
+        with timer.phase("token_view"):
+            token_view = _token_view(
+                model, tokenizer, [resolved[i] for i in swap_idx], None if rows is None else rows[:, head[0], head[1]],
+                head, features, swaps, cfg,
             )  # fmt: skip
         with timer.phase("attribution"):
             attribution = (
@@ -1030,7 +1096,9 @@ def _analyze(
             (r for r in scan or [] if r["layer"] == head[0] and r["head"] == head[1]), None
         )
         head_results.append(
-            HeadResult(head[0], head[1], features, projections, swaps, attribution, scan_row)
+            HeadResult(
+                head[0], head[1], features, projections, swaps, attribution, scan_row, token_view
+            )
         )
         if state is not None:
             state.save_head(head_results[-1])

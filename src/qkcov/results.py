@@ -28,6 +28,7 @@ __all__ = [
     "SwapCondition",
     "SwapResult",
     "AttributionResult",
+    "TokenViewResult",
     "HeadResult",
     "AnalysisResult",
     "RUN_JSON",
@@ -168,6 +169,8 @@ class ProjectionResult:
     key_labels: list[str]
     query_labels: list[str]
     accuracy: dict[str, float] | None = None
+    key_names: list[str] = field(default_factory=list)  # (m) token and JSONL line, for hover
+    query_names: list[str] = field(default_factory=list)  # (n)
 
     def __repr__(self) -> str:
         acc = (
@@ -180,6 +183,8 @@ class ProjectionResult:
             "accuracy": self.accuracy,
             "key_labels": self.key_labels,
             "query_labels": self.query_labels,
+            "key_names": self.key_names,
+            "query_names": self.query_names,
         }
 
 
@@ -289,6 +294,22 @@ class AttributionResult:
 
 
 @dataclass
+class TokenViewResult:
+    """Per-prompt data of the report's token view (a few held-out prompts, bounded).
+
+    ``info`` (JSON): ``condition`` (the headline swap, ``None`` without one), ``cap``,
+    ``n_eligible``, ``part_names`` and ``prompts`` (record index, JSONL ``line``, ``tokens``,
+    ``query``, ``positives``, ``negatives``, ``orig``/``target``, ``offset``/``length`` into
+    the flat tensors). ``tensors``: ``attn_before [T]``, ``attn_after [T]``, ``logit [T]``,
+    ``parts [P+1, T]`` over all prompts' keys concatenated (see
+    :func:`qkcov.engine.tokenview.collect_token_view`).
+    """
+
+    info: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass
 class HeadResult:
     """Everything the pipeline found for one head."""
 
@@ -299,6 +320,7 @@ class HeadResult:
     swaps: SwapResult
     attribution: AttributionResult
     scan: dict[str, Any] | None = None
+    token_view: TokenViewResult | None = None
 
     @property
     def name(self) -> str:
@@ -366,6 +388,7 @@ class HeadResult:
             "features": {k: f.to_dict() for k, f in self.features.items()},
             "projections": {k: p.to_dict() for k, p in self.projections.items()},
             "scan": self.scan,
+            "token_view": None if self.token_view is None else self.token_view.info,
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -391,6 +414,9 @@ class HeadResult:
                 for m, v in c.per_prompt.items():
                     key = f"{self.name}.swap.{safe_component(cname)}.{m}"
                     out[key] = torch.tensor(v, dtype=torch.float64)
+        if self.token_view is not None:
+            for k, v in self.token_view.tensors.items():
+                out[f"{self.name}.token_view.{k}"] = v.float().contiguous()
         return out
 
 
@@ -639,6 +665,7 @@ def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult
         projections[fname] = ProjectionResult(
             fname, t[p + "keys"], t[p + "queries"], t[p + "key_positive"].bool(),
             pd["key_labels"], pd["query_labels"], pd.get("accuracy"),
+            pd.get("key_names", []), pd.get("query_names", []),
         )  # fmt: skip
     sw = d["swaps"]
 
@@ -673,6 +700,15 @@ def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult
         ad["random"], ad["share"], ad["max_abs_error"], t.get(f"{name}.attribution.parts"),
         t.get(f"{name}.attribution.total"), ad.get("example_tokens", []), ad.get("skipped"),
     )  # fmt: skip
+    tv = d.get("token_view")
+    prefix = f"{name}.token_view."
+    token_view = (
+        None
+        if tv is None
+        else TokenViewResult(
+            tv, {k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)}
+        )
+    )
     return HeadResult(
-        d["layer"], d["head"], features, projections, swaps, attribution, d.get("scan")
+        d["layer"], d["head"], features, projections, swaps, attribution, d.get("scan"), token_view
     )

@@ -203,14 +203,14 @@ def test_cli_end_to_end(tmp_path):
         "ranks": ["fig2_ranks.png", "ranks_deltas.safetensors", "ranks_models.safetensors"],
         "projections": [
             "fig3_projections.png",
-            "fig3_projections.plotly.json",
+            "fig3_projections.scatter.json",
             "projections.safetensors",
         ],
         "swap": ["fig4_swap.png", "swap.json"],
         "interaction": ["fig5_interaction.png", "interaction.safetensors"],
     }.items():
         section = json.loads((out / sub / "section.json").read_text())
-        for entry in section["figures"] + section.get("interactive", []):
+        for entry in section["figures"] + section.get("scatter", []):
             assert (out / sub / entry["file"]).is_file()
         for name in files:
             assert (out / sub / name).stat().st_size > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -104,17 +105,83 @@ def _condition_rows(info: dict[str, Any]) -> list[list[Any]]:
 
 
 def _subspace_rows(info: dict[str, Any]) -> list[list[Any]]:
+    """One row per group with a significance result (and the pooled ΔC); groups whose test
+    is unavailable for the same reason are collapsed into one summary row."""
+
+    def span(vals: list[Any]) -> Any:
+        vals = [v for v in vals if v != "–"]
+        if not vals:
+            return "–"
+        lo, hi = min(vals), max(vals)
+        return lo if lo == hi else f"{lo}–{hi}"
+
     rows = []
     for h in info["heads"]:
         for fname, f in h["features"].items():
+            collapsed: dict[str, list[tuple[str, dict[str, Any]]]] = {}
             for g, s in f["groups"].items():
                 sig = s.get("significance") or {}
+                if g != "pooled" and not sig.get("available"):
+                    # one row per reason; the record counts show as the n columns' range
+                    why = re.sub(r"\s*\(n=\d+\)", "", sig.get("reason") or "no significance test")
+                    collapsed.setdefault(why, []).append((g, s))
+                    continue
                 rows.append(
                     [h["name"], fname, g, s["rank"], s["rank_energy"], s["n_pos"], s["n_neg"],
                      _f(sig.get("p_value")) if sig.get("available") else (sig.get("reason") or "–"),
                      _f(s["singular_values"][0], 4) if s["singular_values"] else "–"]
                 )  # fmt: skip
+            for reason, items in collapsed.items():
+                names = [g for g, _ in items]
+                shown = ", ".join(names[:4]) + (", …" if len(names) > 4 else "")
+                ss = [s for _, s in items]
+                rows.append(
+                    [h["name"], fname, f"{len(items)} group{'s' if len(items) != 1 else ''} ({shown})",
+                     span([s["rank"] for s in ss]), span([s["rank_energy"] for s in ss]),
+                     span([s["n_pos"] for s in ss]), span([s["n_neg"] for s in ss]),
+                     f"unavailable: {reason}",
+                     span([_f(s["singular_values"][0], 4) if s["singular_values"] else "–" for s in ss])]
+                )  # fmt: skip
     return rows
+
+
+def head_lead(h: dict[str, Any]) -> str:
+    """A neutral one-line summary of one head from its saved numbers (used when the run
+    holds no verdict)."""
+    sig = h.get("significance") or {}
+    bits = [f"rank {h['rank']} ({h.get('rank_rule', '')} rule"]
+    if sig.get("rank_energy") is not None:
+        bits[0] += f"; 99 %-energy rank {sig['rank_energy']}"
+    bits[0] += ")"
+    p = headline_p(h)
+    if sig.get("available") and p is not None:
+        bits.append(f"permutation p = {p:.3g}")
+    sw = h.get("swaps") or {}
+    cond = h.get("swap_condition") or sw.get("headline")
+    c = (sw.get("conditions") or {}).get(cond or "")
+    if c is None:
+        bits.append(f"swaps skipped ({sw.get('skipped') or 'no headline condition'})")
+    else:
+        rnd = (c.get("random") or {}).get("delta_p") or {}
+        s = f"swapping keys inside the {cond} subspace moves Δp = {c['delta_p']:.3f}"
+        if rnd:
+            s += f" vs {rnd['mean']:.3f} ± {rnd['std']:.3f} for random rank-{c['rank']} subspaces"
+        if c.get("p_value") is not None:
+            s += f" (p = {c['p_value']:.3g})"
+        if sw.get("ceiling"):
+            s += f"; full key {sw['ceiling']['delta_p']:.3f}"
+        bits.append(s)
+    cr = h.get("causal_rank") or {}
+    if cr.get("R") is not None:
+        bits.append(f"causal rank {cr['R']}")
+    att = h.get("attribution") or {}
+    if not att.get("skipped") and att.get("explained_fraction") is not None:
+        ef = att["explained_fraction"]
+        if not (isinstance(ef, float) and math.isnan(ef)):
+            bits.append(
+                f"its query subspaces explain {ef:.3f} of the held-out logits (random {(att.get('random') or {}).get('mean', float('nan')):.3f})"
+            )
+    return f"{h['name']}: " + "; ".join(bits) + "."
 
 
 def write_run_section(
@@ -128,11 +195,20 @@ def write_run_section(
     extra_figures: Sequence[dict[str, str]] = (),
 ) -> Path:
     """Draw the figures of ``out_dir``'s run and write its ``section.json``."""
-    from .figures.run import plot_all
+    from .figures.run import plot_heads
 
     out = Path(out_dir)
     info = read_json(out / "run.json")
-    figs, inter = plot_all(out)
+    figs, per_head = plot_heads(out)
+    blocks = [
+        {
+            "name": h["name"],
+            "verdict": h.get("verdict"),
+            "lead": head_lead(h),
+            **per_head[h["name"]],
+        }
+        for h in info["heads"]
+    ]
     cfg = info["config"]
     feats = info["features"]
     best = next((h for h in info["heads"] if h["name"] == info.get("best_head")), None)
@@ -164,8 +240,12 @@ def write_run_section(
            f"α = {cfg['alpha']}; {cfg['n_permutations']} permutations)" if cfg["rank_rule"] == "null" else f"(energy ≥ {cfg['energy']})")
         + "; the energy rank is always shown beside it.",
         "Swaps exchange the most-attended positive key's and a negative key's coordinates inside a "
-        "key subspace during the forward pass; Δp is the mean change of a_target/(a_orig+a_target), "
-        f"against {cfg['n_random']} random subspaces of equal rank and the full-key swap.",
+        "key subspace during the forward pass; Δp is the mean change of p = a_target/(a_orig+a_target), "
+        f"against {cfg['n_random']} random subspaces of equal rank and the full-key swap. Flip rate: "
+        "the share of prompts whose most-attended key among the record's keys is, after the "
+        "swap, the negative (target) key; "
+        "log-prob shift: the change of log p(target key's first token) − log p(orig key's first "
+        "token) at the next-token prediction after the query.",
         "Attribution splits each held-out logit q·k exactly into the parts in each feature's query "
         "subspace and the residual; explained = 1 − ‖residual‖²/‖logits‖², against random subspaces "
         "of the same ranks.",
@@ -247,5 +327,5 @@ def write_run_section(
     tables += list(extra_tables)
     return write_section(
         out, key=key, title=title or "Contrast analysis", order=order, summary=summary,
-        text=body, tables=tables, figures=[*figs, *extra_figures], interactive=inter,
+        text=body, tables=tables, figures=[*figs, *extra_figures], heads=blocks,
     )  # fmt: skip

@@ -389,7 +389,7 @@ def run_projections(
             "are joined along hypercube edges (latent values differing in one coordinate).",
         ],
         figures=figs,
-        interactive=inter,
+        scatter=inter,
     )
     return info
 

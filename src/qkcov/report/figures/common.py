@@ -1,4 +1,5 @@
-"""The one way figures are saved: PNG bytes and offline plotly JSON, written atomically."""
+"""The one way figures are saved: PNG bytes, scatter specs (drawn as SVG by the report) and
+offline plotly JSON (older sections), written atomically; and the report's colours."""
 
 from __future__ import annotations
 
@@ -13,7 +14,26 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ...artifacts import atomic_write_bytes  # noqa: E402
 
-__all__ = ["save_png", "save_plotly", "plt"]
+__all__ = [
+    "save_png",
+    "save_plotly",
+    "save_scatter",
+    "plt",
+    "POSITIVE",
+    "NEGATIVE",
+    "QUERY",
+    "OTHER",
+    "GROUP_COLOURS",
+]
+
+# one colour per role in every figure and in the token view
+POSITIVE = "#2166ac"  # keys sharing the feature with the query (blue)
+NEGATIVE = "#d6604d"  # keys not sharing it (red)
+QUERY = "#1b7837"  # the query token (green)
+OTHER = "#9e9e9e"  # everything else (grey)
+# positive keys by group when a feature has several (no red, no green: negatives', query's)
+GROUP_COLOURS = ["#2166ac", "#8073ac", "#e08214", "#c51b7d", "#542788", "#7f3b08", "#4393c3",
+                 "#b35806", "#de77ae", "#2d004b"]  # fmt: skip
 
 
 def save_png(fig: Any, path: str | Path, dpi: int = 120) -> Path:
@@ -27,3 +47,12 @@ def save_png(fig: Any, path: str | Path, dpi: int = 120) -> Path:
 def save_plotly(fig: Any, path: str | Path) -> Path:
     """Write a plotly figure as JSON (the report embeds it with an offline plotly.js)."""
     return atomic_write_bytes(path, fig.to_json().encode())
+
+
+def save_scatter(spec: dict[str, Any], path: str | Path) -> Path:
+    """Write a scatter spec the report draws as inline SVG with a hover label per point:
+    ``{"title", "axes": [names], "panels": [[i, j], ...], "series": [{"name", "color",
+    "points": [[x, y, ...], ...], "labels": [str, ...]}]}``."""
+    import json
+
+    return atomic_write_bytes(path, json.dumps(spec, allow_nan=False).encode())

@@ -1,34 +1,55 @@
 """Figures of a pipeline run, drawn only from ``run.json`` + ``run.safetensors``.
 
-Each ``plot_*`` writes its files next to the artifacts and returns report entries
-``[{"file": <name relative to out_dir>, "caption": str}]``.
+:func:`plot_scan` draws the layers × heads scan; :func:`plot_head` draws one studied head's
+story (where it attends, the scree, the swap against its baselines, the projections as a
+hover-labelled scatter spec, the token view's data). Each writes its files next to the
+artifacts and returns report entries ``{"file": <name relative to out_dir>, "caption": str}``.
+Positive keys are blue, negative keys red, the query green in every figure (``common.py``).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ...artifacts import load_tensors, read_json
+from ...artifacts import atomic_write_bytes, load_tensors, read_json
 from ...naming import tensor_prefix
-from .common import plt, save_plotly, save_png
+from .common import (
+    GROUP_COLOURS,
+    NEGATIVE,
+    OTHER,
+    POSITIVE,
+    QUERY,
+    plt,
+    save_png,
+    save_scatter,
+)
 
-__all__ = [
-    "plot_scan",
-    "plot_scree",
-    "plot_projections",
-    "plot_swaps",
-    "plot_attribution",
-    "plot_all",
-]
+__all__ = ["plot_scan", "plot_head", "plot_heads", "plot_all", "token_view_data", "NO_TOKEN_VIEW"]
 
 Entries = list[dict[str, str]]
+
+NO_TOKEN_VIEW = (
+    "Token view unavailable: this run's artifacts hold no per-prompt data (run.json has no "
+    "'token_view' for this head — saved before token views existed, or without held-out swap "
+    "records); rerun to get it."
+)
 
 
 def _load(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return read_json(out / "run.json"), load_tensors(out / "run.safetensors")
+
+
+def _safe(name: str) -> str:
+    """A head name as a file-name part (head names are ``L<n>H<n>``; anything else mapped)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)
+
+
+def _headline(h: dict[str, Any]) -> str | None:
+    return h.get("swap_condition") or (h.get("swaps") or {}).get("headline")
 
 
 def plot_scan(out: Path, info: dict[str, Any]) -> Entries:
@@ -50,7 +71,7 @@ def plot_scan(out: Path, info: dict[str, Any]) -> Entries:
         )
     ax.set(xlabel="head", ylabel="layer", title="query attention: positive − negative keys")
     fig.colorbar(im, ax=ax, shrink=0.8)
-    save_png(fig, out / "scan.png")
+    save_png(fig, out / "scan.png", dpi=100)
     return [
         {
             "file": "scan.png",
@@ -59,217 +80,336 @@ def plot_scan(out: Path, info: dict[str, Any]) -> Entries:
     ]
 
 
-def plot_scree(out: Path, info: dict[str, Any], t: dict[str, Any]) -> Entries:
-    """Singular values of each pooled ΔC, with the permutation null's 5–95 % band."""
-    heads = info["heads"]
-    feats = [f["name"] for f in info["features"]]
-    fig, axes = plt.subplots(1, len(heads), figsize=(3.6 * len(heads), 3.0), squeeze=False)
-    for ax, h in zip(axes[0], heads, strict=True):
-        for fi, f in enumerate(feats):
-            sv = t[tensor_prefix(h["name"], f, "pooled") + "singular_values"].numpy()
-            k = min(len(sv), 16)
-            x = np.arange(1, k + 1)
-            color = f"C{fi}"
-            ax.plot(x, sv[:k], "o-", color=color, ms=3, label=f)
-            sig = h["features"][f]["groups"]["pooled"].get("significance") or {}
-            band = sig.get("null_band")
-            if band:
-                lo, hi = np.asarray(band[0])[:k], np.asarray(band[1])[:k]
-                ax.fill_between(x, lo, hi, color=color, alpha=0.2, label=f"{f} null 5–95 %")
-            r = h["features"][f]["groups"]["pooled"]["rank"]
-            if r:
-                ax.axvline(r + 0.5, color=color, ls=":", lw=1)
-        ax.set(title=h["name"], xlabel="index", ylabel="singular value of ΔC")
-        ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    save_png(fig, out / "scree.png")
-    return [
-        {
-            "file": "scree.png",
-            "caption": "Singular values of each feature's pooled ΔC (log scale); shaded: the permutation null's 5–95 % band of the same index; dotted: the rank in force.",
-        }
-    ]
+# ------------------------------------------------------------------ token view
+def token_view_data(h: dict[str, Any], t: dict[str, Any]) -> dict[str, Any] | None:
+    """The head's token view as one JSON-able object (numbers rounded), or ``None``."""
+    tv = h.get("token_view")
+    p = f"{h['name']}.token_view."
+    if not tv or not tv.get("prompts") or p + "attn_before" not in t:
+        return None
+    before = t[p + "attn_before"].numpy()
+    after = t[p + "attn_after"].numpy() if p + "attn_after" in t else None
+    logit = t[p + "logit"].numpy()
+    parts = t[p + "parts"].numpy() if p + "parts" in t else None
+
+    def r(x: np.ndarray) -> list[float]:
+        return [float(f"{v:.5g}") for v in x.tolist()]
+
+    prompts = []
+    for pr in tv["prompts"]:
+        s = slice(pr["offset"], pr["offset"] + pr["length"])
+        prompts.append(
+            {
+                **{k: pr[k] for k in ("record", "line", "tokens", "query", "positives", "negatives", "orig", "target")},
+                "before": r(before[s]),
+                "after": None if after is None else r(after[s]),
+                "logit": r(logit[s]),
+                "parts": None if parts is None else [r(row[s]) for row in parts],
+            }
+        )  # fmt: skip
+    return {
+        "head": h["name"],
+        "condition": tv.get("condition"),
+        "after_reason": tv.get("after_reason"),
+        "cap": tv.get("cap"),
+        "n_eligible": tv.get("n_eligible"),
+        "max_tokens": tv.get("max_tokens"),
+        "part_names": tv.get("part_names") or [],
+        "prompts": prompts,
+    }
 
 
-def plot_projections(out: Path, info: dict[str, Any], t: dict[str, Any]) -> tuple[Entries, Entries]:
-    """Held-out keys (and queries) on each feature's top directions; 3-D plotly for the best head."""
-    heads = [h for h in info["heads"] if h["projections"]]
-    if not heads:
-        return [], []
-    feats = [f for f in info["features"] if f["name"] in heads[0]["projections"]]
-    fig, axes = plt.subplots(
-        len(heads), 2 * len(feats), figsize=(3.2 * 2 * len(feats), 3.0 * len(heads)), squeeze=False
-    )
-    for row, h in zip(axes, heads, strict=True):
-        for fi, f in enumerate(feats):
-            name = f["name"]
-            p = tensor_prefix(h["name"], name) + "proj."
-            keys, queries = t[p + "keys"].numpy(), t[p + "queries"].numpy()
-            pos = t[p + "key_positive"].numpy().astype(bool)
-            pr = h["projections"][name]
-            klab, qlab = np.array(pr["key_labels"]), np.array(pr["query_labels"])
-            groups = sorted({g for g in qlab if g}) or [""]
-            for ax, pts, labels, what in (
-                (row[2 * fi], keys, klab, "keys"),
-                (row[2 * fi + 1], queries, qlab, "queries"),
-            ):
-                if what == "keys":
-                    ax.scatter(pts[~pos, 0], pts[~pos, 1], s=6, c="lightgray", label="negative")
-                sel_all = pos if what == "keys" else np.ones(len(pts), bool)
-                for gi, g in enumerate(groups):
-                    sel = sel_all & (labels == g) if g else sel_all
-                    ax.scatter(
-                        pts[sel, 0], pts[sel, 1], s=8, color=f"C{gi % 10}", label=g or "positive"
-                    )
-                ax.set(title=f"{h['name']} {name}: {what}", xlabel="dir 1", ylabel="dir 2")
-                if len(groups) <= 8:
-                    ax.legend(fontsize=6)
-    fig.tight_layout()
-    save_png(fig, out / "projections.png")
-    entries = [
-        {
-            "file": "projections.png",
-            "caption": "Held-out keys (positive keys coloured by their record's group, negatives grey) and queries projected on each feature's top key / query directions (fitted on build records).",
-        }
-    ]
-    inter: Entries = []
-    try:
-        import plotly.graph_objects as go
-    except ImportError:  # pragma: no cover - plotly is a dependency
-        return entries, inter
-    best = next((h for h in heads if h["name"] == info.get("best_head")), heads[0])
-    name = feats[0]["name"]
-    p = tensor_prefix(best["name"], name) + "proj."
-    keys = t[p + "keys"].numpy()
-    pos = t[p + "key_positive"].numpy().astype(bool)
-    klab = np.array(best["projections"][name]["key_labels"])
-    pf = go.Figure()
-    for g in sorted(set(klab[pos])) + ["negative"]:
-        sel = ~pos if g == "negative" else pos & (klab == g)
-        pf.add_trace(
-            go.Scatter3d(
-                x=keys[sel, 0],
-                y=keys[sel, 1],
-                z=keys[sel, 2],
-                mode="markers",
-                marker={"size": 3},
-                name=g or "positive",
-            )
-        )
-    pf.update_layout(
-        title=f"{best['name']} {name}: held-out keys (3-D)",
-        height=480,
-        margin={"l": 0, "r": 0, "t": 40, "b": 0},
-    )
-    save_plotly(pf, out / "projections.plotly.json")
-    inter.append(
-        {
-            "file": "projections.plotly.json",
-            "caption": f"Interactive: {best['name']}'s held-out keys in the {name} key subspace's top 3 directions.",
-        }
-    )
-    return entries, inter
-
-
-def plot_swaps(out: Path, info: dict[str, Any]) -> Entries:
-    """Δp per condition vs its equal-rank random subspaces and the full-key ceiling."""
-    heads = [h for h in info["heads"] if not h["swaps"]["skipped"]]
-    if not heads:
-        return []
-    fig, axes = plt.subplots(
-        1,
-        len(heads),
-        figsize=(
-            0.9 + 1.2 * max(len(h["swaps"]["conditions"]) + 1 for h in heads) * len(heads),
-            3.2,
-        ),
-        squeeze=False,
-    )
-    for ax, h in zip(axes[0], heads, strict=True):
-        conds = h["swaps"]["conditions"]
-        names = list(conds)
-        x = np.arange(len(names) + 1)
-        vals = [conds[n]["delta_p"] for n in names] + [h["swaps"]["ceiling"]["delta_p"]]
-        rnd = [conds[n]["random"]["delta_p"]["mean"] for n in names] + [np.nan]
-        rsd = [conds[n]["random"]["delta_p"]["std"] for n in names] + [0]
-        ci = [conds[n].get("ci") or {} for n in names]
-        err = np.array(
-            [
-                [max(v - c["delta_p"][0], 0), max(c["delta_p"][1] - v, 0)]
-                if c.get("delta_p") and None not in c["delta_p"]
-                else [0, 0]
-                for v, c in zip(vals, ci, strict=False)
-            ]
-            + [[0, 0]]
-        ).T
+def _plot_attends(out: Path, h: dict[str, Any], view: dict[str, Any]) -> Entries:
+    """Mean attention mass of the query on positive keys, negative keys, itself and the rest,
+    before and after the headline swap (the token view's prompts)."""
+    rows = {"before": [], "after": []}
+    for pr in view["prompts"]:
+        for when in rows:
+            a = pr[when]
+            if a is None:
+                continue
+            a = np.asarray(a)
+            pos, neg = pr["positives"], pr["negatives"]
+            rest = np.ones(len(a), bool)
+            rest[pos + neg + [pr["query"]]] = False
+            rows[when].append([a[pos].sum(), a[neg].sum(), a[pr["query"]], a[rest].sum()])
+    labels = ["positive keys", "negative keys", "query token", "other tokens"]
+    colours = [POSITIVE, NEGATIVE, QUERY, OTHER]
+    fig, ax = plt.subplots(figsize=(5.4, 2.8))
+    whens = [w for w in rows if rows[w]]
+    x = np.arange(len(labels))
+    width = 0.8 / len(whens)
+    for wi, when in enumerate(whens):
+        m = np.mean(rows[when], axis=0)
         ax.bar(
-            x - 0.2,
-            vals,
-            0.4,
-            yerr=err,
-            label="subspace / full key",
-            color=["C0"] * len(names) + ["C7"],
-        )
-        ax.bar(x + 0.2, rnd, 0.4, yerr=rsd, label="random, equal rank", color="C1")
-        ax.set_xticks(x, [f"{n}\n(r={conds[n]['rank']})" for n in names] + ["full key"], fontsize=7)
-        ax.axhline(0, color="black", lw=0.5)
-        ax.set(title=f"{h['name']} (n={h['swaps']['n']})", ylabel="Δp = Δ a_t/(a_o+a_t)")
-        ax.legend(fontsize=7, loc="best", framealpha=0.6)
-    fig.tight_layout()
-    save_png(fig, out / "swaps.png")
-    return [
-        {
-            "file": "swaps.png",
-            "caption": "In-forward key swaps on held-out records: change of p = a_target/(a_orig+a_target) when the most-attended positive key and a negative key exchange their coordinates in each subspace (95 % paired-bootstrap CI), against random subspaces of equal rank (mean ± std) and the full-key swap.",
-        }
-    ]
-
-
-def plot_attribution(out: Path, info: dict[str, Any], t: dict[str, Any]) -> Entries:
-    """Per-token logit parts of the first held-out prompt for the best head."""
-    best = next((h for h in info["heads"] if h["name"] == info.get("best_head")), None)
-    if (
-        best is None
-        or best["attribution"]["skipped"]
-        or f"{best['name']}.attribution.parts" not in t
-    ):
-        return []
-    parts = t[f"{best['name']}.attribution.parts"].numpy()
-    total = t[f"{best['name']}.attribution.total"].numpy()
-    names = best["attribution"]["names"]
-    tokens = best["attribution"]["example_tokens"] or [str(i) for i in range(len(total))]
-    S = len(total)
-    fig, ax = plt.subplots(figsize=(min(2 + 0.22 * S, 18), 3.2))
-    x = np.arange(S)
-    pos_base, neg_base = np.zeros(S), np.zeros(S)
-    for i, n in enumerate(names):
-        v = parts[i]
-        base = np.where(v >= 0, pos_base, neg_base)
-        ax.bar(x, v, 0.8, bottom=base, label=n, color=f"C{i}" if n != "residual" else "lightgray")
-        pos_base += np.clip(v, 0, None)
-        neg_base += np.clip(v, None, 0)
-    ax.plot(x, total, "k.", ms=4, label="logit")
-    ax.set_xticks(x, [tok.replace("\n", "\\n") for tok in tokens[:S]], rotation=90, fontsize=6)
-    ax.set(
-        ylabel="logit part",
-        title=f"{best['name']}: exact logit attribution (first held-out prompt)",
+            x + (wi - (len(whens) - 1) / 2) * width, m, width, color=colours,
+            alpha=1.0 if when == "before" else 0.45, hatch=None if when == "before" else "//",
+            edgecolor="black", lw=0.4,
+        )  # fmt: skip
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set(ylabel="mean attention mass", ylim=(0, 1))
+    cond = view.get("condition")
+    ax.set_title(
+        f"{h['name']}: where the query attends"
+        + (f" (solid: before, hatched: after swapping in {cond})" if len(whens) > 1 else ""),
+        fontsize=9,
     )
-    ax.legend(fontsize=7, ncol=len(names) + 1)
-    save_png(fig, out / "attribution.png")
+    name = f"{_safe(h['name'])}.attends.png"
+    save_png(fig, out / name, dpi=100)
     return [
         {
-            "file": "attribution.png",
-            "caption": "Each logit q·k_j of the query over the prompt's tokens split exactly into the parts carried by each feature's query subspace (later features orthogonalised against earlier ones) and the residual; dots: the logits.",
+            "file": name,
+            "caption": f"Where {h['name']} attends: the query's attention summed over the record's positive keys, negative keys, the query token itself and all other tokens, mean over the token view's {len(view['prompts'])} held-out prompts"
+            + (f"; hatched: after swapping the most-attended positive and a negative key inside the {cond} key subspace." if len(whens) > 1 else "."),
+        }
+    ]  # fmt: skip
+
+
+def _plot_scree(out: Path, info: dict[str, Any], h: dict[str, Any], t: dict[str, Any]) -> Entries:
+    """Every singular value of each feature's pooled ΔC up to well beyond its ranks, with the
+    permutation null's 5–95 % band and the ranks marked."""
+    feats = [f["name"] for f in info["features"] if f["name"] in h["features"]]
+    fig, ax = plt.subplots(figsize=(5.4, 3.0))
+    causal = (h.get("causal_rank") or {}).get("R")
+    shown = 0
+    for fi, f in enumerate(feats):
+        key = tensor_prefix(h["name"], f, "pooled") + "singular_values"
+        if key not in t:
+            continue
+        sv = t[key].numpy()
+        pooled = h["features"][f]["groups"]["pooled"]
+        r, r_e = pooled["rank"], pooled["rank_energy"]
+        k = min(len(sv), max(16, max(r, r_e, causal or 0) + 12))
+        x = np.arange(1, k + 1)
+        colour = GROUP_COLOURS[fi % len(GROUP_COLOURS)]
+        ax.plot(x, np.maximum(sv[:k], 1e-300), "o-", color=colour, ms=2.5, lw=1, label=f"{f}: ΔC")
+        shown = max(shown, k)
+        band = (pooled.get("significance") or {}).get("null_band")
+        if band:
+            nb = min(k, len(band[0]))
+            ax.fill_between(x[:nb], band[0][:nb], band[1][:nb], color=colour, alpha=0.18,
+                            label=f"{f}: null 5–95 %")  # fmt: skip
+        if r:
+            ax.axvline(
+                r + 0.5,
+                color=colour,
+                ls=":",
+                lw=1.2,
+                label=f"{f}: rank {r} ({pooled['rank_rule']})",
+            )
+        if r_e and r_e != r:
+            ax.axvline(r_e + 0.5, color=colour, ls="-.", lw=0.9, label=f"{f}: energy rank {r_e}")
+    if causal:
+        ax.axvline(causal + 0.5, color="black", ls="--", lw=0.9, label=f"causal rank {causal}")
+    ax.set(title=f"{h['name']}: singular values of ΔC", xlabel="index", ylabel="singular value")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    name = f"{_safe(h['name'])}.scree.png"
+    save_png(fig, out / name, dpi=100)
+    return [
+        {
+            "file": name,
+            "caption": f"Singular values of each feature's pooled ΔC (log scale; the first {shown}); shaded: the permutation null's 5–95 % band of the same index; dotted: the rank in force, dash-dotted: the 99 %-energy rank.",
         }
     ]
+
+
+def _causal_curve(h: dict[str, Any]) -> tuple[list[float], list[float]] | None:
+    """``(k, Δp)`` of the run's causal-rank curve when it holds one in a readable form
+    (numbers, ``[k, Δp]`` pairs or objects with a rank and a ``delta_p``)."""
+    curve = (h.get("causal_rank") or {}).get("curve")
+    if not isinstance(curve, list) or not curve:
+        return None
+    try:
+        if all(isinstance(c, (int, float)) for c in curve):
+            return list(range(1, len(curve) + 1)), [float(c) for c in curve]
+        if all(isinstance(c, (list, tuple)) and len(c) >= 2 for c in curve):
+            return [float(c[0]) for c in curve], [float(c[1]) for c in curve]
+        if all(isinstance(c, dict) for c in curve):
+            kx = next(k for k in ("k", "rank", "r", "n") if k in curve[0])
+            ky = next(k for k in ("delta_p", "dp", "effect", "value") if k in curve[0])
+            return [float(c[kx]) for c in curve], [float(c[ky]) for c in curve]
+    except (StopIteration, TypeError, ValueError, KeyError):
+        return None
+    return None
+
+
+def _plot_swaps(out: Path, h: dict[str, Any]) -> Entries:
+    """Δp of every condition vs its equal-rank random subspaces and the full-key ceiling."""
+    sw = h["swaps"]
+    if sw.get("skipped") or not sw["conditions"]:
+        return []
+    conds = sw["conditions"]
+    names = list(conds)
+    head_cond = _headline(h)
+    x = np.arange(len(names) + 1)
+    vals = [conds[n]["delta_p"] for n in names] + [
+        sw["ceiling"]["delta_p"] if sw["ceiling"] else np.nan
+    ]
+    rnd = [conds[n]["random"]["delta_p"]["mean"] for n in names] + [np.nan]
+    rsd = [conds[n]["random"]["delta_p"]["std"] for n in names] + [0]
+    err = []
+    for v, n in zip(vals, [*names, None], strict=True):
+        ci = ((conds[n].get("ci") or {}).get("delta_p") if n else None) or (
+            ((sw["ceiling"] or {}).get("ci") or {}).get("delta_p") if n is None else None
+        )
+        err.append([max(v - ci[0], 0), max(ci[1] - v, 0)] if ci and None not in ci else [0, 0])
+    fig, ax = plt.subplots(figsize=(1.6 + 1.0 * len(x), 3.0))
+    colours = ["#333333" if n == head_cond else "#7f7f7f" for n in names] + ["#c7c7c7"]
+    ax.bar(
+        x - 0.2,
+        vals,
+        0.4,
+        yerr=np.array(err).T,
+        color=colours,
+        label="subspace swap (95 % CI); dark: headline",
+    )
+    ax.bar(
+        x + 0.2,
+        rnd,
+        0.4,
+        yerr=rsd,
+        color="#fdb863",
+        label="random subspaces, equal rank (mean ± sd)",
+    )
+    ax.set_xticks(x, [f"{n}\n(r={conds[n]['rank']})" for n in names] + ["full key"], fontsize=7)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set(title=f"{h['name']}: key swaps (n={sw['n']})", ylabel="Δp")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=1, frameon=False)
+    curve = _causal_curve(h)
+    if curve is not None:  # Δp against the number of leading directions swapped
+        inset = ax.inset_axes([1.08, 0.0, 0.55, 1.0])
+        inset.plot(curve[0], curve[1], "o-", color="#333333", ms=2.5, lw=1)
+        R = (h.get("causal_rank") or {}).get("R")
+        if R:
+            inset.axvline(R, color="black", ls="--", lw=0.9)
+        inset.set_title(f"Δp vs directions swapped (R={R})", fontsize=8)
+        inset.set_xlabel("leading directions", fontsize=7)
+        inset.tick_params(labelsize=7)
+    name = f"{_safe(h['name'])}.swaps.png"
+    save_png(fig, out / name, dpi=100)
+    return [
+        {
+            "file": name,
+            "caption": "In-forward key swaps on held-out records: Δp, the mean change of p = a_target/(a_orig+a_target) when the most-attended positive key and a negative key exchange their coordinates inside each key subspace (95 % paired-bootstrap CI), against random subspaces of equal rank and the full-key swap (the ceiling).",
+        }
+    ]  # fmt: skip
+
+
+_ONE = {"keys": "key", "queries": "query"}
+
+
+def _scatter(out: Path, h: dict[str, Any], t: dict[str, Any]) -> Entries:
+    """Held-out keys (and queries) on the first projected feature's top directions, as a
+    scatter spec with one hover label (token, JSONL line, group) per point."""
+    if not h["projections"]:
+        return []
+    f = next(iter(h["projections"]))
+    pr = h["projections"][f]
+    p = tensor_prefix(h["name"], f) + "proj."
+    if p + "keys" not in t:
+        return []
+    keys, queries = t[p + "keys"].numpy(), t[p + "queries"].numpy()
+    pos = t[p + "key_positive"].numpy().astype(bool)
+    klab, qlab = pr["key_labels"], pr["query_labels"]
+    knames = pr.get("key_names") or [f"key {i}" for i in range(len(keys))]
+    qnames = pr.get("query_names") or [f"query {i}" for i in range(len(queries))]
+    groups = sorted({g for g, ps in zip(klab, pos, strict=True) if ps and g})
+    dims = keys.shape[1]
+
+    def pts(a: np.ndarray, sel: np.ndarray) -> list[list[float]]:
+        return [[float(f"{v:.4g}") for v in row] for row in a[sel].tolist()]
+
+    def series(
+        name: str,
+        colour: str,
+        a: np.ndarray,
+        sel: np.ndarray,
+        names: list[str],
+        what: str,
+        labels: list[str],
+    ) -> dict[str, Any]:
+        return {
+            "name": name, "color": colour, "points": pts(a, sel), "panel_set": what,
+            "labels": [f"{_ONE[what]} {names[i]}" + (f" · group {labels[i]}" if labels[i] else "")
+                       for i in np.flatnonzero(sel)],
+        }  # fmt: skip
+
+    ser = [series("negative keys", NEGATIVE, keys, ~pos, knames, "keys", klab)]
+    if len(groups) > 1:
+        for gi, g in enumerate(groups):
+            sel = pos & (np.array(klab) == g)
+            ser.append(
+                series(
+                    f"positive keys: {g}",
+                    GROUP_COLOURS[gi % len(GROUP_COLOURS)],
+                    keys,
+                    sel,
+                    knames,
+                    "keys",
+                    klab,
+                )
+            )
+    else:
+        ser.append(series("positive keys", POSITIVE, keys, pos, knames, "keys", klab))
+    ser.append(
+        series("queries", QUERY, queries, np.ones(len(queries), bool), qnames, "queries", qlab)
+    )
+    spec = {
+        "title": f"{h['name']} · {f}: held-out keys and queries on the subspace's top directions",
+        "axes": [f"dir {i + 1}" for i in range(dims)],
+        "panels": [[0, 1], [0, 2]] if dims >= 3 else [[0, 1]] if dims == 2 else [[0, 0]],
+        "sets": {"keys": "keys (key subspace)", "queries": "queries (query subspace)"},
+        "series": ser,
+    }  # fmt: skip
+    name = f"{_safe(h['name'])}.projections.scatter.json"
+    save_scatter(spec, out / name)
+    return [
+        {
+            "file": name,
+            "caption": f"Held-out keys on the {f} key subspace's top directions and queries on its query subspace's, fitted on build records (hover a point: its token and JSONL line).",
+        }
+    ]
+
+
+def plot_head(
+    out: Path, info: dict[str, Any], h: dict[str, Any], t: dict[str, Any]
+) -> dict[str, Any]:
+    """One head's figures: ``{"figures", "scatter", "token_view" (file or None),
+    "token_view_reason" (None or one line)}``."""
+    import json
+
+    view = token_view_data(h, t)
+    figs: Entries = []
+    tv_file, reason = None, None
+    if view is not None:
+        figs += _plot_attends(out, h, view)
+        tv_file = f"{_safe(h['name'])}.tokenview.json"
+        atomic_write_bytes(
+            out / tv_file, json.dumps(view, ensure_ascii=False, allow_nan=False).encode()
+        )
+    else:
+        reason = NO_TOKEN_VIEW
+    figs += _plot_scree(out, info, h, t) + _plot_swaps(out, h)
+    return {
+        "figures": figs,
+        "scatter": _scatter(out, h, t),
+        "token_view": tv_file,
+        "token_view_reason": reason,
+    }
+
+
+def plot_heads(out_dir: str | Path) -> tuple[Entries, dict[str, dict[str, Any]]]:
+    """The scan figure and every studied head's figures (see :func:`plot_head`)."""
+    out = Path(out_dir)
+    info, t = _load(out)
+    # names from records (a group "$\\frac{a}$") are drawn as text, never parsed as TeX
+    with plt.rc_context({"text.parse_math": False}):
+        return plot_scan(out, info), {h["name"]: plot_head(out, info, h, t) for h in info["heads"]}
 
 
 def plot_all(out_dir: str | Path) -> tuple[Entries, Entries]:
-    out = Path(out_dir)
-    info, t = _load(out)
-    # names from records (a group "$\frac{a}$") are drawn as text, never parsed as TeX
-    with plt.rc_context({"text.parse_math": False}):
-        figs = plot_scan(out, info) + plot_scree(out, info, t)
-        proj, inter = plot_projections(out, info, t)
-        figs += proj + plot_swaps(out, info) + plot_attribution(out, info, t)
-    return figs, inter
+    """Every figure file of the run (scan + per head) and the scatter specs, flat."""
+    scan, heads = plot_heads(out_dir)
+    figs = scan + [f for v in heads.values() for f in v["figures"]]
+    return figs, [s for v in heads.values() for s in v["scatter"]]

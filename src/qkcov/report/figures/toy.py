@@ -1,7 +1,7 @@
 """Toy-experiment figures (Fig. 2–5), drawn only from the artifacts the experiments saved.
 
 Each ``plot_*`` reads its experiment's files in ``out_dir``, writes PNGs (and, for Fig. 3, a
-plotly JSON figure) next to them and returns the report entries
+scatter spec drawn as SVG by the report) next to them and returns the report entries
 ``[{"file": <name relative to out_dir>, "caption": str}, ...]``.
 """
 
@@ -16,8 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ...artifacts import atomic_write_bytes, load_tensors, read_json  # noqa: E402
-from .common import save_png  # noqa: E402
+from ...artifacts import load_tensors, read_json  # noqa: E402
+from .common import save_png, save_scatter  # noqa: E402
 
 __all__ = ["plot_ranks", "plot_projections", "plot_swap", "plot_interaction", "plot_all"]
 
@@ -96,7 +96,7 @@ def _edges(codes: list[int]) -> list[tuple[int, int]]:
 
 
 def plot_projections(out_dir: str | Path) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """Fig. 3 from ``projections.safetensors`` → ``fig3_projections.png`` + plotly JSON."""
+    """Fig. 3 from ``projections.safetensors`` → ``fig3_projections.png`` + a scatter spec."""
     out = Path(out_dir)
     t = {k: v.numpy() for k, v in load_tensors(out / "projections.safetensors").items()}
     panels = [
@@ -130,7 +130,7 @@ def plot_projections(out_dir: str | Path) -> tuple[list[dict[str, str]], list[di
                 )
         ax.set_title(title + ("" if binary else f" (colour: {latent}[0])"), fontsize=10)
     fig.suptitle("Projections onto the contrastive subspaces (first 3 coordinates)")
-    save_png(fig, out / "fig3_projections.png", dpi=130)
+    save_png(fig, out / "fig3_projections.png", dpi=80)  # thousands of points: small
     figures = [
         {
             "file": "fig3_projections.png",
@@ -140,55 +140,45 @@ def plot_projections(out_dir: str | Path) -> tuple[list[dict[str, str]], list[di
         }
     ]
     interactive = []
-    try:
-        import plotly.graph_objects as go
-    except ImportError:  # plotly is a dependency, but the PNG is enough without it
-        return figures, interactive
     pts = t["k_z1"]
     if pts.shape[1] >= 3:
         codes, binary = _value_codes(t["z1"])
-        labels = (
-            ["".join("+" if v > 0 else "-" for v in row) for row in t["z1"]] if binary else None
-        )
-        traces = [
-            go.Scatter3d(
-                x=pts[:, 0],
-                y=pts[:, 1],
-                z=pts[:, 2],
-                mode="markers",
-                marker={
-                    "size": 2,
-                    "color": codes if binary else t["z1"][:, 0],
-                    "colorscale": "Turbo",
-                },
-                text=labels,
-                name="keys",
-            )
-        ]
+        keep = np.arange(len(pts))[:1500]  # bounded: the PNG shows every point
         if binary:
-            means = _vertex_means(pts[:, :3], codes)
-            for a, b in _edges(list(means)):
-                seg = np.stack([means[a], means[b]])
-                traces.append(
-                    go.Scatter3d(
-                        x=seg[:, 0],
-                        y=seg[:, 1],
-                        z=seg[:, 2],
-                        mode="lines",
-                        line={"color": "black"},
-                        showlegend=False,
-                    )
-                )
-        pfig = go.Figure(traces)
-        pfig.update_layout(
-            title="Target keys in the z1 key subspace (hover: z1 value)",
-            scene={"xaxis_title": "v1", "yaxis_title": "v2", "zaxis_title": "v3"},
+            labels = ["z1 = " + "".join("+" if v > 0 else "-" for v in row) for row in t["z1"]]
+            groups = sorted(set(codes[keep].tolist()))
+            sel_of = {g: keep[codes[keep] == g] for g in groups}
+            names = {g: labels[int(sel_of[g][0])] for g in groups}
+        else:
+            labels = [f"z1[0] = {row[0]:.3g}" for row in t["z1"]]
+            sign = t["z1"][keep, 0] > 0
+            sel_of = {0: keep[~sign], 1: keep[sign]}
+            names = {0: "z1[0] ≤ 0", 1: "z1[0] > 0"}
+        cmap = plt.get_cmap("tab20")
+        series = [
+            {
+                "name": names[g],
+                "color": matplotlib.colors.to_hex(cmap(gi % 20)),
+                "points": [[float(f"{v:.4g}") for v in row] for row in pts[sel, :3].tolist()],
+                "labels": [labels[int(i)] for i in sel],
+            }
+            for gi, (g, sel) in enumerate(sel_of.items())
+            if len(sel)
+        ]
+        save_scatter(
+            {
+                "title": "Target keys in the z1 key subspace (hover: the key's z1 value)",
+                "axes": ["v1", "v2", "v3"],
+                "panels": [[0, 1], [0, 2], [1, 2]],
+                "series": series,
+            },
+            out / "fig3_projections.scatter.json",
         )
-        atomic_write_bytes(out / "fig3_projections.plotly.json", pfig.to_json().encode())
         interactive.append(
             {
-                "file": "fig3_projections.plotly.json",
-                "caption": "Fig. 3 (interactive) — keys in the z1 key subspace.",
+                "file": "fig3_projections.scatter.json",
+                "caption": "Fig. 3 (interactive) — keys in the z1 key subspace, three pairs of "
+                "its top directions (hover a point for its latent value).",
             }
         )
     return figures, interactive
