@@ -1160,9 +1160,9 @@ def run(
     timer = Timer("run", quiet=quiet)
     recs = load_records(records) if isinstance(records, (str, Path)) else list(records)
     plan = plan_records(recs, cfg)
-    if cfg.device.strip().lower() == "auto":
+    auto = cfg.device.strip().lower() == "auto"
+    if auto:
         cfg = dataclasses.replace(cfg, device=auto_device(cfg.device))
-        timer.log(f"device: {cfg.device} (--device auto)")
     resolve_device(cfg.device)  # --device cuda without CUDA: refused before anything is written
     dist = Dist.from_env(cfg.device)
     # --out is checked and locked before the model loads; rank 0 alone writes artifacts
@@ -1170,6 +1170,8 @@ def run(
     folder = (
         RunFolder(out_dir, command="run", force=force, protect=protect) if dist.is_main else None
     )
+    if auto:  # said once every input (--out included) has been checked
+        timer.log(f"device: {cfg.device} (--device auto)")
     state = None
     try:
         state = RunState(out_dir, cfg, recs, resume=resume, dist=dist)
