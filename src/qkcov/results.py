@@ -243,6 +243,8 @@ class HeadResult:
     swaps: SwapResult
     attribution: AttributionResult
     scan: dict[str, Any] | None = None
+    # rotary-band profiles and the position control (engine/position.py), or None
+    position: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -287,6 +289,7 @@ class HeadResult:
             "features": {k: f.to_dict() for k, f in self.features.items()},
             "projections": {k: p.to_dict() for k, p in self.projections.items()},
             "scan": self.scan,
+            "position": self.position,
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -333,6 +336,8 @@ class AnalysisResult:
     timings: dict[str, float]
     seconds: float
     notes: list[str] = field(default_factory=list)
+    # the frame and the query–key offset diagnostics per feature (engine/position.py)
+    position: dict[str, Any] | None = None
 
     @property
     def best(self) -> HeadResult:
@@ -358,6 +363,7 @@ class AnalysisResult:
             "timings_s": self.timings,
             "config": self.config,
             "notes": self.notes,
+            "position": self.position,
         }
 
     def summary_rows(self) -> list[list[str]]:
@@ -456,6 +462,7 @@ class AnalysisResult:
             timings=data.get("timings_s", {}),
             seconds=data["seconds"],
             notes=data.get("notes", []),
+            position=data.get("position"),
         )
 
     def report(self, out_dir: str | Path) -> Path:
@@ -531,5 +538,6 @@ def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult
         t.get(f"{name}.attribution.total"), ad.get("example_tokens", []), ad.get("skipped"),
     )  # fmt: skip
     return HeadResult(
-        d["layer"], d["head"], features, projections, swaps, attribution, d.get("scan")
+        d["layer"], d["head"], features, projections, swaps, attribution, d.get("scan"),
+        d.get("position"),
     )
