@@ -1062,6 +1062,10 @@ def run(
     folder = RunFolder(out_dir, command="run") if dist.is_main else None
     try:
         state = RunState(out_dir, cfg, recs, resume=resume, dist=dist)
+        if loaded is None and cfg.frame == "query":
+            from .models.rotary import check_frame_config
+
+            check_frame_config(cfg.model, cfg.trust_remote_code)  # before the weights load
         if loaded is None:
             from .models.loading import load_model
 

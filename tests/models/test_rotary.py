@@ -141,3 +141,20 @@ def test_query_frame_parity_smollm2(smollm2):
     worst_logit, worst_pre, specs = _check_frame(model, tok, [0, 7, 29], long)
     assert worst_logit <= 1e-5 and worst_pre <= 1e-3
     assert specs[0].layout == "half" and specs[0].rotary_dim == 64
+
+
+def test_cli_refuses_query_frame_on_gpt2_before_loading(tiny, tmp_path, capsys):
+    from qkcov.cli import main
+    from qkcov.tasks.builtin import build_task_records
+    from qkcov.tasks.records import save_records
+
+    model_dir = tmp_path / "gpt2"
+    tiny("gpt2").save_pretrained(model_dir)
+    data = tmp_path / "r.jsonl"
+    save_records(data, build_task_records("agreement", n=12))
+    capsys.readouterr()  # the save's progress bar
+    argv = ["run", "--data", str(data), "--out", str(tmp_path / "out"), "--model", str(model_dir)]
+    rc = main([*argv, "--frame", "query"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "gpt2 has none" in err and len(err.strip().splitlines()) == 1
+    assert "loading" not in err and not (tmp_path / "out").exists()

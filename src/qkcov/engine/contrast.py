@@ -306,6 +306,8 @@ def run_contrast(
     groups = _groups_of(resolved)
     group_index = {g: i for i, g in enumerate(groups)}
     by_layer = _layer_heads(heads)
+    if pre_rope and frame == "query":
+        raise ValueError("pre_rope=True and frame='query' both rotate q/k; pick one")
     specs = _frame_specs(model, frame, by_layer)
     accs = {
         h: ContrastiveCovariance(info.head_dim, info.head_dim, groups, center=center) for h in heads

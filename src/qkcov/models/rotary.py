@@ -33,6 +33,7 @@ __all__ = [
     "rotary_spec",
     "rotary_specs",
     "check_query_frame",
+    "check_frame_config",
     "to_query_frame",
 ]
 
@@ -62,6 +63,41 @@ def _config(model: nn.Module) -> Any:
     return text if text is not None and not known else cfg
 
 
+def _refuse(mtype: str) -> None:
+    if mtype in NO_ROTARY:
+        raise ValueError(
+            f"--frame query needs rotary position embeddings, and {mtype} has none (its "
+            "positions are not rotations of q and k); use --frame post"
+        )
+    if mtype not in ROTARY_LAYOUTS:
+        raise ValueError(
+            f"--frame query: qkcov does not know the rotary layout of model type {mtype!r} "
+            f"(known: {', '.join(sorted(ROTARY_LAYOUTS))}); use --frame post"
+        )
+
+
+def check_frame_config(name_or_path: str, trust_remote_code: bool = False) -> None:
+    """Refuse ``--frame query`` from a local model's ``config.json`` alone, before the
+    weights load (what cannot be read this way is checked on the loaded model)."""
+    from pathlib import Path
+
+    if not (Path(name_or_path) / "config.json").is_file():
+        return
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(
+            name_or_path, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError):
+        return  # the loader names the problem
+    text = getattr(cfg, "text_config", None)
+    mtype = str(getattr(cfg, "model_type", ""))
+    if text is not None and mtype not in ROTARY_LAYOUTS:
+        mtype = str(getattr(text, "model_type", mtype))
+    _refuse(mtype)
+
+
 def _rotary_module(model: nn.Module) -> nn.Module | None:
     for _, m in model.named_modules():
         if type(m).__name__.endswith("RotaryEmbedding"):
@@ -85,17 +121,8 @@ def rotary_specs(model: nn.Module, layers: Sequence[int]) -> dict[int, RotarySpe
 
     cfg = _config(model)
     mtype = str(getattr(cfg, "model_type", "") or type(model).__name__)
-    if mtype in NO_ROTARY:
-        raise ValueError(
-            f"--frame query needs rotary position embeddings, and {mtype} has none (its "
-            "positions are not rotations of q and k); use --frame post"
-        )
-    layout = ROTARY_LAYOUTS.get(mtype)
-    if layout is None:
-        raise ValueError(
-            f"--frame query: qkcov does not know the rotary layout of model type {mtype!r} "
-            f"(known: {', '.join(sorted(ROTARY_LAYOUTS))}); use --frame post"
-        )
+    _refuse(mtype)
+    layout = ROTARY_LAYOUTS[mtype]
     rot = _rotary_module(model)
     if rot is None:
         raise ValueError(
