@@ -134,6 +134,10 @@ def test_offset_warning_names_the_feature_in_the_pipeline(tmp_path):
     assert back.position == conf.to_dict()["position"]
     assert back.heads[0].position == head
     assert (tmp_path / "run" / "rotary_L1H0.png").is_file()
+    assert (tmp_path / "run" / "offsets.png").is_file()
+    hist = conf.position["offsets"]["x"]["pooled"]["histogram"]
+    n_build = conf.features[0]["n_build"]  # offsets are of build records: 2 + 4 keys each
+    assert sum(hist["pos"]) == 2 * n_build and sum(hist["neg"]) == 4 * n_build
     section = (tmp_path / "run" / "section.json").read_text()
     assert "position confound" in section and "Position control" in section
 

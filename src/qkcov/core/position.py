@@ -40,7 +40,8 @@ def _normal_sf(z: float) -> float:
 def offset_test(pos: Sequence[float], neg: Sequence[float]) -> dict[str, object]:
     """Two-sided Mann–Whitney U test of positive vs negative key offsets.
 
-    Returns ``{"n_pos", "n_neg", "median_pos", "median_neg", "mean_pos", "mean_neg", "auc",
+    Returns ``{"n_pos", "n_neg", "histogram": {"offset", "pos", "neg"} (counts per offset),
+    "median_pos", "median_neg", "mean_pos", "mean_neg", "auc",
     "p_value", "confounded"}``; ``confounded`` = ``p < OFFSET_P`` and ``|auc − 0.5| ≥
     OFFSET_AUC`` (an effect-size floor, so thousands of keys with a tiny shift do not warn).
     ``p_value`` is ``None`` when a side is empty or every offset is equal on both sides.
@@ -48,7 +49,16 @@ def offset_test(pos: Sequence[float], neg: Sequence[float]) -> dict[str, object]
     x = torch.as_tensor(list(pos), dtype=torch.float64)
     y = torch.as_tensor(list(neg), dtype=torch.float64)
     n1, n2 = x.numel(), y.numel()
-    out: dict[str, object] = {"n_pos": n1, "n_neg": n2}
+    values = sorted({int(v) for v in [*x.tolist(), *y.tolist()]})
+    out: dict[str, object] = {
+        "n_pos": n1,
+        "n_neg": n2,
+        "histogram": {
+            "offset": values,
+            "pos": [int((x == v).sum()) for v in values],
+            "neg": [int((y == v).sum()) for v in values],
+        },
+    }
     if not n1 or not n2:
         return out | {"auc": None, "p_value": None, "confounded": False}
     out |= {

@@ -133,10 +133,10 @@ def write_run_section(
     out = Path(out_dir)
     info = read_json(out / "run.json")
     figs, inter = plot_all(out)
-    from .figures.position import plot_rotary
+    from .figures.position import plot_offsets, plot_rotary
     from .position import position_tables
 
-    figs += plot_rotary(out, info)
+    figs += plot_offsets(out, info) + plot_rotary(out, info)
     cfg = info["config"]
     feats = info["features"]
     best = next((h for h in info["heads"] if h["name"] == info.get("best_head")), None)
