@@ -8,7 +8,8 @@ the query-frame run. Prints one row per task, frame, head and feature: the query
 test (AUC, confounded), ranks (null, energy) and p, the feature's swap Δp against its
 random subspaces, the attribution's explained fraction, the rotary-band positional index of
 the pooled query / key subspace, and the position control (‖ΔC_pos‖/‖ΔC‖ vs the
-shuffled-label null, smallest angle to the real subspace, share of keys in mixed bins).
+shuffled-label null, smallest angle to the real subspace, share of keys in mixed bins; then
+the same ratio and null averaged over the feature's groups, each against its own subspace).
 
 ``recency`` is a contrast of this study's own, built to be pure position: the filter
 prompts with the *last listed item* as the positive key and every other item negative.
@@ -64,6 +65,8 @@ def rows(task, res):
             ctrl = (pos.get("control") or {}).get(f) or {}
             off = offsets[f]["pooled"]
             ang = ctrl.get("angles_degrees") or []
+            grp = [c for c in (ctrl.get("groups") or {}).values() if "norm_ratio" in c]
+            mean = lambda k: sum(c[k] for c in grp) / len(grp) if grp else None  # noqa: E731
             yield [
                 task, d["position"]["frame"], h["name"], f,
                 _f(off["auc"], 2) + ("*" if off["confounded"] else ""),
@@ -75,12 +78,13 @@ def rows(task, res):
                 _f((prof.get("key") or {}).get("positional_index"), 2),
                 _f(ctrl.get("norm_ratio"), 2), _f(ctrl.get("null_ratio"), 2),
                 _f(min(ang), 0) if ang else "–", _f(ctrl.get("mixed_fraction"), 2),
+                _f(mean("norm_ratio"), 2), _f(mean("null_ratio"), 2),
             ]  # fmt: skip
 
 
 COLS = ["task", "frame", "head", "feature", "offset AUC", "rank", "rank(E)", "p", "Δp swap",
         "Δp rand", "explained", "q pos-idx", "k pos-idx", "‖ΔCpos‖/‖ΔC‖", "null", "angle°",
-        "mixed"]  # fmt: skip
+        "mixed", "groups: pos", "null"]  # fmt: skip
 
 
 def main() -> None:

@@ -127,6 +127,7 @@ def test_offset_warning_names_the_feature_in_the_pipeline(tmp_path):
     c_conf, c_bal = head["control"]["x"], bal.to_dict()["heads"][0]["position"]["control"]["x"]
     assert c_conf["mixed_fraction"] == 0.0 and math.isclose(c_conf["norm_ratio"], 1.0)
     assert c_bal["mixed_fraction"] > 0.9 and c_bal["norm_ratio"] < 0.9
+    assert set(c_conf["groups"]) == {"g0", "g1"} and c_conf["groups"]["g0"]["mixed_fraction"] == 0.0
     conf.save(tmp_path / "run")
     from qkcov.results import AnalysisResult
 

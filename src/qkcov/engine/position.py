@@ -100,31 +100,38 @@ def position_controls(
 
     ``vectors``: :class:`~qkcov.engine.contrast.HeadVectors` of ``resolved`` (same order),
     ``feature_of[i]`` record i's feature. Compared with each feature's pooled key subspace
-    (rank in force, else the energy rank).
+    (rank in force, else the energy rank); with groups, each group's records against its
+    own subspace under ``"groups"`` (a categorical feature lives in per-group directions
+    that pooling can average away).
     """
-    out: dict[str, Any] = {}
-    for f, feat in features.items():
-        idx = [i for i, name in enumerate(feature_of) if name == f]
+    from ..core.subspace import feature_subspace
+
+    def one(idx: list[int], sub: Any, salt: int) -> dict[str, Any]:
         if len(idx) < 4:
-            out[f] = {"skipped": f"{len(idx)} build records with vectors (need 4)"}
-            continue
+            return {"skipped": f"{len(idx)} build records with vectors (need 4)"}
         v = vectors.select(idx)
+        pos = v.key_positive.bool()
+        if not bool(pos.any()) or bool(pos.all()):
+            return {"skipped": "the records hold one side only"}
         offsets = torch.tensor(
             [int(resolved[i].query) - int(k.pos) for i in idx for k in resolved[i].keys]
         )
-        pooled = feat.pooled
-        r = pooled.rank if pooled.rank > 0 else pooled.rank_energy
-        basis = None
-        if r > 0:
-            from ..core.subspace import feature_subspace
-
-            basis = feature_subspace(pooled.delta, 0.99, rank=r).key_basis
-        pos = v.key_positive.bool()
-        if not bool(pos.any()) or bool(pos.all()):
-            out[f] = {"skipped": "the records hold one side only"}
-            continue
-        out[f] = position_control(
+        r = sub.rank if sub.rank > 0 else sub.rank_energy
+        basis = feature_subspace(sub.delta, 0.99, rank=r).key_basis if r > 0 else None
+        return position_control(
             v.q, v.keys, v.key_record, pos, offsets, real_key_basis=basis,
-            n_draws=n_draws, seed=seed,
+            n_draws=n_draws, seed=seed + salt,
         )  # fmt: skip
+
+    out: dict[str, Any] = {}
+    for f, feat in features.items():
+        idx = [i for i, name in enumerate(feature_of) if name == f]
+        out[f] = one(idx, feat.pooled, 0)
+        groups = {
+            g: one([i for i in idx if (resolved[i].record.group or "all") == g], sub, j + 1)
+            for j, (g, sub) in enumerate(feat.groups.items())
+            if g != "pooled"
+        }
+        if groups:
+            out[f]["groups"] = groups
     return out

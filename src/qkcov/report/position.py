@@ -48,11 +48,16 @@ def position_tables(info: dict[str, Any]) -> list[dict[str, Any]]:
             if p.get("key"):
                 prof_rows.append([h["name"], f, p["rank_used"], _f(p["query"]["positional_index"]),
                                   _f(p["key"]["positional_index"]), _f(p["key"]["non_rotary"])])  # fmt: skip
-        for f, c in (pos.get("control") or {}).items():
+        controls = [
+            (f, g, cg)
+            for f, c in (pos.get("control") or {}).items()
+            for g, cg in [("pooled", c), *sorted((c.get("groups") or {}).items())]
+        ]
+        for f, g, c in controls:
             if "skipped" in c:
                 continue
             ang = c["angles_degrees"]
-            ctrl_rows.append([h["name"], f, c["rank"], _f(c["norm_ratio"]), _f(c["null_ratio"]),
+            ctrl_rows.append([h["name"], f, g, c["rank"], _f(c["norm_ratio"]), _f(c["null_ratio"]),
                               _f(c["real_energy_in_position"]), _f(c["chance"]),
                               _f(min(ang), 1) if ang else "–", _f(c["mixed_fraction"])])  # fmt: skip
     if prof_rows:
@@ -81,6 +86,7 @@ def position_tables(info: dict[str, Any]) -> list[dict[str, Any]]:
                 "columns": [
                     "head",
                     "feature",
+                    "group",
                     "rank",
                     "‖ΔC_pos‖/‖ΔC‖",
                     "null",
