@@ -66,7 +66,7 @@ def rows(task, res):
             off = offsets[f]["pooled"]
             ang = ctrl.get("angles_degrees") or []
             grp = [c for c in (ctrl.get("groups") or {}).values() if "norm_ratio" in c]
-            mean = lambda k: sum(c[k] for c in grp) / len(grp) if grp else None  # noqa: E731
+            mean = lambda k, grp=grp: sum(c[k] for c in grp) / len(grp) if grp else None  # noqa: E731
             yield [
                 task, d["position"]["frame"], h["name"], f,
                 _f(off["auc"], 2) + ("*" if off["confounded"] else ""),
