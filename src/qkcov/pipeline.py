@@ -16,6 +16,9 @@ the same steps:
    feature's key subspace, in the forward pass, against equal-rank random subspaces and the
    full-key ceiling;
 6. **attribution** of held-out logits over the features' query subspaces (exact);
+   beside them, **position** (:mod:`qkcov.engine.position`): query–key offsets of the build
+   keys (a note names a confounded feature), rotary-band profiles of every subspace and the
+   position-only control; ``frame="query"`` runs steps 3–6 in each query's rotary frame;
 7. typed results (:mod:`qkcov.results`), artifacts, figures and a report section.
 """
 
@@ -571,17 +574,17 @@ def _swap_statistics(conditions: Mapping[str, SwapCondition], cfg: RunConfig) ->
             }
 
 
-def _rotary(model: Any, n_layers: int, frame: str) -> dict[int, Any]:
-    """Rotary specs of every layer; ``--frame query`` refuses a model without a known
-    rotary layout here, before any heavy work (``post``: ``{}`` when there is none)."""
+def _rotary(model: Any, n_layers: int, frame: str) -> tuple[dict[int, Any], str | None]:
+    """Rotary specs of every layer and why there are none; ``--frame query`` refuses a model
+    without a known rotary layout here, before any heavy work."""
     from .models.rotary import rotary_specs
 
     try:
-        return rotary_specs(model, range(n_layers))
-    except ValueError:
+        return rotary_specs(model, range(n_layers)), None
+    except ValueError as err:
         if frame == "query":
             raise
-        return {}
+        return {}, str(err).replace("--frame query: ", "").replace("; use --frame post", "")
 
 
 def _head_position(
@@ -592,6 +595,7 @@ def _head_position(
     feature_of: list[str],
     cfg: RunConfig,
     name: str,
+    no_rotary: str | None = None,
 ) -> dict[str, Any]:
     """Rotary-band profiles of the head's subspaces and the position-only control."""
     from .engine.position import position_controls, rotary_profiles
@@ -599,7 +603,7 @@ def _head_position(
     out: dict[str, Any] = {"frame": cfg.frame}
     if spec is None:
         out["rotary_profile"] = None
-        out["rotary_skipped"] = "the model has no rotary layout qkcov knows"
+        out["rotary_skipped"] = no_rotary or "the model has no rotary layout qkcov knows"
     else:
         out["rotary"] = {"layout": spec.layout, "rotary_dim": spec.rotary_dim,
                          "wavelengths": [float(x) for x in spec.wavelengths()]}  # fmt: skip
@@ -832,7 +836,7 @@ def _analyze(
 
     progress = not timer.quiet
     info = model_info(model)
-    specs = _rotary(model, info.n_layers, cfg.frame)
+    specs, no_rotary = _rotary(model, info.n_layers, cfg.frame)
     if not cfg.heads.strip().lower().startswith("auto"):
         from .models.heads import parse_heads
 
@@ -992,7 +996,7 @@ def _analyze(
         with timer.phase("position"):
             position = _head_position(
                 features, specs.get(head[0]), vecs.get(head), [resolved[i] for i in cent],
-                [plan.feature_of(i) for i in cent], cfg, name,
+                [plan.feature_of(i) for i in cent], cfg, name, no_rotary,
             )  # fmt: skip
         head_results.append(
             HeadResult(
