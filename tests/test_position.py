@@ -83,6 +83,10 @@ def test_offset_test_flags_a_confounded_contrast_not_a_balanced_one():
     assert conf["confounded"] and conf["p_value"] < 1e-10 and conf["auc"] > 0.95
     assert not bal["confounded"] and bal["p_value"] > 0.05 and abs(bal["auc"] - 0.5) < 0.15
     assert offset_test([3, 3], [3, 3])["p_value"] is None  # all tied: no test, no warning
+    # positives in the middle slot, negatives on both sides: same median, different shape
+    mid = offset_test([16] * 40, [9] * 40 + [23] * 40)
+    assert abs(mid["auc"] - 0.5) < 0.01 and mid["ks"] >= 0.49 and mid["confounded"]
+    assert bal["ks_p_value"] > 0.01
 
 
 def _records(confounded: bool, n: int = 40, seed: int = 0):

@@ -22,6 +22,7 @@ from .subspace import feature_subspace, principal_angles
 __all__ = [
     "OFFSET_P",
     "OFFSET_AUC",
+    "OFFSET_KS",
     "offset_test",
     "offset_bins",
     "record_delta",
@@ -31,19 +32,39 @@ __all__ = [
 # a contrast is flagged as position-confounded when both hold
 OFFSET_P = 0.01
 OFFSET_AUC = 0.1  # |auc − 0.5| at least this
+OFFSET_KS = 0.2  # or a Kolmogorov–Smirnov distance at least this (shape, not only location)
 
 
 def _normal_sf(z: float) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2.0))
 
 
+def _ks(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Two-sample Kolmogorov–Smirnov statistic D and its asymptotic two-sided p (with the
+    Stephens small-sample factor; conservative with ties)."""
+    grid = torch.unique(torch.cat([x, y]))
+    cx = (x[None, :] <= grid[:, None]).double().mean(1)
+    cy = (y[None, :] <= grid[:, None]).double().mean(1)
+    d = float((cx - cy).abs().max())
+    ne = x.numel() * y.numel() / (x.numel() + y.numel())
+    lam = (math.sqrt(ne) + 0.12 + 0.11 / math.sqrt(ne)) * d
+    if lam < 1e-3:
+        return d, 1.0
+    p = 2 * sum((-1) ** (k - 1) * math.exp(-2 * k * k * lam * lam) for k in range(1, 101))
+    return d, min(1.0, max(0.0, p))
+
+
 def offset_test(pos: Sequence[float], neg: Sequence[float]) -> dict[str, object]:
     """Two-sided Mann–Whitney U test of positive vs negative key offsets.
 
-    Returns ``{"n_pos", "n_neg", "histogram": {"offset", "pos", "neg"} (counts per offset),
+    Also a two-sample Kolmogorov–Smirnov test (``ks``, ``ks_p_value``), which sees a
+    difference of shape the rank test misses (positives in the middle slot, negatives on
+    both sides). Returns ``{"n_pos", "n_neg", "histogram": {"offset", "pos", "neg"} (counts
+    per offset),
     "median_pos", "median_neg", "mean_pos", "mean_neg", "auc",
-    "p_value", "confounded"}``; ``confounded`` = ``p < OFFSET_P`` and ``|auc − 0.5| ≥
-    OFFSET_AUC`` (an effect-size floor, so thousands of keys with a tiny shift do not warn).
+    "p_value", "ks", "ks_p_value", "confounded"}``; ``confounded`` = (``p < OFFSET_P`` and
+    ``|auc − 0.5| ≥ OFFSET_AUC``) or (``ks_p_value < OFFSET_P`` and ``ks ≥ OFFSET_KS``) (effect
+    size floors, so thousands of keys with a tiny shift do not warn).
     ``p_value`` is ``None`` when a side is empty or every offset is equal on both sides.
     """
     x = torch.as_tensor(list(pos), dtype=torch.float64)
@@ -82,8 +103,17 @@ def offset_test(pos: Sequence[float], neg: Sequence[float]) -> dict[str, object]
         return out | {"auc": auc, "p_value": None, "confounded": False}
     z = (abs(u1 - n1 * n2 / 2) - 0.5) / math.sqrt(var)
     p = min(1.0, 2 * _normal_sf(max(z, 0.0)))
-    conf = p < OFFSET_P and abs(auc - 0.5) >= OFFSET_AUC
-    return out | {"auc": auc, "p_value": p, "confounded": bool(conf)}
+    ks_d, ks_p = _ks(x, y)
+    conf = (p < OFFSET_P and abs(auc - 0.5) >= OFFSET_AUC) or (
+        ks_p < OFFSET_P and ks_d >= OFFSET_KS
+    )
+    return out | {
+        "auc": auc,
+        "p_value": p,
+        "ks": ks_d,
+        "ks_p_value": ks_p,
+        "confounded": bool(conf),
+    }
 
 
 def offset_bins(offsets: torch.Tensor, max_bins: int = 8) -> torch.Tensor:

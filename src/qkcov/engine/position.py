@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..core.position import OFFSET_AUC, OFFSET_P, offset_test, position_control
+from ..core.position import OFFSET_AUC, OFFSET_KS, OFFSET_P, offset_test, position_control
 from ..core.rotary import RotarySpec, band_profile
 
 __all__ = ["key_offsets", "offset_diagnostics", "rotary_profiles", "position_controls"]
@@ -54,7 +54,9 @@ def offset_diagnostics(
                 f"position confound: feature {f!r} ({where}{more}) has its positive keys at "
                 f"median offset {t['median_pos']:g} from the query and its negative keys at "
                 f"{t['median_neg']:g} (Mann–Whitney p = {t['p_value']:.2g}, AUC = "
-                f"{t['auc']:.2f}; flagged at p < {OFFSET_P} and |AUC − 0.5| ≥ {OFFSET_AUC}); "
+                f"{t['auc']:.2f}; Kolmogorov–Smirnov D = {t['ks']:.2f}, p = "
+                f"{t['ks_p_value']:.2g}; flagged at p < {OFFSET_P} with |AUC − 0.5| ≥ "
+                f"{OFFSET_AUC} or D ≥ {OFFSET_KS}); "
                 "its subspace may carry where the key is as well as what it is — see the "
                 "rotary-band profile and the position control, or use --frame query"
             )
