@@ -5,7 +5,7 @@ Usage: python benchmarks/position_study.py [filter] [binding] [agreement] [recen
 For each task (120 records each, kept small: 100 permutations, 30 random subspaces, 32 swap
 and attribution records) the heads are picked once by the scan (post-RoPE run) and kept for
 the query-frame run. Prints one row per task, frame, head and feature: the query–key offset
-test (AUC, confounded), ranks (null, energy) and p, the feature's swap Δp against its
+test (pooled AUC, * = flagged; groups flagged by the rank or the Kolmogorov–Smirnov test), ranks (null, energy) and p, the feature's swap Δp against its
 random subspaces, the attribution's explained fraction, the rotary-band positional index of
 the pooled query / key subspace, and the position control (‖ΔC_pos‖/‖ΔC‖ vs the
 shuffled-label null, smallest angle to the real subspace, share of keys in mixed bins; then
@@ -64,12 +64,15 @@ def rows(task, res):
             prof = ((pos.get("rotary_profile") or {}).get(f) or {}).get("pooled") or {}
             ctrl = (pos.get("control") or {}).get(f) or {}
             off = offsets[f]["pooled"]
+            flagged = [g for g, t in offsets[f].items() if g != "pooled" and t["confounded"]]
+            n_groups = len(offsets[f]) - 1
             ang = ctrl.get("angles_degrees") or []
             grp = [c for c in (ctrl.get("groups") or {}).values() if "norm_ratio" in c]
             mean = lambda k, grp=grp: sum(c[k] for c in grp) / len(grp) if grp else None  # noqa: E731
             yield [
                 task, d["position"]["frame"], h["name"], f,
                 _f(off["auc"], 2) + ("*" if off["confounded"] else ""),
+                f"{len(flagged)}/{n_groups}" if n_groups else "–",
                 str(g["rank"]), str(g["rank_energy"]), _f(sig.get("p_value")),
                 "–" if cond is None else _f(cond["delta_p"]),
                 "–" if cond is None else _f(cond["random"]["delta_p"]["mean"]),
@@ -82,7 +85,7 @@ def rows(task, res):
             ]  # fmt: skip
 
 
-COLS = ["task", "frame", "head", "feature", "offset AUC", "rank", "rank(E)", "p", "Δp swap",
+COLS = ["task", "frame", "head", "feature", "offset AUC", "grp flagged", "rank", "rank(E)", "p", "Δp swap",
         "Δp rand", "explained", "q pos-idx", "k pos-idx", "‖ΔCpos‖/‖ΔC‖", "null", "angle°",
         "mixed", "groups: pos", "null"]  # fmt: skip
 
