@@ -16,6 +16,9 @@ the same steps:
    feature's key subspace, in the forward pass, against equal-rank random subspaces and the
    full-key ceiling;
 6. **attribution** of held-out logits over the features' query subspaces (exact);
+   beside them, **position** (:mod:`qkcov.engine.position`): query–key offsets of the build
+   keys (a note names a confounded feature), rotary-band profiles of every subspace and the
+   position-only control; ``frame="query"`` runs steps 3–6 in each query's rotary frame;
 7. typed results (:mod:`qkcov.results`), artifacts, figures and a report section.
 """
 
@@ -61,6 +64,7 @@ DEFAULT_FEATURE = "feature"
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 RANK_RULES = ("null", "energy")
 STEPS = ("projections", "swaps", "attribution")
+FRAMES = ("post", "query")
 ATTRIBUTION_RANDOM = 20  # random subspace pairs for the explained-fraction baseline
 PROJ_DIMS = 3
 Head = tuple[int, int]
@@ -133,6 +137,11 @@ class RunConfig(ConfigMixin):
     trust_remote_code: bool = _help(
         "allow model code from the checkpoint (off by default)", default=False
     )
+    frame: str = _help(
+        "q/k frame of ΔC, swaps and attribution: 'post' (post-RoPE) or 'query' (each key in "
+        "its query's rotary frame; logits unchanged)",
+        default="post",
+    )
 
     def __post_init__(self) -> None:
         from .engine.scan import check_heads_spec
@@ -185,6 +194,8 @@ class RunConfig(ConfigMixin):
             )
         if self.max_tokens is not None:
             check_positive_int("--max-tokens", self.max_tokens, 1)
+        if self.frame not in FRAMES:
+            raise ValueError(f"--frame must be one of {', '.join(FRAMES)}, got {self.frame!r}")
         unknown = set(self.step_list()) - set(STEPS)
         if not isinstance(self.steps, str) or unknown:
             raise ValueError(f"--steps must name some of {','.join(STEPS)}, got {self.steps!r}")
@@ -587,6 +598,7 @@ def _swaps(
     cfg: RunConfig,
     progress: bool,
     skip_reason: str | None,
+    spec: Any = None,
 ) -> SwapResult:
     from .engine.swaps import run_swaps, swap_pairs
 
@@ -611,7 +623,7 @@ def _swaps(
     sw = run_swaps(
         model, tokenizer, resolved, head[0], head[1], pairs, {k: v.float() for k, v in bases.items()},
         n_random=cfg.n_random, n_random_downstream=min(cfg.n_random_downstream, cfg.n_random),
-        seed=cfg.seed, batch_size=cfg.batch_size, progress=progress,
+        seed=cfg.seed, batch_size=cfg.batch_size, progress=progress, spec=spec,
     )  # fmt: skip
     per = sw.get("per_prompt", {})
     conditions = {
@@ -681,6 +693,51 @@ def _swap_statistics(conditions: Mapping[str, SwapCondition], cfg: RunConfig) ->
                 )
                 for m, v in c.per_prompt.items()
             }
+
+
+def _rotary(model: Any, n_layers: int, frame: str) -> tuple[dict[int, Any], str | None]:
+    """Rotary specs of every layer and why there are none; ``--frame query`` refuses a model
+    without a known rotary layout here, before any heavy work."""
+    from .models.rotary import rotary_specs
+
+    try:
+        return rotary_specs(model, range(n_layers)), None
+    except ValueError as err:
+        if frame == "query":
+            raise
+        return {}, str(err).replace("--frame query: ", "").replace("; use --frame post", "")
+
+
+def _head_position(
+    features: Mapping[str, FeatureResult],
+    spec: Any,
+    vecs: Any,
+    build: Sequence[Any],
+    feature_of: list[str],
+    cfg: RunConfig,
+    name: str,
+    no_rotary: str | None = None,
+) -> dict[str, Any]:
+    """Rotary-band profiles of the head's subspaces and the position-only control."""
+    from .engine.position import position_controls, rotary_profiles
+
+    out: dict[str, Any] = {"frame": cfg.frame}
+    if spec is None:
+        out["rotary_profile"] = None
+        out["rotary_skipped"] = no_rotary or "the model has no rotary layout qkcov knows"
+    else:
+        out["rotary"] = {"layout": spec.layout, "rotary_dim": spec.rotary_dim,
+                         "wavelengths": [float(x) for x in spec.wavelengths()]}  # fmt: skip
+        out["rotary_profile"] = rotary_profiles(features, spec)
+    if vecs is not None and build:
+        out["control"] = position_controls(
+            vecs.select(list(range(len(build)))), build, features, feature_of,
+            seed=sub_seed(cfg.seed, f"position:{name}"),
+        )  # fmt: skip
+    else:
+        out["control"] = None
+        out["control_skipped"] = "needs the projections step (its build-record vectors)"
+    return out
 
 
 def model_head_dim(model: Any) -> int:
@@ -935,6 +992,7 @@ def _analyze(
 
     progress = not timer.quiet
     info = model_info(model)
+    specs, no_rotary = _rotary(model, info.n_layers, cfg.frame)
     if not cfg.heads.strip().lower().startswith("auto"):
         from .models.heads import parse_heads
 
@@ -987,6 +1045,13 @@ def _analyze(
     heads = select_heads(cfg.heads, scan, info.n_layers, info.n_heads, k=cfg.n_heads)
     timer.log(f"heads: {', '.join(f'L{l}H{h}' for l, h in heads)}")
 
+    from .engine.position import offset_diagnostics
+
+    offsets, offset_warnings = offset_diagnostics(
+        {f: [resolved[i] for i in plan.indices("build", f)] for f in plan.features}
+    )
+    for w in offset_warnings:
+        timer.log(w)
     contrasts, stats = {}, {}
     with timer.phase("contrast"):
         for f in plan.features:
@@ -994,7 +1059,7 @@ def _analyze(
             contrasts[f] = run_contrast(
                 model, tokenizer, build, heads, batch_size=cfg.batch_size, progress=progress,
                 keep_records=cfg.n_permutations > 0 or cfg.n_bootstrap > 0, dist=dist,
-                checkpoint=None if state is None else state.contrast(f),
+                checkpoint=None if state is None else state.contrast(f), frame=cfg.frame,
             )  # fmt: skip
             stats[f] = contrasts[f].record_stats
 
@@ -1012,6 +1077,7 @@ def _analyze(
                 batch_size=cfg.batch_size,
                 progress=progress,
                 dist=dist,
+                frame=cfg.frame,
             )
             if held
             else {}
@@ -1029,6 +1095,7 @@ def _analyze(
                 heads,
                 batch_size=cfg.batch_size,
                 progress=progress,
+                frame=cfg.frame,
             )
             if attr_idx
             else {}
@@ -1078,6 +1145,7 @@ def _analyze(
             swaps = _swaps(
                 model, tokenizer, [resolved[i] for i in swap_idx], None if rows is None else rows[:, head[0], head[1]],
                 head, features, cfg, progress, None if "swaps" in steps else "step off (--steps)",
+                spec=specs.get(head[0]) if cfg.frame == "query" else None,
             )  # fmt: skip
         with timer.phase("token_view"):
             token_view = _token_view(
@@ -1095,9 +1163,22 @@ def _analyze(
         scan_row = next(
             (r for r in scan or [] if r["layer"] == head[0] and r["head"] == head[1]), None
         )
+        with timer.phase("position"):
+            position = _head_position(
+                features, specs.get(head[0]), vecs.get(head), [resolved[i] for i in cent],
+                [plan.feature_of(i) for i in cent], cfg, name, no_rotary,
+            )  # fmt: skip
         head_results.append(
             HeadResult(
-                head[0], head[1], features, projections, swaps, attribution, scan_row, token_view
+                head[0],
+                head[1],
+                features,
+                projections,
+                swaps,
+                attribution,
+                scan_row,
+                token_view=token_view,
+                position=position,
             )
         )
         if state is not None:
@@ -1123,7 +1204,8 @@ def _analyze(
         scan=scan,
         timings=dict(timer.seconds),
         seconds=timer.total(),
-        notes=list(plan.notes),
+        notes=list(plan.notes) + offset_warnings,
+        position={"frame": cfg.frame, "offsets": offsets},
     )
 
 
@@ -1175,6 +1257,10 @@ def run(
     state = None
     try:
         state = RunState(out_dir, cfg, recs, resume=resume, dist=dist)
+        if loaded is None and cfg.frame == "query":
+            from .models.rotary import check_frame_config
+
+            check_frame_config(cfg.model, cfg.trust_remote_code)  # before the weights load
         if loaded is None:
             from .models.loading import load_model
 

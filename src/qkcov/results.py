@@ -321,6 +321,8 @@ class HeadResult:
     attribution: AttributionResult
     scan: dict[str, Any] | None = None
     token_view: TokenViewResult | None = None
+    # rotary-band profiles and the position control (engine/position.py), or None
+    position: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -389,6 +391,7 @@ class HeadResult:
             "projections": {k: p.to_dict() for k, p in self.projections.items()},
             "scan": self.scan,
             "token_view": None if self.token_view is None else self.token_view.info,
+            "position": self.position,
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -440,6 +443,8 @@ class AnalysisResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)  # see pipeline.provenance
+    # the frame and the query–key offset diagnostics per feature (engine/position.py)
+    position: dict[str, Any] | None = None
 
     @property
     def best(self) -> HeadResult:
@@ -466,6 +471,7 @@ class AnalysisResult:
             "config": self.config,
             "notes": self.notes,
             "provenance": self.provenance,
+            "position": self.position,
         }
 
     def summary_rows(self) -> list[list[str]]:
@@ -625,6 +631,7 @@ class AnalysisResult:
             seconds=data["seconds"],
             notes=data.get("notes", []),
             provenance=data.get("provenance") or {},
+            position=data.get("position"),
         )
 
     def report(self, out_dir: str | Path) -> Path:
@@ -710,5 +717,6 @@ def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult
         )
     )
     return HeadResult(
-        d["layer"], d["head"], features, projections, swaps, attribution, d.get("scan"), token_view
-    )
+        d["layer"], d["head"], features, projections, swaps, attribution, d.get("scan"),
+        token_view=token_view, position=d.get("position"),
+    )  # fmt: skip

@@ -28,6 +28,7 @@ from ..models.capture import CapturedQK, QKSites, capture_prompts
 from ..models.heads import format_head
 from ..models.loading import format_prompt, model_info
 from ..models.positions import encode, token_at_char
+from ..models.rotary import rotary_specs, to_query_frame
 from ..tasks.records import ContrastRecord, Span
 from .checkpoint import Checkpoint, data_hash
 from .distributed import Dist, all_reduce_sum, gather_objects, shard_batches
@@ -295,6 +296,7 @@ def run_contrast(
     keep_records: bool = False,
     dist: Dist | None = None,
     checkpoint: Checkpoint | None = None,
+    frame: str = "post",
 ) -> ContrastResult:
     """Accumulate ΔC for every head in ``heads`` over ``resolved`` records.
 
@@ -308,7 +310,8 @@ def run_contrast(
     accumulators over ranks; every rank returns the one-process result. ``checkpoint``: save
     this rank's accumulators every ``checkpoint.every`` batches and, with ``resume``, continue
     from the saved batch (the fingerprint gets the heads, batch size, padding, world size and
-    a hash of the resolved records added).
+    a hash of the resolved records added). ``frame="query"``: every key in its query's rotary
+    frame (:func:`qkcov.models.rotary.to_query_frame`; logits unchanged).
     """
     if not resolved:
         raise ValueError("run_contrast: no records")
@@ -319,6 +322,9 @@ def run_contrast(
     groups = _groups_of(resolved)
     group_index = {g: i for i, g in enumerate(groups)}
     by_layer = _layer_heads(heads)
+    if pre_rope and frame == "query":
+        raise ValueError("pre_rope=True and frame='query' both rotate q/k; pick one")
+    specs = _frame_specs(model, frame, by_layer)
     accs = {
         h: ContrastiveCovariance(info.head_dim, info.head_dim, groups, center=center) for h in heads
     }
@@ -334,6 +340,8 @@ def run_contrast(
     kept: dict[Head, list[tuple[torch.Tensor, ...]]] = {h: [] for h in heads}
 
     def on_capture(layer: int, cap: CapturedQK) -> None:
+        if specs is not None:
+            cap = to_query_frame(cap, specs[layer])
         # cap.q: [n_batch_records, H_layer, D]; cap.k: [n_batch_key_rows, H_layer, D]
         recs = cap.q_index[:, 0].cpu()  # global record indices of this batch
         first, last = int(row_start[recs[0]]), int(row_start[recs[-1]] + n_keys[recs[-1]])
@@ -377,6 +385,7 @@ def run_contrast(
             batch_size=batch_size,
             padding_side=padding_side,
             pre_rope=pre_rope,
+            **({"frame": frame} if frame != "post" else {}),
             world_size=1 if dist is None else dist.world_size,
             records=_records_hash(resolved),
             model=asdict(info)
@@ -435,11 +444,18 @@ def run_contrast(
     elif checkpoint is not None and not batches:
         on_batch(-1)  # this rank has no batch at all: still leave a (complete) checkpoint
     all_reduce_sum([t for acc in accs.values() for t in acc.sum_tensors().values()], dist)
-    meta = {"n_records": len(resolved), "pre_rope": pre_rope, "center": center}
+    meta = {"n_records": len(resolved), "pre_rope": pre_rope, "center": center, "frame": frame}
     if start:
         meta["resumed_at_batch"] = start
     stats = _record_stats(kept, groups, dist) if keep_records else None
     return ContrastResult(heads, groups, accs, meta, stats)
+
+
+def _frame_specs(model: torch.nn.Module, frame: str, layers: Any) -> dict[int, Any] | None:
+    """Rotary specs of ``layers`` for ``frame="query"`` (``None`` for ``"post"``)."""
+    if frame not in ("post", "query"):
+        raise ValueError(f"frame must be 'post' or 'query', got {frame!r}")
+    return rotary_specs(model, sorted(layers)) if frame == "query" else None
 
 
 def _record_stats(
@@ -586,6 +602,7 @@ def collect_qk(
     pre_rope: bool = False,
     progress: bool = True,
     dist: Dist | None = None,
+    frame: str = "post",
 ) -> dict[Head, HeadVectors]:
     """Each record's query vector and every key-site vector for ``heads`` (float32).
 
@@ -596,6 +613,7 @@ def collect_qk(
         raise ValueError("collect_qk: no records")
     heads = [(int(layer), int(head)) for layer, head in heads]
     by_layer = _layer_heads(heads)
+    specs = _frame_specs(model, frame, by_layer)
     sites = QKSites([[r.query] for r in resolved], [r.key_positions for r in resolved])
     batches = shard_batches(len(resolved), batch_size, dist)
     caps = (
@@ -616,6 +634,8 @@ def collect_qk(
     )
     if dist is not None and dist.enabled:
         caps = _gather_captures(caps, dist)
+    if specs is not None:
+        caps = {layer: to_query_frame(c, specs[layer]) for layer, c in caps.items()}
     key_record = torch.tensor([r.index for r in resolved for _ in r.keys])
     key_positive = torch.tensor([k.positive for r in resolved for k in r.keys], dtype=torch.bool)
     labels = [k.label for r in resolved for k in r.keys]
@@ -643,6 +663,7 @@ def collect_full_keys(
     *,
     batch_size: int = 8,
     progress: bool = True,
+    frame: str = "post",
 ) -> dict[Head, dict[str, Any]]:
     """Each record's query and *every* key up to it, for exact logit attribution.
 
@@ -652,11 +673,14 @@ def collect_full_keys(
     if not resolved:
         raise ValueError("collect_full_keys: no records")
     heads = [(int(layer), int(head)) for layer, head in heads]
+    specs = _frame_specs(model, frame, {l for l, _ in heads})
     sites = QKSites([[r.query] for r in resolved], [list(range(r.query + 1)) for r in resolved])
     caps = capture_prompts(
         model, tokenizer, [r.text for r in resolved], sites, sorted({l for l, _ in heads}),
         sorted({h for _, h in heads}), batch_size=batch_size, progress=progress,
     )  # fmt: skip
+    if specs is not None:
+        caps = {layer: to_query_frame(c, specs[layer]) for layer, c in caps.items()}
     out: dict[Head, dict[str, Any]] = {}
     for layer, head in heads:
         cap = caps[layer]

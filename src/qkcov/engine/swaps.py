@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.intervention import swap_metrics_per_prompt, swapped_attention
+from ..core.rotary import RotarySpec, rotate
 from ..core.subspace import random_orthonormal
 from ..models.capture import tokenize_batch
 from ..models.intervene import (
@@ -99,6 +100,7 @@ def _swap_batch(
     padding_side: str,
     chunk: int,
     bar: Any,
+    spec: RotarySpec | None = None,
 ) -> dict[Cond, dict[str, torch.Tensor]]:
     """Per-prompt metrics ``[B]`` (float64) of one batch: every condition in ``basis_of``
     offline, plus ``logprob_shift`` for ``downstream`` (and null). This is all that is
@@ -119,8 +121,13 @@ def _swap_batch(
     for b, r in enumerate(batch):
         cand[b, r.key_positions] = True
     conds = list(basis_of)
+    query, keys = cap.query.cpu(), cap.keys.cpu()
+    if spec is not None:  # query frame: q' = R(p_q)ᵀq, k' = R(p_q)ᵀk (logits unchanged)
+        pq = torch.tensor(qpos)
+        query = rotate(query.double(), pq, spec, inverse=True)
+        keys = rotate(keys.double(), pq[:, None], spec, inverse=True)
     attn = swapped_attention(
-        cap.query.cpu(), cap.keys.cpu(), orig, target, [basis_of[c] for c in conds],
+        query, keys, orig, target, [basis_of[c] for c in conds],
         cap.mask.cpu(), cap.scaling, cap.softcap,
     )  # fmt: skip
     before = attn[conds.index(("null", None))]
@@ -132,8 +139,8 @@ def _swap_batch(
     for c0 in range(0, len(downstream), chunk):
         group = downstream[c0 : c0 + chunk]
         G = len(group)
-        swaps = [KeySwap(int(o), int(t), basis_of[c]) for c in group
-                 for o, t in zip(orig, target, strict=True)]  # fmt: skip
+        swaps = [KeySwap(int(o), int(t), _post_basis(basis_of[c], p, spec)) for c in group
+                 for o, t, p in zip(orig, target, qpos, strict=True)]  # fmt: skip
         res = swap_keys_forward(
             model, ids.repeat(G, 1), mask.repeat(G, 1), layer, head, swaps,
             query_positions=qpos * G, hidden_in=cap.hidden.repeat(G, 1, 1) if resume else None,
@@ -144,6 +151,14 @@ def _swap_batch(
             out[c]["logprob_shift"] = (lp[ci, :, 1] - lp[ci, :, 0]) - margin0
         bar.update(1)
     return out
+
+
+def _post_basis(basis: torch.Tensor, query_pos: int, spec: RotarySpec | None) -> torch.Tensor:
+    """A query-frame basis as post-RoPE directions of one prompt: ``R(p_q) V``, so the
+    swap edits ``k' = R(p_q)ᵀk`` inside ``span(V)`` and maps it back, ``k_new = R(p_q) k'_new``."""
+    if spec is None:
+        return basis
+    return rotate(basis.double().T, query_pos, spec).T.contiguous()
 
 
 def run_swaps(
@@ -161,6 +176,7 @@ def run_swaps(
     batch_size: int = 8,
     padding_side: str = "left",
     progress: bool = True,
+    spec: RotarySpec | None = None,
 ) -> dict[str, Any]:
     """Swaps of (orig, target) keys of head ``(layer, head)`` (see the module docstring).
 
@@ -176,6 +192,9 @@ def run_swaps(
             none of the ΔC direction, so their downstream shifts are small and tightly spread;
             three draws give the baseline's mean and a std at a fixed cost, while the
             attention-side baseline (where the test statistic lives) uses all ``n_random``.
+        spec: the layer's rotary spec for query-frame bases (``--frame query``): attention
+            metrics are computed on ``R(p_q)ᵀ``-rotated q/k and the in-forward swap uses
+            ``R(p_q) V`` on the post-RoPE keys; ``None`` = bases are post-RoPE directions.
 
     Returns ``{"n", "ranks", "n_random", "n_random_downstream", "null", "conditions": {name:
     metrics}, "random": {name: {metric: {"mean", "std", "draws"}}}, "ceiling", "per_prompt":
@@ -224,6 +243,7 @@ def run_swaps(
         state = _swap_batch(
             model, tokenizer, [resolved[i] for i in idx], [pairs[i] for i in idx], layer, head,
             basis_of, downstream, resume=resume, padding_side=padding_side, chunk=chunk, bar=bar,
+            spec=spec,
         )  # fmt: skip
         for c, m in state.items():
             for key, v in m.items():

@@ -200,15 +200,19 @@ def write_run_section(
     out = Path(out_dir)
     info = read_json(out / "run.json")
     figs, per_head = plot_heads(out)
-    blocks = [
-        {
-            "name": h["name"],
-            "verdict": h.get("verdict"),
-            "lead": head_lead(h),
-            **per_head[h["name"]],
-        }
-        for h in info["heads"]
-    ]
+    from .figures.position import plot_offsets, plot_rotary
+    from .position import position_tables
+
+    figs += plot_offsets(out, info)
+    rotary = {f["file"]: f for f in plot_rotary(out, info)}
+    blocks = []
+    for h in info["heads"]:
+        block = {"name": h["name"], "verdict": h.get("verdict"), "lead": head_lead(h)}
+        block.update(per_head[h["name"]])
+        tv = rotary.get(f"rotary_{h['name']}.png")
+        if tv is not None:
+            block["figures"] = [*block["figures"], tv]
+        blocks.append(block)
     cfg = info["config"]
     feats = info["features"]
     best = next((h for h in info["heads"] if h["name"] == info.get("best_head")), None)
@@ -324,6 +328,7 @@ def write_run_section(
                 ],
             }
         )
+    tables += position_tables(info)
     tables += list(extra_tables)
     return write_section(
         out, key=key, title=title or "Contrast analysis", order=order, summary=summary,
