@@ -1252,8 +1252,6 @@ def run(
     folder = (
         RunFolder(out_dir, command="run", force=force, protect=protect) if dist.is_main else None
     )
-    if auto:  # said once every input (--out included) has been checked
-        timer.log(f"device: {cfg.device} (--device auto)")
     state = None
     try:
         state = RunState(out_dir, cfg, recs, resume=resume, dist=dist)
@@ -1261,6 +1259,8 @@ def run(
             from .models.rotary import check_frame_config
 
             check_frame_config(cfg.model, cfg.trust_remote_code)  # before the weights load
+        if auto:  # said once every input (--out, --resume, --frame) has been checked
+            timer.log(f"device: {cfg.device} (--device auto)")
         if loaded is None:
             from .models.loading import load_model
 
