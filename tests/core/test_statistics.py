@@ -206,7 +206,7 @@ def test_planted_rank_is_recovered_by_parallel_analysis():
             exact += significance(st.delta(), permutation_null(st, 200, seed=seed)).rank_null == r
         rates[r] = exact / seeds
     print(f"\nexact rank recovery (signal 1.6, n={n}, D={d}, {seeds} seeds): {rates}")
-    assert all(rate >= 0.95 for rate in rates.values())
+    assert all(rate >= 0.9 for rate in rates.values())
     # the task is not trivial: at a weaker signal the same rule often misses the rank
     weak = sum(
         significance(
