@@ -2,7 +2,8 @@
 negative keys exchanged with probability 1/2, so no feature separates them), on the default
 model, for the agreement task (240 records) and the built-in filter task.
 
-Usage: python benchmarks/significance_real.py [agreement] [filter]. Prints per task, label set and head: p-value, rank (null rule), rank (energy), rank 95 % CI,
+Usage: python benchmarks/significance_real.py [agreement] [filter]. Prints per task, label set and head: p-value, rank (null rule), rank (energy), rank 95 % CI, the
+former raw parallel-analysis rank and raw top p,
 stability of the pooled ΔC, and the Bonferroni-combined p of the per-group ΔCs. The heads are chosen once by the scan on the real labels and kept for the coin flip.
 """
 
@@ -48,6 +49,7 @@ def main() -> None:
                 print(
                     f"{task:9s} {label:9s} {h.name:6s} p={s['p_value']:.4f} rank_null={h.headline.rank} "
                     f"rank_energy={s['rank_energy']} rank_ci={s['rank_ci']} "
+                    f"rank_parallel={s.get('rank_parallel')} p_raw_top={s.get('p_value_raw_top')} "
                     f"stability_deg={s['stability_deg'] if s['stability_deg'] is None else round(s['stability_deg'], 1)} "
                     f"significant={s['significant']} "
                     f"groups_p={next(iter(h.features.values())).groups_p_value}"

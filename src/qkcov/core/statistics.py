@@ -779,12 +779,11 @@ def significance(
     delta = observed_delta.double().cpu()
     s = torch.linalg.svdvals(delta)
     r_energy = rank_at_energy(s, energy)
-    counts = dict(n_records=null.n_records, n_distinct=null.n_distinct)
     if not null.available or null.singular_values is None:
         reason = f"significance unavailable: {null.reason}"
-        return Significance(
-            False, False, reason, s, r_energy, alpha=alpha, energy=energy, **counts
-        )  # type: ignore[arg-type]
+        out = Significance(False, False, reason, s, r_energy, alpha=alpha, energy=energy)
+        out.n_records, out.n_distinct = null.n_records, null.n_distinct
+        return out
     null_s = null.singular_values
     if null_s.shape[1] != s.numel():
         raise ValueError(
@@ -827,7 +826,8 @@ def significance(
         whitened_singular_values=white_s,
         test=test,
         step_null=step_null,
-        **counts,  # type: ignore[arg-type]
+        n_records=null.n_records,
+        n_distinct=null.n_distinct,
     )
 
 
