@@ -379,7 +379,8 @@ def _significance(
         rule = cfg.rank_rule if sig.available else "energy"
         boot = (
             st.bootstrap(stats, cfg.n_bootstrap, seed=sub_seed(cfg.seed, f"boot:{group}"), group=group,
-                         rank_rule=rule, null=null if null.available else None, alpha=cfg.alpha, energy=cfg.energy)
+                         rank_rule=rule, null=null if null.available else None, alpha=cfg.alpha, energy=cfg.energy,
+                         sig=sig if null.available else None)
             if cfg.n_bootstrap
             else None
         )  # fmt: skip

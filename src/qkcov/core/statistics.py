@@ -68,6 +68,7 @@ _CHUNK_ELEMS = 1 << 24  # bound on the [batch, D, n] intermediates (128 MiB of f
 _ZERO_REL = 1e-10  # singular values below this fraction of the first are numerically zero
 _EIG_FLOOR = 1e-8  # whitening: eigenvalues floored at this fraction of the largest
 _CLIP = 4.0  # whitening: eigenvalues raised to at least this multiple of the median
+_MARGIN = 0.9  # sequential test: deflated null tops recomputed down to this fraction of s_k
 
 
 class StatisticsWarning(UserWarning):
@@ -491,10 +492,11 @@ class BootstrapResult:
             biased up by its own noise; plain percentiles missed the truth, see tests).
         rank: full-data rank under ``rank_rule`` ("null": the sequential test of
             :func:`significance`, 0 when not significant; "energy").
-        ranks: ``[B]`` the same rule on each resample. Null rule: the resample's ΔC is
-            whitened by its own null moments (weights², so repeated records count as the
-            clusters they are) and its ``k``-th value compared with the full data's step-``k``
-            null; energy rule: ``rank_at_energy`` of the reflected spectrum.
+        ranks: ``[B]`` the same rule on each resample. Null rule: the resample's centred ΔC
+            is whitened as the data's and scaled by its own null scale (weights², so
+            repeated draws count as the clusters they are), and its ``k``-th value compared
+            with the full data's step-``k`` null; energy rule: ``rank_at_energy`` of the
+            reflected spectrum.
         rank_ci: ``(lo, hi)`` 2.5 % / 97.5 % percentiles of ``ranks``, widened to hold
             ``rank`` (the point rank always lies in its interval).
         rank_ci_percentile: the percentiles before widening.
@@ -641,18 +643,14 @@ class _UnitTerms:
         """Null mean ``E₀ΔC = base + Σ e_u q_u d_uᵀ``."""
         return self.base + (self.q * self.e[:, None]).T @ self.d
 
-    def whitening(self, w: torch.Tensor | None = None) -> tuple:
-        """``(W_q, W_k, √τ)`` of the null moments, batched over unit weights ``w [B, U]``."""
-        wv = self.v if w is None else w**2 * self.v
+    def whitening(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(W_q, W_k, √τ)``: clipped inverse square roots of the null's second moments
+        ``Σ_q = Σ v_u |d_u|² q_u q_uᵀ``, ``Σ_k = Σ v_u |q_u|² d_u d_uᵀ`` and
+        ``τ = tr Σ_q``; ``√τ·W_q X W_k`` does not depend on the scale of X."""
         q2, d2 = (self.q**2).sum(1), (self.d**2).sum(1)
-        if w is None:
-            cov_q = (self.q * (wv * d2)[:, None]).T @ self.q
-            cov_k = (self.d * (wv * q2)[:, None]).T @ self.d
-            tau = (wv * q2 * d2).sum()
-        else:
-            cov_q = _batched_weighted_outer(wv * d2, self.q, self.q)
-            cov_k = _batched_weighted_outer(wv * q2, self.d, self.d)
-            tau = (wv * q2 * d2).sum(-1)
+        cov_q = (self.q * (self.v * d2)[:, None]).T @ self.q
+        cov_k = (self.d * (self.v * q2)[:, None]).T @ self.d
+        tau = (self.v * q2 * d2).sum()
         return _inv_sqrt(cov_q), _inv_sqrt(cov_k), tau.clamp_min(0).sqrt()
 
 
@@ -744,15 +742,25 @@ def _sequential(
 
     Step k (0-based) projects the observed first ``k`` left/right singular directions out
     of every null matrix and compares the observed ``s_k`` with the deflated null's top.
+    Deflating more only lowers a draw's top, so a draw already below ``_MARGIN·s_k`` at the
+    previous step keeps that value as a bound (exact for every comparison down to
+    ``_MARGIN·s_k``, conservative below) instead of a new SVD.
     Returns ``(rank, step p-values, step nulls [K, P], observed whitened spectrum)``.
     """
     u, s, vh = torch.linalg.svd(w_obs, full_matrices=True)
     v = vh.mT
     limit = min(max_rank, int(_numerical_rank(s)))
     tops, ps = [], []
+    top = None
     for k in range(limit):
-        deflated = w_null if k == 0 else u[:, k:].T @ w_null @ v[:, k:]
-        top = torch.linalg.svdvals(deflated)[:, 0]
+        if top is None:
+            top = torch.linalg.svdvals(w_null)[:, 0]
+        else:
+            top = top.clone()
+            todo = top >= _MARGIN * s[k]
+            if todo.any():
+                deflated = u[:, k:].T @ w_null[todo] @ v[:, k:]
+                top[todo] = torch.linalg.svdvals(deflated)[:, 0]
         p = float(_count_p(top, s[k]))
         tops.append(top)
         ps.append(p)
@@ -840,12 +848,18 @@ def _rank_ci(ranks: torch.Tensor, rank: int) -> tuple[tuple[int, int], tuple[int
 
 
 def _resample_null_ranks(
-    t: _UnitTerms, w: torch.Tensor, sig: Significance, alpha: float
+    t: _UnitTerms, w: torch.Tensor, null: NullDistribution, sig: Significance, alpha: float
 ) -> torch.Tensor:
-    """Null-rule rank of each resample (unit weights ``w [B, U]``, see BootstrapResult)."""
-    wq, wk, scale = t.whitening(w)
+    """Null-rule rank of each resample (unit weights ``w [B, U]``, see BootstrapResult).
+
+    A resample is whitened as the data and rescaled by its own null scale: a unit drawn
+    ``w`` times adds ``w²`` to the null variance, so repeated draws count as the clusters
+    they are and the resample's noise sits where the data's null expects it."""
     centred = _batched_weighted_outer(w * (t.s0 - t.e), t.q, t.d)
-    s_b = torch.linalg.svdvals(scale[:, None, None] * (wq @ centred @ wk))
+    per_unit = t.v * (t.q**2).sum(1) * (t.d**2).sum(1)
+    rescale = (per_unit.sum() / (w**2 @ per_unit).clamp_min(torch.finfo(_F64).tiny)).sqrt()
+    white = null.whiten_q @ centred @ null.whiten_k
+    s_b = torch.linalg.svdvals(null.scale * rescale[:, None, None] * white)
     step_null = sig.step_null
     if step_null is None or step_null.shape[0] == 0:
         return torch.zeros(w.shape[0], dtype=torch.long)
@@ -853,7 +867,7 @@ def _resample_null_ranks(
     k_all = s_b.shape[1]
     idx = torch.arange(k_all).clamp_max(step_null.shape[0] - 1)
     p = torch.stack([_count_p(step_null[i], s_b[:, k]) for k, i in enumerate(idx.tolist())], 1)
-    zero = _numerical_rank(torch.linalg.svdvals(centred))  # numerically-zero never count
+    zero = _numerical_rank(s_b)  # numerically-zero never count (clipping never amplifies)
     ok = (p < alpha) & (torch.arange(k_all) < zero[:, None])
     return torch.cumprod(ok.to(torch.long), dim=1).sum(1)
 
@@ -867,6 +881,7 @@ def bootstrap(
     null: NullDistribution | None = None,
     alpha: float = 0.05,
     energy: float = 0.99,
+    sig: Significance | None = None,
 ) -> BootstrapResult:
     """Resample records with replacement: CIs of the spectrum and rank, key-subspace stability.
 
@@ -874,6 +889,7 @@ def bootstrap(
     each resample by the test of :func:`significance` against ``null`` (computed with 200
     permutations and ``seed`` when None); ``"energy"`` uses ``rank_at_energy``. The rank CI
     always holds the point rank. Resamples that lose every record of one side are dropped.
+    ``sig``: :func:`significance` of this ΔC against ``null`` when already computed.
     """
     if not isinstance(stats, RecordStats):
         raise ValueError(f"stats must be a RecordStats, got {type(stats).__name__}")
@@ -901,7 +917,8 @@ def bootstrap(
             null = permutation_null(stats, 200, seed=seed, group=group)
         if not null.available:
             raise ValueError(f"bootstrap: rank_rule='null' needs an available null ({null.reason})")
-        sig = significance(delta, null, alpha=alpha, energy=energy)
+        if sig is None or sig.alpha != alpha or sig.n_permutations != null.n_permutations:
+            sig = significance(delta, null, alpha=alpha, energy=energy)
         rank = int(sig.rank_null) if sig.significant else 0
     else:
         rank = full.rank
@@ -924,7 +941,7 @@ def bootstrap(
     # the data's as the data's sit above the truth: reflect them (basic bootstrap).
     s_ref = (2.0 * s_full - s_b).clamp_min(0.0)
     if rank_rule == "null":
-        ranks = _resample_null_ranks(t, w_u, sig, alpha)  # type: ignore[arg-type]
+        ranks = _resample_null_ranks(t, w_u, null, sig, alpha)  # type: ignore[arg-type]
     else:
         ranks = _ranks_at_energy(s_ref, energy)
     percentile, rank_ci = _rank_ci(ranks, rank)
