@@ -495,7 +495,10 @@ class BootstrapResult:
         ranks: ``[B]`` the same rule on each resample. Null rule: the resample's centred ΔC
             is whitened as the data's and scaled by its own null scale (weights², so
             repeated draws count as the clusters they are), and its ``k``-th value compared
-            with the full data's step-``k`` null; energy rule: ``rank_at_energy`` of the
+            with the full data's step-``k`` null (steps past those computed use the last).
+            A resample holds ~63 % distinct records, so its noise is less spread than the
+            data's: with few records per dimension the upper end can exceed 0 on noise
+            (e.g. [0, 5] at 70 records, D = 64). Energy rule: ``rank_at_energy`` of the
             reflected spectrum.
         rank_ci: ``(lo, hi)`` 2.5 % / 97.5 % percentiles of ``ranks``, widened to hold
             ``rank`` (the point rank always lies in its interval).
@@ -856,10 +859,10 @@ def _resample_null_ranks(
     ``w`` times adds ``w²`` to the null variance, so repeated draws count as the clusters
     they are and the resample's noise sits where the data's null expects it."""
     centred = _batched_weighted_outer(w * (t.s0 - t.e), t.q, t.d)
+    white = null.scale * (null.whiten_q @ centred @ null.whiten_k)
     per_unit = t.v * (t.q**2).sum(1) * (t.d**2).sum(1)
     rescale = (per_unit.sum() / (w**2 @ per_unit).clamp_min(torch.finfo(_F64).tiny)).sqrt()
-    white = null.whiten_q @ centred @ null.whiten_k
-    s_b = torch.linalg.svdvals(null.scale * rescale[:, None, None] * white)
+    s_b = torch.linalg.svdvals(rescale[:, None, None] * white)
     step_null = sig.step_null
     if step_null is None or step_null.shape[0] == 0:
         return torch.zeros(w.shape[0], dtype=torch.long)
