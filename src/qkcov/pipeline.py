@@ -400,7 +400,7 @@ def _significance(
         "n_distinct": null.n_distinct,
         "duplicates": None
         if null.n_distinct is None or null.n_distinct >= null.n_records
-        else st._duplicates_note(null.n_records, null.n_distinct),
+        else st.duplicates_note(null.n_records, null.n_distinct),
         "alpha": cfg.alpha,
         "n_permutations": cfg.n_permutations,
         "null_band": None if sig.null_band is None else sig.null_band[:, :16].tolist(),

@@ -58,6 +58,7 @@ __all__ = [
     "bootstrap",
     "paired_bootstrap_ci",
     "random_p_value",
+    "duplicates_note",
 ]
 
 MIN_RECORDS = 10
@@ -88,7 +89,8 @@ def _too_few(n: int, distinct: int | None = None) -> str | None:
     return None
 
 
-def _duplicates_note(n: int, distinct: int) -> str:
+def duplicates_note(n: int, distinct: int) -> str:
+    """The one line said when ``n - distinct`` of ``n`` records are exact duplicates."""
     return (
         f"{n - distinct} of {n} records duplicate others exactly ({distinct} distinct); the "
         "null and bootstrap treat each set of identical records as one unit"
@@ -707,7 +709,7 @@ def permutation_null(
     if (why := _too_few(n, t.n_units)) is not None:
         return NullDistribution(False, _unavailable(why), **common)  # type: ignore[arg-type]
     if t.n_units < n:
-        _unavailable(_duplicates_note(n, t.n_units))
+        _unavailable(duplicates_note(n, t.n_units))
     signs = _null_signs(t.s0, t.both, t.strata, n_permutations, gen)
     centred = _batched_weighted_outer(signs - t.e, t.q, t.d)
     center = t.center()
