@@ -916,7 +916,6 @@ def bootstrap(
     delta = stats.delta(group)
     full = feature_subspace(delta, energy)
     s_full = full.singular_values
-    sig = None
     if rank_rule == "null":
         if null is None:
             null = permutation_null(stats, 200, seed=seed, group=group)
