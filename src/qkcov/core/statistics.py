@@ -582,16 +582,18 @@ def _quantiles(x: torch.Tensor, levels: Sequence[float]) -> torch.Tensor:
 
 
 def _inv_sqrt(cov: torch.Tensor) -> torch.Tensor:
-    """Clipped whitening of symmetric PSD ``cov [..., D, D]``: ``cov^{-1/2}`` with every
-    eigenvalue raised to at least ``_CLIP ×`` the median one. Only directions whose null
-    variance stands far above the typical one (a shared query direction, a loud key
-    direction) are shrunk; the rest keep their relative scale, so a feature that adds
-    variance to its own directions does not studentise itself away."""
+    """Clipped whitening of symmetric PSD ``cov [D, D]``: ``cov^{-1/2}`` with every
+    eigenvalue raised to at least ``_CLIP ×`` the median of those the data spans (above
+    ``_EIG_FLOOR`` of the largest; fewer records than dimensions leave the rest at zero).
+    Only directions whose null variance stands far above the typical one (a shared query
+    direction, a loud key direction) are shrunk; the rest keep their relative scale, so a
+    feature that adds variance to its own directions does not studentise itself away."""
     evals, evecs = torch.linalg.eigh(cov)
-    ref = (_CLIP * evals.median(-1, keepdim=True).values).clamp_min(torch.finfo(_F64).tiny)
-    ref = torch.maximum(ref, _EIG_FLOOR * evals.amax(-1, keepdim=True))
-    inv = torch.maximum(evals, ref).rsqrt()
-    return (evecs * inv[..., None, :]) @ evecs.mT
+    top = float(evals.max().clamp_min(torch.finfo(_F64).tiny))
+    spanned = evals[evals > _EIG_FLOOR * top]
+    ref = max(_CLIP * float(spanned.median()) if spanned.numel() else top, _EIG_FLOOR * top)
+    inv = evals.clamp_min(ref).rsqrt()
+    return (evecs * inv[None, :]) @ evecs.T
 
 
 def _numerical_rank(s: torch.Tensor) -> torch.Tensor:
