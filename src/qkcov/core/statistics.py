@@ -68,7 +68,7 @@ _F64 = torch.float64
 _CHUNK_ELEMS = 1 << 24  # bound on the [batch, D, n] intermediates (128 MiB of float64)
 _ZERO_REL = 1e-10  # singular values below this fraction of the first are numerically zero
 _EIG_FLOOR = 1e-8  # whitening: eigenvalues floored at this fraction of the largest
-_CLIP = 4.0  # whitening: eigenvalues raised to at least this multiple of the median
+_CLIP = 4.0  # whitening: eigenvalues raised to at least this multiple of the median spanned one
 _MARGIN = 0.9  # sequential test: deflated null tops recomputed down to this fraction of s_k
 
 
@@ -862,14 +862,14 @@ def _resample_null_ranks(
     A resample is whitened as the data and rescaled by its own null scale: a unit drawn
     ``w`` times adds ``w²`` to the null variance, so repeated draws count as the clusters
     they are and the resample's noise sits where the data's null expects it."""
+    step_null = sig.step_null
+    if step_null is None or step_null.shape[0] == 0 or null.whitened is None:
+        return torch.zeros(w.shape[0], dtype=torch.long)  # rank 0, or a hand-made null
     centred = _batched_weighted_outer(w * (t.s0 - t.e), t.q, t.d)
     white = null.scale * (null.whiten_q @ centred @ null.whiten_k)
     per_unit = t.v * (t.q**2).sum(1) * (t.d**2).sum(1)
     rescale = (per_unit.sum() / (w**2 @ per_unit).clamp_min(torch.finfo(_F64).tiny)).sqrt()
     s_b = torch.linalg.svdvals(rescale[:, None, None] * white)
-    step_null = sig.step_null
-    if step_null is None or step_null.shape[0] == 0:
-        return torch.zeros(w.shape[0], dtype=torch.long)
     # steps beyond those computed use the last one (deflated tops only shrink with k)
     k_all = s_b.shape[1]
     idx = torch.arange(k_all).clamp_max(step_null.shape[0] - 1)
