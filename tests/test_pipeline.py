@@ -73,6 +73,8 @@ def test_run_json_contract(agreement_run):
         sig = h["significance"]
         if h["swap_condition"] == "feature":
             assert h["rank"] == (sig["rank_null"] if sig["significant"] else 0)
+            if sig["rank_ci"] is not None:  # the point rank lies in its interval
+                assert sig["rank_ci"][0] <= h["rank"] <= sig["rank_ci"][1]
     for name in (
         "run.safetensors",
         "section.json",
@@ -301,3 +303,15 @@ def test_summary_prints_a_table(agreement_run):
     ]
     assert len(lines) >= 2 + len(result.heads)
     assert not math.isnan(result.best.swap_margin())
+
+
+def test_duplicated_records_are_one_unit_and_said():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    records = build_task_records("agreement", n=16)
+    result = analyze(model, tok, records * 3, heads="L0H0", steps="", progress=False, **FAST)
+    sig = result.heads[0].headline.significance
+    assert sig["n_records"] == 3 * sig["n_distinct"]
+    assert "duplicate others exactly" in sig["duplicates"]
+    assert any("duplicate others exactly" in note for note in result.notes)
+    if sig["rank_ci"] is not None:
+        assert sig["rank_ci"][0] <= result.heads[0].headline.rank <= sig["rank_ci"][1]

@@ -409,10 +409,12 @@ def _subspace_results(
     for sr in groups.values():
         if sr.significance:
             sr.significance.pop(NULL_TOP, None)
+            sr.significance.pop(OBS_TOP, None)
     return FeatureResult(feature, groups, union_k, union_q, angles, combined)
 
 
 NULL_TOP = "_null_top"
+OBS_TOP = "_obs_top"  # the observed statistic matching NULL_TOP (raw top when absent)
 
 
 def _groups_max_t(groups: Mapping[str, SubspaceResult]) -> float | None:
@@ -429,7 +431,7 @@ def _groups_max_t(groups: Mapping[str, SubspaceResult]) -> float | None:
             continue
         null = sig[NULL_TOP].double()
         scale = float(null.median()) or 1.0
-        obs.append(float(sr.subspace.singular_values[0]) / scale)
+        obs.append(float(sig.get(OBS_TOP, sr.subspace.singular_values[0])) / scale)
         draws.append(null / scale)
     if not obs or len({d.numel() for d in draws}) != 1:
         return None
@@ -453,10 +455,13 @@ def _significance(
         )
         sig = st.significance(delta, null, alpha=cfg.alpha, energy=cfg.energy)
         null_top = null.singular_values[:, 0].clone() if null.available else None
+        if sig.step_null is not None and len(sig.step_null):  # the rank test's first step
+            null_top = sig.step_null[0].clone()
         rule = cfg.rank_rule if sig.available else "energy"
         boot = (
             st.bootstrap(stats, cfg.n_bootstrap, seed=sub_seed(cfg.seed, f"boot:{group}"), group=group,
-                         rank_rule=rule, null=null if null.available else None, alpha=cfg.alpha, energy=cfg.energy)
+                         rank_rule=rule, null=null if null.available else None, alpha=cfg.alpha, energy=cfg.energy,
+                         sig=sig if null.available else None)
             if cfg.n_bootstrap
             else None
         )  # fmt: skip
@@ -468,6 +473,15 @@ def _significance(
         "p_value_frobenius": sig.p_value_frobenius,
         "rank_null": sig.rank_null,
         "rank_energy": sig.rank_energy,
+        "test": sig.test,
+        "p_value_raw_top": sig.p_value_raw_top,
+        "rank_parallel": sig.rank_parallel,
+        "step_p_values": sig.step_p_values,
+        "n_records": null.n_records,
+        "n_distinct": null.n_distinct,
+        "duplicates": None
+        if null.n_distinct is None or null.n_distinct >= null.n_records
+        else st.duplicates_note(null.n_records, null.n_distinct),
         "alpha": cfg.alpha,
         "n_permutations": cfg.n_permutations,
         # the band reaches well beyond the ranks, so the scree shows where the rank ends
@@ -485,11 +499,26 @@ def _significance(
     }
     if boot is not None and boot.available:
         out["rank_ci"] = list(boot.rank_ci) if boot.rank_ci is not None else None
+        out["rank_ci_percentile"] = boot.rank_ci_percentile and list(boot.rank_ci_percentile)
         out["stability_deg"] = boot.stability_deg
         out["singular_value_ci"] = boot.singular_value_ci[:, :16].tolist()
     if null_top is not None:
         out[NULL_TOP] = null_top  # for the max-T test over groups; dropped before saving
+        if sig.whitened_singular_values is not None and len(sig.step_null):
+            out[OBS_TOP] = float(sig.whitened_singular_values[0])
     return out
+
+
+def _duplicate_notes(heads: Sequence[HeadResult]) -> list[str]:
+    """One run note per feature and group whose build records hold exact duplicates."""
+    notes: dict[str, None] = {}
+    for h in heads:
+        for f, feat in h.features.items():
+            for g, sr in feat.groups.items():
+                if sr.significance and sr.significance.get("duplicates"):
+                    where = f"feature {f!r}, " if len(heads[0].features) > 1 else ""
+                    notes[f"statistics: {where}{g}: {sr.significance['duplicates']}"] = None
+    return list(notes)
 
 
 def _projection(
@@ -1183,6 +1212,7 @@ def _analyze(
         )
         if state is not None:
             state.save_head(head_results[-1])
+    plan.notes.extend(_duplicate_notes(head_results))
 
     feature_info = [
         {

@@ -15,6 +15,21 @@ with probability ½ (a random sign); one-sided records have their side labels pe
 among the one-sided records of the same group, so N⁺ and N⁻ are preserved. Under "the
 query does not tell positive keys from negative ones" both moves leave the distribution of
 the data unchanged, so the permutation p-values are exact.
+
+Duplicates: records with identical ``q``, ``k±``, sides and group are one *unit* — they
+share their relabelling in the null and are resampled together by the bootstrap (a
+:class:`StatisticsWarning` says so). Repeating every record three times thus leaves the
+test, the rank and its CI exactly as they were.
+
+Rank test (:func:`significance`): the null's centred matrices ``ΔC(s) − E₀ΔC`` are whitened
+on both sides by the null's own second moments ``Σ_q = Σ v_i |d_i|² q_i q_iᵀ`` and
+``Σ_k = Σ v_i |q_i|² d_i d_iᵀ`` (invariant under the relabellings, so the test stays
+exact). A shared query direction or a high-variance key direction that dominates the raw
+null no longer hides weaker directions. The rank is then found by a sequential deflated
+test: step ``k`` compares the observed ``k``-th whitened singular value with the top
+singular value of the null deflated by the observed first ``k−1`` directions (both sides
+projected out), and the rank is the number of leading steps with ``p < α``. Directions
+that are numerically zero (< 1e-10 of the first) never count.
 """
 
 from __future__ import annotations
@@ -43,6 +58,7 @@ __all__ = [
     "bootstrap",
     "paired_bootstrap_ci",
     "random_p_value",
+    "duplicates_note",
 ]
 
 MIN_RECORDS = 10
@@ -50,6 +66,10 @@ MIN_RECORDS = 10
 
 _F64 = torch.float64
 _CHUNK_ELEMS = 1 << 24  # bound on the [batch, D, n] intermediates (128 MiB of float64)
+_ZERO_REL = 1e-10  # singular values below this fraction of the first are numerically zero
+_EIG_FLOOR = 1e-8  # whitening: eigenvalues floored at this fraction of the largest
+_CLIP = 4.0  # whitening: eigenvalues raised to at least this multiple of the median spanned one
+_MARGIN = 0.9  # sequential test: deflated null tops recomputed down to this fraction of s_k
 
 
 class StatisticsWarning(UserWarning):
@@ -61,8 +81,20 @@ def _unavailable(reason: str) -> str:
     return reason
 
 
-def _too_few(n: int) -> str | None:
-    return f"fewer than {MIN_RECORDS} records (n={n})" if n < MIN_RECORDS else None
+def _too_few(n: int, distinct: int | None = None) -> str | None:
+    if n < MIN_RECORDS:
+        return f"fewer than {MIN_RECORDS} records (n={n})"
+    if distinct is not None and distinct < MIN_RECORDS:
+        return f"fewer than {MIN_RECORDS} distinct records (n={n}, {distinct} distinct)"
+    return None
+
+
+def duplicates_note(n: int, distinct: int) -> str:
+    """The one line said when ``n - distinct`` of ``n`` records are exact duplicates."""
+    return (
+        f"{n - distinct} of {n} records duplicate others exactly ({distinct} distinct); the "
+        "null and bootstrap treat each set of identical records as one unit"
+    )
 
 
 # --------------------------------------------------------------------------- records
@@ -223,6 +255,38 @@ class RecordStats:
             raise ValueError(f"RecordStats.from_tensors: missing tensors {missing}")
         return cls(*(tensors[prefix + k] for k in names), list(groups))
 
+    def units(self, group: int | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sets of identical records of ``group`` (same q, k⁺, k⁻, sides and group).
+
+        Returns ``(unit [m], first [U])``: the unit of each of the group's ``m`` records,
+        numbered in order of first appearance, and the position (within the group) of each
+        unit's first record. Values are compared after rounding to float32, the precision
+        of captured activations. Without duplicates ``unit = arange(m)``.
+        """
+        m = self.group_mask(group)
+        rows = torch.cat(
+            [
+                self.q[m].float(),
+                self.k_pos[m].float(),
+                self.k_neg[m].float(),
+                torch.stack([self.has_pos[m], self.has_neg[m], self.group[m]], 1).float(),
+            ],
+            1,
+        )
+        if rows.shape[0] == 0:
+            empty = torch.zeros(0, dtype=torch.long)
+            return empty, empty
+        _, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        n_u = int(inverse.max()) + 1
+        pos = torch.arange(rows.shape[0])
+        first = torch.full((n_u,), rows.shape[0], dtype=torch.long).scatter_reduce(
+            0, inverse, pos, "amin"
+        )
+        order = torch.argsort(first)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(n_u)
+        return rank[inverse], first[order]
+
     # ------------------------------------------------------------------ ΔC
     def counts(self, group: int | str | None = None) -> tuple[int, int]:
         """``(N⁺, N⁻)``: records with a positive / negative side in ``group``."""
@@ -297,6 +361,12 @@ class NullDistribution:
         singular_values: ``[P, min(D_q, D_k)]`` descending singular values per permutation.
         frobenius: ``[P]`` Frobenius norm per permutation.
         n_records: records used; n_permutations: P; seed; group (None = pooled).
+        n_distinct: distinct records (units of identical records, see module doc).
+        whitened: ``[P, D_q, D_k]`` centred, whitened null matrices (the rank test's null;
+            not saved). center: ``[D_q, D_k]`` the null mean ``E₀ΔC``; whiten_q ``[D_q, D_q]``,
+            whiten_k ``[D_k, D_k]`` and scale: the whitening ``√τ·W_q (ΔC − center) W_k``.
+            ``None`` on hand-made nulls (then :func:`significance` falls back to parallel
+            analysis of ``singular_values``).
     """
 
     available: bool
@@ -307,6 +377,12 @@ class NullDistribution:
     n_permutations: int = 0
     seed: int = 0
     group: str | int | None = None
+    n_distinct: int | None = None
+    whitened: torch.Tensor | None = field(default=None, repr=False)
+    center: torch.Tensor | None = field(default=None, repr=False)
+    whiten_q: torch.Tensor | None = field(default=None, repr=False)
+    whiten_k: torch.Tensor | None = field(default=None, repr=False)
+    scale: float = 1.0
 
     def quantile(self, level: float) -> torch.Tensor:
         """``[D]`` per-index quantile of the null singular values."""
@@ -314,11 +390,19 @@ class NullDistribution:
             raise ValueError(f"null distribution unavailable: {self.reason}")
         return torch.quantile(self.singular_values, level, dim=0)
 
+    def whiten(self, delta: torch.Tensor) -> torch.Tensor:
+        """The observed ``delta [D_q, D_k]`` in the whitened coordinates of :attr:`whitened`."""
+        if self.whitened is None:
+            raise ValueError("this null carries no whitening (built by hand?)")
+        x = delta.to("cpu", _F64) - self.center
+        return self.scale * (self.whiten_q @ x @ self.whiten_k)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "available": self.available,
             "reason": self.reason,
             "n_records": self.n_records,
+            "n_distinct": self.n_distinct,
             "n_permutations": self.n_permutations,
             "seed": self.seed,
             "group": self.group,
@@ -333,14 +417,22 @@ class Significance:
 
     Attributes:
         available: False when no null was available (``p_value``, ``rank_null`` are None).
-        p_value: top singular value vs the null's top, ``(1 + #null ≥ obs) / (1 + P)``.
-        p_value_frobenius: the same for the Frobenius norm.
-        rank_null: parallel analysis — leading singular values above the null's
-            ``1−alpha`` quantile of the same index (stops at the first that is not).
+        p_value: the rank test's first step: the top whitened singular value vs the null's
+            top, ``(1 + #null ≥ obs) / (1 + P)`` (raw top on hand-made nulls).
+        p_value_frobenius: the same for the raw Frobenius norm.
+        p_value_raw_top: raw (unwhitened) top singular value vs the raw null's top.
+        rank_null: sequential deflated test (module doc): leading steps with ``p < alpha``;
+            parallel analysis of the raw spectrum on hand-made nulls.
+        rank_parallel: raw parallel analysis — leading singular values above the null's
+            ``1−alpha`` quantile of the same index (the former rule, kept for comparison).
+        step_p_values: p of each step of the sequential test (up to the first failure).
         rank_energy: ``rank_at_energy(singular_values, energy)``.
         significant: ``p_value < alpha and rank_null >= 1``.
         singular_values: observed ``[D]``; null_band: ``[2, D]`` null 5 % / 95 % quantiles.
+        whitened_singular_values: observed whitened ``[D]`` (None on hand-made nulls).
+        n_records / n_distinct: records and distinct records (units) behind the null.
         reason: one line when not significant or unavailable ("" otherwise).
+        step_null: ``[K, P]`` deflated null tops of each step (for :func:`bootstrap`).
     """
 
     available: bool
@@ -355,20 +447,35 @@ class Significance:
     alpha: float = 0.05
     energy: float = 0.99
     n_permutations: int = 0
+    p_value_raw_top: float | None = None
+    rank_parallel: int | None = None
+    step_p_values: list[float] = field(default_factory=list)
+    whitened_singular_values: torch.Tensor | None = None
+    n_records: int = 0
+    n_distinct: int | None = None
+    test: str = ""
+    step_null: torch.Tensor | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "available": self.available,
             "significant": self.significant,
             "reason": self.reason,
+            "test": self.test,
             "p_value": self.p_value,
             "p_value_frobenius": self.p_value_frobenius,
+            "p_value_raw_top": self.p_value_raw_top,
             "rank_null": self.rank_null,
+            "rank_parallel": self.rank_parallel,
             "rank_energy": self.rank_energy,
+            "step_p_values": list(self.step_p_values),
             "alpha": self.alpha,
             "energy": self.energy,
             "n_permutations": self.n_permutations,
+            "n_records": self.n_records,
+            "n_distinct": self.n_distinct,
             "singular_values": _num(self.singular_values),
+            "whitened_singular_values": _num(self.whitened_singular_values),
             "null_band": _num(self.null_band),
         }
 
@@ -377,15 +484,27 @@ class Significance:
 class BootstrapResult:
     """Record-bootstrap uncertainty of one head's ΔC spectrum, rank and key subspace.
 
+    Units of identical records are resampled together (module doc).
+
     Attributes:
         available / reason: as in :class:`NullDistribution`.
         singular_values: full-data ``[D]``.
         singular_value_ci: ``[2, D]`` 95 % basic-bootstrap CI: 2.5 % / 97.5 % percentiles
             of the reflected resample values ``2·s − s_b`` (a resample's singular values are
             biased up by its own noise; plain percentiles missed the truth, see tests).
-        rank: full-data rank under ``rank_rule`` ("null" or "energy").
-        ranks: ``[B]`` rank of each resample's reflected spectrum under the same rule.
-        rank_ci: ``(lo, hi)`` 2.5 % / 97.5 % percentiles of ``ranks``.
+        rank: full-data rank under ``rank_rule`` ("null": the sequential test of
+            :func:`significance`, 0 when not significant; "energy").
+        ranks: ``[B]`` the same rule on each resample. Null rule: the resample's centred ΔC
+            is whitened as the data's and scaled by its own null scale (weights², so
+            repeated draws count as the clusters they are), and its ``k``-th value compared
+            with the full data's step-``k`` null (steps past those computed use the last).
+            A resample holds ~63 % distinct records, so its noise is less spread than the
+            data's: with few records per dimension the upper end can exceed 0 on noise
+            (e.g. [0, 5] at 70 records, D = 64). Energy rule: ``rank_at_energy`` of the
+            reflected spectrum.
+        rank_ci: ``(lo, hi)`` 2.5 % / 97.5 % percentiles of ``ranks``, widened to hold
+            ``rank`` (the point rank always lies in its interval).
+        rank_ci_percentile: the percentiles before widening.
         max_angles_deg: ``[B]`` largest principal angle (degrees) between each resample's
             top-``rank`` key subspace and the full data's (None when ``rank == 0``).
         stability_deg: median of ``max_angles_deg`` (None when ``rank == 0``).
@@ -402,6 +521,7 @@ class BootstrapResult:
     rank_ci: tuple[int, int] | None = None
     max_angles_deg: torch.Tensor | None = None
     stability_deg: float | None = None
+    rank_ci_percentile: tuple[int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -411,6 +531,9 @@ class BootstrapResult:
             "rank_rule": self.rank_rule,
             "rank": self.rank,
             "rank_ci": None if self.rank_ci is None else list(self.rank_ci),
+            "rank_ci_percentile": None
+            if self.rank_ci_percentile is None
+            else list(self.rank_ci_percentile),
             "stability_deg": self.stability_deg,
             "singular_values": _num(self.singular_values),
             "singular_value_ci": _num(self.singular_value_ci),
@@ -458,6 +581,27 @@ def _quantiles(x: torch.Tensor, levels: Sequence[float]) -> torch.Tensor:
     return torch.quantile(x, torch.tensor(list(levels), dtype=_F64), dim=0)
 
 
+def _inv_sqrt(cov: torch.Tensor) -> torch.Tensor:
+    """Clipped whitening of symmetric PSD ``cov [D, D]``: ``cov^{-1/2}`` with every
+    eigenvalue raised to at least ``_CLIP ×`` the median of those the data spans (above
+    ``_EIG_FLOOR`` of the largest; fewer records than dimensions leave the rest at zero).
+    Only directions whose null variance stands far above the typical one (a shared query
+    direction, a loud key direction) are shrunk; the rest keep their relative scale, so a
+    feature that adds variance to its own directions does not studentise itself away."""
+    evals, evecs = torch.linalg.eigh(cov)
+    top = float(evals.max().clamp_min(torch.finfo(_F64).tiny))
+    spanned = evals[evals > _EIG_FLOOR * top]
+    ref = max(_CLIP * float(spanned.median()) if spanned.numel() else top, _EIG_FLOOR * top)
+    inv = evals.clamp_min(ref).rsqrt()
+    return (evecs * inv[None, :]) @ evecs.T
+
+
+def _numerical_rank(s: torch.Tensor) -> torch.Tensor:
+    """Entries of descending ``s [..., D]`` above ``_ZERO_REL`` of the first (0 if all zero)."""
+    first = s[..., :1]
+    return ((s > _ZERO_REL * first) & (first > 0)).sum(-1)
+
+
 # --------------------------------------------------------------------------- null
 def _null_signs(
     s0: torch.Tensor, both: torch.Tensor, group: torch.Tensor, p: int, gen: torch.Generator
@@ -481,6 +625,59 @@ def _null_signs(
     return signs
 
 
+@dataclass
+class _UnitTerms:
+    """ΔC(s) = base + Σ_u s_u q_u d_uᵀ over units of identical records (``d_u`` = the
+    unit's size × its record's ``d``); ``e``/``v``: null mean / variance of ``s_u``;
+    ``strata``: permutation blocks of one-sided units (group × unit size)."""
+
+    base: torch.Tensor
+    q: torch.Tensor
+    d: torch.Tensor
+    s0: torch.Tensor
+    both: torch.Tensor
+    strata: torch.Tensor
+    e: torch.Tensor
+    v: torch.Tensor
+    unit: torch.Tensor  # [m] unit of each record of the group
+    n_records: int
+
+    @property
+    def n_units(self) -> int:
+        return int(self.q.shape[0])
+
+    def center(self) -> torch.Tensor:
+        """Null mean ``E₀ΔC = base + Σ e_u q_u d_uᵀ``."""
+        return self.base + (self.q * self.e[:, None]).T @ self.d
+
+    def whitening(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(W_q, W_k, √τ)``: clipped inverse square roots of the null's second moments
+        ``Σ_q = Σ v_u |d_u|² q_u q_uᵀ``, ``Σ_k = Σ v_u |q_u|² d_u d_uᵀ`` and
+        ``τ = tr Σ_q``; ``√τ·W_q X W_k`` does not depend on the scale of X."""
+        q2, d2 = (self.q**2).sum(1), (self.d**2).sum(1)
+        cov_q = (self.q * (self.v * d2)[:, None]).T @ self.q
+        cov_k = (self.d * (self.v * q2)[:, None]).T @ self.d
+        tau = (self.v * q2 * d2).sum()
+        return _inv_sqrt(cov_q), _inv_sqrt(cov_k), tau.clamp_min(0).sqrt()
+
+
+def _unit_terms(stats: RecordStats, group: int | str | None) -> _UnitTerms:
+    base, q, d, s0, both = stats._linear_terms(group)
+    unit, first = stats.units(group)
+    size = torch.bincount(unit, minlength=first.numel())
+    grp = stats.group[stats.group_mask(group)][first]
+    strata = grp * (int(size.max()) + 1) + size
+    qu, du, s0u, bothu = q[first], d[first] * size[:, None].to(_F64), s0[first], both[first]
+    e = torch.zeros_like(s0u)
+    one = ~bothu
+    if one.any():
+        ids, inv = torch.unique(strata[one], return_inverse=True)
+        sums = torch.zeros(ids.numel(), dtype=_F64).index_add_(0, inv, s0u[one])
+        cnt = torch.bincount(inv, minlength=ids.numel()).to(_F64)
+        e[one] = (sums / cnt)[inv]
+    return _UnitTerms(base, qu, du, s0u, bothu, strata, e, 1.0 - e**2, unit, int(q.shape[0]))
+
+
 def permutation_null(
     stats: RecordStats,
     n_permutations: int = 200,
@@ -491,6 +688,8 @@ def permutation_null(
 
     Two-sided records: random sign (keys swapped with probability ½). One-sided records:
     side labels permuted among the one-sided records of the same group (counts kept).
+    Identical records move together (one sign / one label per unit; units of one size are
+    permuted among themselves), with a :class:`StatisticsWarning` naming how many.
     ``group=None`` pools every record. ``n_permutations=0`` switches the null off.
     """
     if not isinstance(stats, RecordStats):
@@ -507,14 +706,27 @@ def permutation_null(
         )  # type: ignore[arg-type]
     if (why := _too_few(n)) is not None:
         return NullDistribution(False, _unavailable(why), **common)  # type: ignore[arg-type]
-    base, q, d, s0, both = stats._linear_terms(group)
-    signs = _null_signs(s0, both, stats.group[mask], n_permutations, gen)
-    deltas = _batched_weighted_outer(signs, q, d, base)
+    t = _unit_terms(stats, group)
+    common["n_distinct"] = t.n_units
+    if (why := _too_few(n, t.n_units)) is not None:
+        return NullDistribution(False, _unavailable(why), **common)  # type: ignore[arg-type]
+    if t.n_units < n:
+        _unavailable(duplicates_note(n, t.n_units))
+    signs = _null_signs(t.s0, t.both, t.strata, n_permutations, gen)
+    centred = _batched_weighted_outer(signs - t.e, t.q, t.d)
+    center = t.center()
+    deltas = centred + center
+    wq, wk, scale = t.whitening()
     return NullDistribution(
         True,
         "",
         torch.linalg.svdvals(deltas),
         torch.linalg.matrix_norm(deltas),
+        whitened=float(scale) * (wq @ centred @ wk),
+        center=center,
+        whiten_q=wq,
+        whiten_k=wk,
+        scale=float(scale),
         **common,  # type: ignore[arg-type]
     )
 
@@ -522,6 +734,48 @@ def permutation_null(
 def _check_alpha_energy(alpha: float, energy: float) -> None:
     check_range("alpha", alpha, 0.0, 1.0, low_open=True)
     check_range("energy", energy, 0.0, 1.0, low_open=True)
+
+
+def _count_p(null: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """``(1 + #null ≥ obs) / (1 + P)`` for ``null [P]`` and any-shaped ``observed``."""
+    hits = (null.reshape(-1, *([1] * observed.ndim)) >= observed).sum(0)
+    return (1 + hits).to(_F64) / (1 + null.numel())
+
+
+def _sequential(
+    w_obs: torch.Tensor, w_null: torch.Tensor, alpha: float, max_rank: int
+) -> tuple[int, list[float], torch.Tensor, torch.Tensor]:
+    """Sequential deflated test of whitened ``w_obs`` against ``w_null [P, D_q, D_k]``.
+
+    Step k (0-based) projects the observed first ``k`` left/right singular directions out
+    of every null matrix and compares the observed ``s_k`` with the deflated null's top.
+    Deflating more only lowers a draw's top, so a draw already below ``_MARGIN·s_k`` at the
+    previous step keeps that value as a bound (exact for every comparison down to
+    ``_MARGIN·s_k``, conservative below) instead of a new SVD.
+    Returns ``(rank, step p-values, step nulls [K, P], observed whitened spectrum)``.
+    """
+    u, s, vh = torch.linalg.svd(w_obs, full_matrices=True)
+    v = vh.mT
+    limit = min(max_rank, int(_numerical_rank(s)))
+    tops, ps = [], []
+    top = None
+    for k in range(limit):
+        if top is None:
+            top = torch.linalg.svdvals(w_null)[:, 0]
+        else:
+            top = top.clone()
+            todo = top >= _MARGIN * s[k]
+            if todo.any():
+                deflated = u[:, k:].T @ w_null[todo] @ v[:, k:]
+                top[todo] = torch.linalg.svdvals(deflated)[:, 0]
+        p = float(_count_p(top, s[k]))
+        tops.append(top)
+        ps.append(p)
+        if p >= alpha:
+            break
+    rank = sum(p < alpha for p in ps)  # the loop stops at the first failure
+    step_null = torch.stack(tops) if tops else torch.zeros(0, w_null.shape[0], dtype=_F64)
+    return rank, ps, step_null, s
 
 
 def significance(
@@ -537,21 +791,35 @@ def significance(
     if not isinstance(null, NullDistribution):
         raise ValueError(f"null must be a NullDistribution, got {type(null).__name__}")
     _check_alpha_energy(alpha, energy)
-    s = torch.linalg.svdvals(observed_delta.double().cpu())
+    delta = observed_delta.double().cpu()
+    s = torch.linalg.svdvals(delta)
     r_energy = rank_at_energy(s, energy)
     if not null.available or null.singular_values is None:
         reason = f"significance unavailable: {null.reason}"
-        return Significance(False, False, reason, s, r_energy, alpha=alpha, energy=energy)
+        out = Significance(False, False, reason, s, r_energy, alpha=alpha, energy=energy)
+        out.n_records, out.n_distinct = null.n_records, null.n_distinct
+        return out
     null_s = null.singular_values
     if null_s.shape[1] != s.numel():
         raise ValueError(
             f"null has {null_s.shape[1]} singular values per permutation, observed {s.numel()}"
         )
     p_count = null_s.shape[0]
-    p_top = (1 + int((null_s[:, 0] >= s[0]).sum())) / (1 + p_count)
-    frob = torch.linalg.matrix_norm(observed_delta.double().cpu())
-    p_frob = (1 + int((null.frobenius >= frob).sum())) / (1 + p_count)
-    rank_null = int(_leading_above(s, null.quantile(1.0 - alpha)))
+    p_raw = float(_count_p(null_s[:, 0], s[0]))
+    p_frob = float(_count_p(null.frobenius, torch.linalg.matrix_norm(delta)))
+    raw_ok = int(_numerical_rank(s))
+    rank_parallel = min(int(_leading_above(s, null.quantile(1.0 - alpha))), raw_ok)
+    white_s = step_null = None
+    if null.whitened is not None:
+        test = "whitened sequential deflated permutation test"
+        centred_rank = int(_numerical_rank(torch.linalg.svdvals(delta - null.center)))
+        rank_null, steps, step_null, white_s = _sequential(
+            null.whiten(delta), null.whitened, alpha, centred_rank
+        )
+        p_top = steps[0] if steps else 1.0
+    else:
+        test = "parallel analysis (raw spectrum)"
+        rank_null, p_top, steps = rank_parallel, p_raw, [p_raw]
     significant = p_top < alpha and rank_null >= 1
     reason = "" if significant else f"no significant subspace at α={alpha:g} (p={p_top:.3g})"
     return Significance(
@@ -567,10 +835,50 @@ def significance(
         alpha=alpha,
         energy=energy,
         n_permutations=p_count,
+        p_value_raw_top=p_raw,
+        rank_parallel=rank_parallel,
+        step_p_values=steps,
+        whitened_singular_values=white_s,
+        test=test,
+        step_null=step_null,
+        n_records=null.n_records,
+        n_distinct=null.n_distinct,
     )
 
 
 # --------------------------------------------------------------------------- bootstrap
+def _rank_ci(ranks: torch.Tensor, rank: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """2.5 / 97.5 % percentiles of ``ranks``, and the same widened to hold ``rank``."""
+    rank_q = torch.quantile(ranks.to(_F64), torch.tensor([0.025, 0.975], dtype=_F64))
+    lo, hi = int(math.floor(rank_q[0])), int(math.ceil(rank_q[1]))
+    return (lo, hi), (min(lo, rank), max(hi, rank))
+
+
+def _resample_null_ranks(
+    t: _UnitTerms, w: torch.Tensor, null: NullDistribution, sig: Significance, alpha: float
+) -> torch.Tensor:
+    """Null-rule rank of each resample (unit weights ``w [B, U]``, see BootstrapResult).
+
+    A resample is whitened as the data and rescaled by its own null scale: a unit drawn
+    ``w`` times adds ``w²`` to the null variance, so repeated draws count as the clusters
+    they are and the resample's noise sits where the data's null expects it."""
+    step_null = sig.step_null
+    if step_null is None or step_null.shape[0] == 0 or null.whitened is None:
+        return torch.zeros(w.shape[0], dtype=torch.long)  # rank 0, or a hand-made null
+    centred = _batched_weighted_outer(w * (t.s0 - t.e), t.q, t.d)
+    white = null.scale * (null.whiten_q @ centred @ null.whiten_k)
+    per_unit = t.v * (t.q**2).sum(1) * (t.d**2).sum(1)
+    rescale = (per_unit.sum() / (w**2 @ per_unit).clamp_min(torch.finfo(_F64).tiny)).sqrt()
+    s_b = torch.linalg.svdvals(rescale[:, None, None] * white)
+    # steps beyond those computed use the last one (deflated tops only shrink with k)
+    k_all = s_b.shape[1]
+    idx = torch.arange(k_all).clamp_max(step_null.shape[0] - 1)
+    p = torch.stack([_count_p(step_null[i], s_b[:, k]) for k, i in enumerate(idx.tolist())], 1)
+    zero = _numerical_rank(s_b)  # numerically-zero never count (clipping never amplifies)
+    ok = (p < alpha) & (torch.arange(k_all) < zero[:, None])
+    return torch.cumprod(ok.to(torch.long), dim=1).sum(1)
+
+
 def bootstrap(
     stats: RecordStats,
     n_boot: int = 200,
@@ -580,12 +888,15 @@ def bootstrap(
     null: NullDistribution | None = None,
     alpha: float = 0.05,
     energy: float = 0.99,
+    sig: Significance | None = None,
 ) -> BootstrapResult:
     """Resample records with replacement: CIs of the spectrum and rank, key-subspace stability.
 
-    ``rank_rule="null"`` ranks each resample by parallel analysis against ``null`` (computed
-    with 200 permutations and ``seed`` when None); ``"energy"`` uses ``rank_at_energy``.
-    Resamples that lose every record of one side are dropped.
+    Units of identical records are drawn as one. ``rank_rule="null"`` ranks the data and
+    each resample by the test of :func:`significance` against ``null`` (computed with 200
+    permutations and ``seed`` when None); ``"energy"`` uses ``rank_at_energy``. The rank CI
+    always holds the point rank. Resamples that lose every record of one side are dropped.
+    ``sig``: :func:`significance` of this ΔC against ``null`` when already computed.
     """
     if not isinstance(stats, RecordStats):
         raise ValueError(f"stats must be a RecordStats, got {type(stats).__name__}")
@@ -601,25 +912,34 @@ def bootstrap(
         return BootstrapResult(False, _unavailable("bootstrap off (n_boot=0)"), 0, rank_rule)
     if (why := _too_few(n)) is not None:
         return BootstrapResult(False, _unavailable(why), n_boot, rank_rule)
-    full = feature_subspace(stats.delta(group), energy)
+    t = _unit_terms(stats, group)
+    if (why := _too_few(n, t.n_units)) is not None:
+        return BootstrapResult(False, _unavailable(why), n_boot, rank_rule)
+    delta = stats.delta(group)
+    full = feature_subspace(delta, energy)
     s_full = full.singular_values
     if rank_rule == "null":
         if null is None:
             null = permutation_null(stats, 200, seed=seed, group=group)
         if not null.available:
             raise ValueError(f"bootstrap: rank_rule='null' needs an available null ({null.reason})")
-        thresholds = null.quantile(1.0 - alpha)
-        rank = int(_leading_above(s_full, thresholds))
+        if sig is None or sig.alpha != alpha or sig.n_permutations != null.n_permutations:
+            sig = significance(delta, null, alpha=alpha, energy=energy)
+        rank = int(sig.rank_null) if sig.significant else 0
     else:
         rank = full.rank
 
     q, kp, kn = stats.q[mask], stats.k_pos[mask], stats.k_neg[mask]
     hp, hn = stats.has_pos[mask].to(_F64), stats.has_neg[mask].to(_F64)
-    draws = torch.randint(0, n, (n_boot, n), generator=gen)
-    w = torch.zeros(n_boot, n, dtype=_F64).scatter_add_(1, draws, torch.ones(n_boot, n, dtype=_F64))
+    n_u = t.n_units
+    draws = torch.randint(0, n_u, (n_boot, n_u), generator=gen)
+    w_u = torch.zeros(n_boot, n_u, dtype=_F64).scatter_add_(
+        1, draws, torch.ones(n_boot, n_u, dtype=_F64)
+    )
+    w = w_u[:, t.unit]  # every record of a unit carries the unit's weight
     n_pos, n_neg = w @ hp, w @ hn
     keep = (n_pos > 0) & (n_neg > 0)
-    w, n_pos, n_neg = w[keep], n_pos[keep], n_neg[keep]
+    w, w_u, n_pos, n_neg = w[keep], w_u[keep], n_pos[keep], n_neg[keep]
     c_pos = _batched_weighted_outer(w * hp / n_pos[:, None], q, kp)
     c_neg = _batched_weighted_outer(w * hn / n_neg[:, None], q, kn)
     _, s_b, vh_b = torch.linalg.svd(c_pos - c_neg, full_matrices=False)
@@ -627,14 +947,15 @@ def bootstrap(
     # the data's as the data's sit above the truth: reflect them (basic bootstrap).
     s_ref = (2.0 * s_full - s_b).clamp_min(0.0)
     if rank_rule == "null":
-        ranks = _leading_above(s_ref, thresholds)
+        ranks = _resample_null_ranks(t, w_u, null, sig, alpha)  # type: ignore[arg-type]
     else:
         ranks = _ranks_at_energy(s_ref, energy)
-    rank_q = torch.quantile(ranks.to(_F64), torch.tensor([0.025, 0.975], dtype=_F64))
+    percentile, rank_ci = _rank_ci(ranks, rank)
     angles, stability = None, None
     if rank > 0:
         # key bases are orthonormal: cos θ = svdvals(V_fullᵀ V_b) (= principal_angles, batched)
-        cos = torch.linalg.svdvals(full.key_basis.T @ vh_b[:, :rank].transpose(1, 2))
+        basis = feature_subspace(delta, energy, rank=rank).key_basis
+        cos = torch.linalg.svdvals(basis.T @ vh_b[:, :rank].transpose(1, 2))
         angles = torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)).amax(-1))
         stability = float(angles.median())
     return BootstrapResult(
@@ -646,9 +967,10 @@ def bootstrap(
         _quantiles(s_ref, (0.025, 0.975)),
         rank,
         ranks,
-        (int(math.floor(rank_q[0])), int(math.ceil(rank_q[1]))),
+        rank_ci,
         angles,
         stability,
+        percentile,
     )
 
 
