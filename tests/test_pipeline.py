@@ -16,7 +16,7 @@ from qkcov.artifacts import load_tensors, read_json
 from qkcov.cli import build_parser, main
 from qkcov.models.tiny import tiny_model, tiny_tokenizer
 from qkcov.pipeline import RunConfig, analyze
-from qkcov.results import AnalysisResult
+from qkcov.results import VERDICTS, AnalysisResult
 from qkcov.tasks.builtin import build_task_records
 from qkcov.tasks.records import ContrastRecord, Span, save_records
 
@@ -92,9 +92,18 @@ def test_attribution_is_exact_and_swaps_have_baselines(agreement_run):
         torch.testing.assert_close(parts.sum(0), total, atol=1e-9, rtol=0)
         c = h.swaps.conditions[h.swaps.headline]
         assert len(c.random["delta_p"]["draws"]) == FAST["n_random"]
-        assert c.rank == h.headline.rank == h.headline.key_basis.shape[1]
+        assert h.headline.rank == h.headline.key_basis.shape[1]
         assert h.headline.query_basis.shape[1] == h.headline.rank
         assert 0.0 < c.p_value <= 1.0
+        # the headline swap is the causal-rank subspace: the prefix of the ΔC key basis
+        cr = h.swaps.causal_rank
+        assert c.rank == cr["rank"] >= 1 and cr["R"] >= h.headline.rank
+        assert c.metrics["delta_p"] == pytest.approx(cr["curve"][c.rank - 1]["delta_p"], abs=1e-5)
+        best = max(p["delta_p"] for p in cr["curve"])
+        assert all(p["delta_p"] < 0.9 * best for p in cr["curve"][: c.rank - 1])
+        # both baselines beside every condition: random and label-permuted subspaces
+        for cond in h.swaps.conditions.values():
+            assert len(cond.permuted["delta_p"]["draws"]) == 20 and 0 < cond.p_permuted <= 1
 
 
 def test_save_load_round_trip(agreement_run):
@@ -103,7 +112,8 @@ def test_save_load_round_trip(agreement_run):
     assert loaded.to_dict()["heads"] == json.loads(json.dumps(result.to_dict()["heads"]))
     h0, l0 = result.heads[0], loaded.heads[0]
     torch.testing.assert_close(l0.headline.delta, h0.headline.delta)
-    assert loaded.summary().splitlines()[0].split()[:2] == ["head", "rank"]
+    assert loaded.summary().splitlines()[0].split()[:2] == ["head", "verdict"]
+    assert loaded.summary() == result.summary()
     # a mixed folder is refused: a file changed after the run
     (out / "scree.png").write_bytes(b"not the run's figure")
     with pytest.raises(ValueError, match="modified after the run"):
@@ -277,20 +287,17 @@ def test_core_does_not_import_transformers():
 def test_summary_prints_a_table(agreement_run):
     result, _ = agreement_run
     lines = result.summary().splitlines()
-    assert lines[0].split() == [
-        "head",
-        "rank",
-        "rank",
-        "(energy)",
-        "p",
-        "Δp",
-        "swap",
-        "Δp",
-        "random",
-        "Δp",
-        "full",
-        "key",
-        "explained",
-    ]
+    assert [c.strip() for c in lines[0].split("  ") if c.strip()] == list(result.SUMMARY_COLUMNS)
+    info = result.to_dict()
+    for h, d in zip(result.heads, info["heads"], strict=True):
+        # one verdict, identical in summary(), run.json and the typed result
+        assert d["verdict"]["status"] in VERDICTS and d["verdict"] == h.verdict.to_dict()
+        assert any(d["verdict"]["sentence"] in line for line in lines)
+        assert d["causal_rank"]["rank"] == int(
+            next(r for r in result.summary_rows() if r[0].rstrip("*") == h.name)[2]
+        )
+    assert info["best_head"] == result.best.name
+    assert any("(* best head)" in line for line in lines)
+    assert "first token of each key span" in info["scored_token"]
     assert len(lines) >= 2 + len(result.heads)
     assert not math.isnan(result.best.swap_margin())
