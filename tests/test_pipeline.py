@@ -301,3 +301,41 @@ def test_summary_prints_a_table(agreement_run):
     assert "first token of each key span" in info["scored_token"]
     assert len(lines) >= 2 + len(result.heads)
     assert not math.isnan(result.best.swap_margin())
+
+
+def test_answers_scored_and_rank_curve_clamped_to_head_dim():
+    """Records naming an ``answer``: run.json says the answer token was scored and gives the
+    model's accuracy on it; R above the head dimension (16 here) is clamped and said."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    records = [
+        dataclasses.replace(r, answer=" a" if i % 2 else " b")
+        for i, r in enumerate(build_task_records("agreement", n=40))
+    ]
+    result = analyze(model, tok, records, heads="L1H0", progress=False, causal_max_rank=32, **FAST)
+    info = result.to_dict()
+    assert info["scored_token"].startswith("answer")
+    a = info["answers"]
+    assert a["n"] == result.heads[0].swaps.n and 0 <= a["top1"] <= 1 and a["mean_rank"] >= 1
+    cr = info["heads"][0]["causal_rank"]
+    assert cr["R"] == 16 and "head dimension" in cr["note"]  # this tiny head's ΔC is significant
+    assert [p["r"] for p in cr["curve"]] == list(range(1, 17))
+    assert "model accuracy on the answers" in result.summary()
+    with pytest.raises(ValueError, match="--causal-max-rank must be at most 32"):
+        RunConfig(causal_max_rank=33)
+
+
+def test_not_significant_head_gets_no_evidence_and_skip_reason():
+    """A coin-flip relabelling has no subspace above the null: verdict no-evidence, the skip
+    reason printed in the summary."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    gen = torch.Generator().manual_seed(0)
+    records = []
+    for r in build_task_records("agreement", n=40):
+        if torch.rand(1, generator=gen).item() < 0.5:
+            r = dataclasses.replace(r, positives=r.negatives, negatives=r.positives)
+        records.append(r)
+    result = analyze(model, tok, records, heads="L0H0,L1H1", progress=False, **FAST)
+    for h in result.heads:
+        assert not h.headline.significance["significant"]
+        assert h.verdict.status == "no-evidence"
+        assert f"{h.name}: swaps skipped" in result.summary()

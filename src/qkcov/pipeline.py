@@ -605,7 +605,6 @@ class _Causal:
     def curve_result(self, offline: Mapping[str, Any], cfg: RunConfig) -> dict[str, Any] | None:
         if not self.R:
             return None
-        from .core import statistics as st
 
         curve = []
         for r in range(1, self.R + 1):
