@@ -187,4 +187,6 @@ def test_documented_example_parses() -> None:
         ["apple", "banana"],
         ["F"],
         ["F"],
+        ["Mary"],
     ]
+    assert recs[-1].answer == " Mary" and recs[0].answer is None
