@@ -542,7 +542,10 @@ def _swaps(
         return SwapResult(0, None, {}, None, None, cfg.n_random, skipped=skip_reason)
     pairs = swap_pairs(resolved, rows, seed=sub_seed(cfg.seed, "pairs"))
     D = next(iter(bases.values())).shape[0]
-    causal = _causal_plan(features, bases, headline, stats or {}, cfg, D, f"L{head[0]}H{head[1]}")
+    causal = _causal_plan(
+        features, bases, headline, stats or {}, cfg, D, f"L{head[0]}H{head[1]}",
+        [r.record.group for r in resolved],
+    )  # fmt: skip
     sw = run_swaps(
         model, tokenizer, resolved, head[0], head[1], pairs, {k: v.float() for k, v in bases.items()},
         n_random=cfg.n_random, n_random_downstream=min(cfg.n_random_downstream, cfg.n_random),
@@ -662,6 +665,7 @@ def _causal_plan(
     cfg: RunConfig,
     D: int,
     head_name: str,
+    record_groups: Sequence[str | None] = (),
 ) -> _Causal:
     """Offline families for the swap engine: label-permuted subspaces of every condition
     (``permuted:<condition>``, the null's relabellings of the build records, from the kept
@@ -754,10 +758,22 @@ def _causal_plan(
                 plan.offline[f"curve-permuted:{r}"] = [
                     u[:, :r] for u in perm_src if u.shape[1] >= r
                 ]
-    if signs0 is not None:
-        mu_p, mu_n = class_key_means(stats[f0])
-        pm, pn = class_key_means(stats[f0], signs0)
-        plan.means = (torch.cat([mu_p[None], pm]), torch.cat([mu_n[None], pn]))
+    if signs0 is not None and record_groups:
+        # centroids of each held-out record's group (the query's feature value in categorical
+        # designs, where pooled means would average the matching values away); pooled for
+        # records without a group that has both sides among the build records
+        st0 = stats[f0]
+        signs = torch.cat([torch.ones(1, st0.n, dtype=torch.float64), signs0])
+
+        def means(group: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+            return class_key_means(st0, signs, group)
+
+        cache = {None: means(None)}
+        for g in set(record_groups):
+            if g is not None and g in st0.groups and all(st0.counts(g)):
+                cache[g] = means(g)
+        per = [cache.get(g, cache[None]) for g in record_groups]
+        plan.means = (torch.stack([m[0] for m in per], 1), torch.stack([m[1] for m in per], 1))
 
     def late(out: Mapping[str, Any]) -> dict[str, Any]:
         chosen, extra, extra_offline = headline, {}, {}

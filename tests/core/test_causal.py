@@ -130,6 +130,15 @@ def test_centroid_patch_matches_explicit_keys():
     before = swapped_attention(q, k, orig, target, [None])[0]
     p0 = before[rows, target] / (before[rows, orig] + before[rows, target])
     torch.testing.assert_close(out["delta_p"][0], p - p0)
+    # per-row centroids (e.g. each row's group): the same patch when every row has the same
+    n = q.shape[0]
+    rowwise = centroid_patch(q, k, orig, target, basis, mu_p.expand(1, n, D), mu_n.expand(1, n, D))
+    torch.testing.assert_close(rowwise["effect"], out["effect"])
+    half = torch.stack([mu_p if i % 2 else mu_n for i in range(n)])[None]
+    other = torch.stack([mu_n if i % 2 else mu_p for i in range(n)])[None]
+    mixed = centroid_patch(q, k, orig, target, basis, half, other)["effect"][0]
+    torch.testing.assert_close(mixed[1::2], out["effect"][0, 1::2])
+    torch.testing.assert_close(mixed[::2], -out["effect"][0, ::2])
     # swapping the labels mirrors the patch: effect changes sign exactly
     back = centroid_patch(q, k, orig, target, basis, mu_n, mu_p)
     torch.testing.assert_close(back["effect"], -out["effect"])

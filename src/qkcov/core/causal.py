@@ -115,7 +115,8 @@ def centroid_patch(
     Args:
         q ``[n, d]``, k ``[n, S, d]``, orig/target ``[n]`` (the positive / negative key),
         basis ``[d, r]`` or one per centroid pair ``[P, d, r]`` (orthonormal columns),
-        mu_pos / mu_neg ``[P, d]`` (or ``[d]``): centroid pairs (row 0 typically the real
+        mu_pos / mu_neg ``[P, d]`` (or ``[d]``, or per row ``[P, n, d]``, e.g. the centroids
+        of each row's group): centroid pairs (row 0 typically the real
         labels with the real subspace, the rest permuted labels with *their* subspace: the
         same estimator on relabelled records, so the null carries the same selection), mask
         ``[n, S]`` (bool True = may attend, or additive float).
@@ -128,9 +129,14 @@ def centroid_patch(
     n, d = q.shape
     if basis.ndim not in (2, 3) or basis.shape[-2] != d:
         raise ValueError(f"basis must be [d={d}, r] or [P, d, r], got {list(basis.shape)}")
-    mu_pos, mu_neg = mu_pos.double().reshape(-1, d), mu_neg.double().reshape(-1, d)
-    if mu_pos.shape != mu_neg.shape:
-        raise ValueError("mu_pos and mu_neg must have the same shape")
+    mu_pos, mu_neg = mu_pos.double(), mu_neg.double()
+    if mu_pos.shape != mu_neg.shape or mu_pos.shape[-1] != d or mu_pos.ndim > 3:
+        raise ValueError("mu_pos and mu_neg must both be [d], [P, d] or [P, n, d]")
+    if mu_pos.ndim == 3 and mu_pos.shape[1] != n:
+        raise ValueError(f"per-row centroids must be [P, n={n}, d], got {list(mu_pos.shape)}")
+    if mu_pos.ndim < 3:  # the same centroids for every row
+        mu_pos = mu_pos.reshape(-1, 1, d).expand(-1, n, -1)
+        mu_neg = mu_neg.reshape(-1, 1, d).expand(-1, n, -1)
     q, k = q.double(), k.double()
     v = basis.double().to(q.device)
     v = v.expand(mu_pos.shape[0], -1, -1) if v.ndim == 2 else v  # [P, d, r]
@@ -140,13 +146,13 @@ def centroid_patch(
     rows = torch.arange(n)
     logits = (k @ q[:, :, None])[..., 0] * scale  # [n, S]
     qv = torch.einsum("nd,pdr->pnr", q, v)
-    c_pos = torch.einsum("pd,pdr->pr", mu_pos.to(v), v)
-    c_neg = torch.einsum("pd,pdr->pr", mu_neg.to(v), v)
+    c_pos = torch.einsum("pnd,pdr->pnr", mu_pos.to(v), v)
+    c_neg = torch.einsum("pnd,pdr->pnr", mu_neg.to(v), v)
     ko = torch.einsum("nd,pdr->pnr", k[rows, orig], v)  # current coordinates [P, n, r]
     kt = torch.einsum("nd,pdr->pnr", k[rows, target], v)
 
     def shift(c: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:  # [P, n] logit change
-        return torch.einsum("pnr,pnr->pn", qv, c[:, None, :] - cur) * scale
+        return torch.einsum("pnr,pnr->pn", qv, c - cur) * scale
 
     def p_after(c_orig: torch.Tensor, c_tgt: torch.Tensor) -> torch.Tensor:
         lg = logits.expand(c_orig.shape[0], n, -1).clone()

@@ -101,6 +101,7 @@ class _Batch:
     has_answer: torch.Tensor  # [B] bool
     cand: torch.Tensor
     cap: Any
+    rows: list[int]  # indices of the batch's records in ``resolved``
 
 
 def _capture(model, tokenizer, batch, pairs, layer, head, *, resume, padding_side) -> _Batch:
@@ -120,7 +121,7 @@ def _capture(model, tokenizer, batch, pairs, layer, head, *, resume, padding_sid
     cand = torch.zeros(len(batch), ids.shape[1], dtype=torch.bool)
     for b, r in enumerate(batch):
         cand[b, r.key_positions] = True
-    return _Batch(ids, mask, qpos, orig, target, tokens, has_answer, cand, cap)
+    return _Batch(ids, mask, qpos, orig, target, tokens, has_answer, cand, cap, [])
 
 
 def _offline(b: _Batch, bases: Sequence[torch.Tensor | None]) -> dict[str, torch.Tensor]:
@@ -214,7 +215,8 @@ def run_swaps(
             attention-side baseline (where the test statistic lives) uses all ``n_random``.
         offline: family name → bases (e.g. label-permuted subspaces, a rank curve's draws):
             attention metrics only, offline from the same forward (no downstream pass).
-        patches: name → ``(basis, mu_pos [P, D], mu_neg [P, D])``: the centroid patch
+        patches: name → ``(basis, mu_pos, mu_neg)`` with centroids ``[P, D]`` or per record
+            ``[P, len(resolved), D]``: the centroid patch
             (:func:`qkcov.core.causal.centroid_patch`) on every pair, offline.
         late: called with the result of the pass over the batches; returns ``{"bases",
             "offline", "patches"}`` to measure on the same prompts without another forward
@@ -283,6 +285,8 @@ def run_swaps(
                     fam.setdefault(name, {}).setdefault(key, []).append(v)
         for name, (basis, mu_p, mu_n) in (pt or {}).items():
             cap = b.cap
+            if mu_p.ndim == 3:  # per-record centroids [P, len(resolved), D]
+                mu_p, mu_n = mu_p[:, b.rows], mu_n[:, b.rows]
             m = centroid_patch(cap.query.cpu(), cap.keys.cpu(), b.orig, b.target, basis, mu_p,
                                mu_n, cap.mask.cpu(), cap.scaling, cap.softcap)  # fmt: skip
             for key, v in m.items():
@@ -292,6 +296,7 @@ def run_swaps(
         idx = keep[start : start + batch_size]
         b = _capture(model, tokenizer, [resolved[i] for i in idx], [pairs[i] for i in idx],
                      layer, head, resume=resume, padding_side=padding_side)  # fmt: skip
+        b.rows = idx
         bar.update(1)
         if b.has_answer.any() and b.cap.answer_ranks is not None:
             ranks.append(b.cap.answer_ranks[b.has_answer, 2])
