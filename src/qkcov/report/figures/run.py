@@ -289,6 +289,7 @@ def plot_causal_rank(out: Path, info: dict[str, Any]) -> Entries:
                         xytext=(4, -10), textcoords="offset points")  # fmt: skip
         ax.axhline(0, color="black", lw=0.5)
         ax.set(xlabel="rank r", ylabel="swap Δp", title=f"{h['name']}: causal rank curve")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=6, loc="best", framealpha=0.6)
         name = f"causal_rank_{h['name']}.png"
         save_png(fig, out / name)
