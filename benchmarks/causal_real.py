@@ -45,6 +45,10 @@ def main() -> None:
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--out", default=None)
     p.add_argument("--only", choices=["real", "coin-flip"], default=None)
+    p.add_argument(
+        "--heads", default=None, help="heads to study (default: auto:3 on the real labels, "
+        "then the same heads for the coin-flip relabelling)",
+    )  # fmt: skip
     a = p.parse_args()
     lm = load_model("smollm2-135m")
     real = (
@@ -53,12 +57,14 @@ def main() -> None:
         else build_name_mover(a.n, seed=0)
     )
     out_root = Path(a.out or tempfile.mkdtemp())
+    heads = a.heads or "auto:3"
     for label, recs in (("real", real), ("coin-flip", coin_flip(real))):
         if a.only not in (None, label):
             continue
         t0 = time.perf_counter()
-        res = run(RunConfig(heads="auto:3"), recs, out_root / f"{a.task}-{label}", quiet=True,
+        res = run(RunConfig(heads=heads), recs, out_root / f"{a.task}-{label}", quiet=True,
                   loaded=(lm.model, lm.tokenizer))  # fmt: skip
+        heads = ",".join(h.name for h in res.heads)  # the coin-flip run studies the same heads
         print(f"== {a.task} {label}: {len(recs)} records, {time.perf_counter() - t0:.0f} s")
         print(res.summary())
         for h in res.to_dict()["heads"]:
