@@ -328,5 +328,6 @@ def test_offline_families_patches_and_late_pass():
     assert res["random"]["x"]["delta_p"]["draws"] == pytest.approx(
         up_front["random"]["x"]["delta_p"]["draws"], abs=ATTN_TOL
     )
+    assert "logprob_shift" not in res["random"]["x"]  # late random draws: attention side only
     eff = res["patches"]["p"]["effect"]
     assert eff.shape == (3, res["n"]) and eff.abs().max() > 1e-6

@@ -221,8 +221,9 @@ def run_swaps(
         late: called with the result of the pass over the batches; returns ``{"bases",
             "offline", "patches"}`` to measure on the same prompts without another forward
             (each batch's layer input is kept until then: ``n × tokens × d_model`` values), e.g.
-            a condition chosen from the offline curves. Its conditions get the random draws
-            and downstream passes of ``bases``.
+            a condition chosen from the offline curves. Its conditions get the random draws of
+            ``bases`` (attention side) and a downstream pass of the condition itself (its
+            random draws get none, so ``random[name]`` has no ``logprob_shift``).
 
     Returns ``{"n", "ranks", "n_random", "n_random_downstream", "null", "conditions": {name:
     metrics}, "random": {name: {metric: {"mean", "std", "draws"}}}, "ceiling", "per_prompt":
@@ -319,6 +320,7 @@ def run_swaps(
         if clash:
             raise ValueError(f"late conditions {sorted(clash)} already exist")
         basis2, down2 = plan(lb, extra=True)
+        down2 = [c for c in down2 if c[1] is None]  # random draws: attention side only
         per2: dict[Cond, dict[str, list[torch.Tensor]]] = {c: {} for c in basis2}
         fam.clear(), pat.clear()
         bar2 = tqdm(total=0, disable=True)
@@ -381,4 +383,4 @@ def _random(name: str, n_random: int, means) -> dict[str, dict[str, Any]]:
     draws = [means((name, d)) for d in range(n_random)]
     attn = _summarise([{k: v for k, v in m.items() if k != "logprob_shift"} for m in draws])
     down = [{"logprob_shift": m["logprob_shift"]} for m in draws if "logprob_shift" in m]
-    return attn | _summarise(down)
+    return attn | (_summarise(down) if down else {})
