@@ -672,7 +672,7 @@ def _causal_plan(
     record statistics), the causal rank curve (``curve:<r>``, ``curve-random:<r>``,
     ``curve-permuted:<r>``, r = 1..R) and, once the curve is known (``late``), the
     causal-rank condition and the centroid patch on the headline subspace."""
-    from .core.causal import causal_rank, class_key_means, relabel_signs
+    from .core.causal import causal_rank, class_key_means, relabel_signs, relabelled_deltas
     from .core.subspace import union_basis
 
     f0 = next(iter(features))
@@ -687,16 +687,17 @@ def _causal_plan(
             signs = relabel_signs(st_f, P, seed=sub_seed(cfg.seed, f"permuted:{head_name}:{f}"))
             if f == f0:
                 signs0 = signs
-            deltas = torch.stack([st_f.delta(None, signs=x) for x in signs])
+            deltas = relabelled_deltas(st_f, signs)
             perm_key[f] = list(torch.linalg.svd(deltas).Vh.transpose(1, 2))
             groups = [g for g, sr in feat.groups.items() if g != POOLED and sr.rank > 0]
             if f"{f}:groups" in bases and groups:
+                group_deltas = {g: relabelled_deltas(st_f, signs, g) for g in groups}
                 perm_groups[f] = [
                     energy_ordered_union(
-                        [feature_subspace(st_f.delta(g, signs=x), cfg.energy,
-                                          rank=feat.groups[g].rank) for g in groups]
+                        [feature_subspace(dg[j], cfg.energy, rank=feat.groups[g].rank)
+                         for g, dg in group_deltas.items()]
                     )
-                    for x in signs
+                    for j in range(P)
                 ]  # fmt: skip
         plan.n_permuted = P
     else:
@@ -748,12 +749,14 @@ def _causal_plan(
             )
         plan.R, plan.note = R, "; ".join(notes)
         plan.curve_source = source[:, :R]
+        # the first r columns of a Haar-random rank-R basis are a Haar-random rank-r basis
+        rand = [
+            random_orthonormal(D, R, seed=sub_seed(cfg.seed, "curve-random", d))
+            for d in range(min(cfg.n_random, CURVE_RANDOM))
+        ]
         for r in range(1, R + 1):
             plan.offline[f"curve:{r}"] = [source[:, :r]]
-            plan.offline[f"curve-random:{r}"] = [
-                random_orthonormal(D, r, seed=cfg.seed * 1000 + 17 * d + r)
-                for d in range(min(cfg.n_random, CURVE_RANDOM))
-            ]
+            plan.offline[f"curve-random:{r}"] = [u[:, :r] for u in rand]
             if perm_src:
                 plan.offline[f"curve-permuted:{r}"] = [
                     u[:, :r] for u in perm_src if u.shape[1] >= r

@@ -14,6 +14,7 @@ from qkcov.core.causal import (
     class_key_means,
     permuted_deltas,
     relabel_signs,
+    relabelled_deltas,
 )
 from qkcov.core.intervention import swapped_attention
 from qkcov.core.statistics import RecordStats, permutation_null, random_p_value
@@ -167,3 +168,10 @@ def test_causal_rank():
     assert causal_rank([-0.1, 0.0]) == 0
     with pytest.raises(ValueError, match="curve"):
         causal_rank([])
+
+
+def test_relabelled_deltas_equal_one_by_one():
+    stats, *_ = _planted(3, 40, 1.0)
+    signs = relabel_signs(stats, 4, seed=2)
+    want = torch.stack([stats.delta(signs=s) for s in signs])
+    torch.testing.assert_close(relabelled_deltas(stats, signs), want, rtol=1e-10, atol=1e-12)

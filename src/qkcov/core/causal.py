@@ -31,11 +31,12 @@ from collections.abc import Sequence
 
 import torch
 
-from .statistics import RecordStats, _generator, _null_signs
+from .statistics import RecordStats, _batched_weighted_outer, _generator, _null_signs
 
 __all__ = [
     "relabel_signs",
     "permuted_deltas",
+    "relabelled_deltas",
     "class_key_means",
     "centroid_patch",
     "causal_rank",
@@ -61,12 +62,21 @@ def relabel_signs(
     return out
 
 
+def relabelled_deltas(
+    stats: RecordStats, signs: torch.Tensor, group: int | str | None = None
+) -> torch.Tensor:
+    """``[P, D_q, D_k]``: ``stats.delta(group, signs=signs[j])`` for every row of ``signs
+    [P, n]`` whose relabellings keep each side's count (as the null's do), batched."""
+    base, q, d, s0, _ = stats._linear_terms(group)
+    rel = torch.as_tensor(signs, dtype=_F64)[:, stats.group_mask(group)] * s0
+    return _batched_weighted_outer(rel, q, d, base)
+
+
 def permuted_deltas(
     stats: RecordStats, n: int, seed: int = 0, group: int | str | None = None
 ) -> torch.Tensor:
     """``[n, D_q, D_k]`` ΔC of ``group`` under ``n`` null relabellings (see :func:`relabel_signs`)."""
-    signs = relabel_signs(stats, n, seed, group)
-    return torch.stack([stats.delta(group, signs=s) for s in signs])
+    return relabelled_deltas(stats, relabel_signs(stats, n, seed, group), group)
 
 
 def class_key_means(

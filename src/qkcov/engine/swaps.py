@@ -279,11 +279,15 @@ def run_swaps(
 
     def extras(b: _Batch, off: Mapping[str, Sequence[torch.Tensor]] | None,
                pt: Mapping[str, Patch] | None) -> None:  # fmt: skip
-        for name, draws in (off or {}).items():
-            if len(draws):
-                m = _offline(b, [x.double() for x in draws])
+        names = [n for n, draws in (off or {}).items() if len(draws)]
+        if names:  # every family's draws in one offline recomputation
+            m = _offline(b, [x.double() for n in names for x in off[n]])
+            start = 0
+            for name in names:
+                k = len(off[name])
                 for key, v in m.items():
-                    fam.setdefault(name, {}).setdefault(key, []).append(v)
+                    fam.setdefault(name, {}).setdefault(key, []).append(v[start : start + k])
+                start += k
         for name, (basis, mu_p, mu_n) in (pt or {}).items():
             cap = b.cap
             if mu_p.ndim == 3:  # per-record centroids [P, len(resolved), D]
