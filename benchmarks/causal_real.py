@@ -41,7 +41,7 @@ def _f(x, nd=3):
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("task", choices=["agreement", "name-mover"])
+    p.add_argument("task", choices=["agreement", "name-mover", "name-mover-io-first"])
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--out", default=None)
     p.add_argument("--only", choices=["real", "coin-flip"], default=None)
@@ -54,7 +54,7 @@ def main() -> None:
     real = (
         build_task_records("agreement", n=a.n)
         if a.task == "agreement"
-        else build_name_mover(a.n, seed=0)
+        else build_name_mover(a.n, seed=0, io_first=a.task.endswith("io-first"))
     )
     out_root = Path(a.out or tempfile.mkdtemp())
     heads = a.heads or "auto:3"

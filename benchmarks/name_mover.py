@@ -22,12 +22,15 @@ PLACES = ["store", "park", "school", "beach", "office", "market", "station", "ga
 OBJECTS = ["drink", "book", "letter", "ball", "gift", "key", "ticket", "flower"]
 
 
-def build(n: int = 200, seed: int = 0, coin_flip: bool = False) -> list[ContrastRecord]:
+def build(
+    n: int = 200, seed: int = 0, coin_flip: bool = False, io_first: bool = False
+) -> list[ContrastRecord]:
+    """``io_first``: the indirect object is always named first (else either order)."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         io, s = rng.sample(NAMES, 2)
-        first, second = (io, s) if rng.random() < 0.5 else (s, io)
+        first, second = (io, s) if io_first or rng.random() < 0.5 else (s, io)
         prompt = (
             f"When {first} and {second} went to the {rng.choice(PLACES)}, {s} gave a "
             f"{rng.choice(OBJECTS)} to"
