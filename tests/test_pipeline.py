@@ -16,7 +16,7 @@ from qkcov.artifacts import load_tensors, read_json
 from qkcov.cli import build_parser, main
 from qkcov.models.tiny import tiny_model, tiny_tokenizer
 from qkcov.pipeline import RunConfig, analyze
-from qkcov.results import AnalysisResult
+from qkcov.results import VERDICTS, AnalysisResult
 from qkcov.tasks.builtin import build_task_records
 from qkcov.tasks.records import ContrastRecord, Span, save_records
 
@@ -94,9 +94,18 @@ def test_attribution_is_exact_and_swaps_have_baselines(agreement_run):
         torch.testing.assert_close(parts.sum(0), total, atol=1e-9, rtol=0)
         c = h.swaps.conditions[h.swaps.headline]
         assert len(c.random["delta_p"]["draws"]) == FAST["n_random"]
-        assert c.rank == h.headline.rank == h.headline.key_basis.shape[1]
+        assert h.headline.rank == h.headline.key_basis.shape[1]
         assert h.headline.query_basis.shape[1] == h.headline.rank
         assert 0.0 < c.p_value <= 1.0
+        # the headline swap is the causal-rank subspace: the prefix of the ΔC key basis
+        cr = h.swaps.causal_rank
+        assert c.rank == cr["rank"] >= 1 and cr["R"] >= h.headline.rank
+        assert c.metrics["delta_p"] == pytest.approx(cr["curve"][c.rank - 1]["delta_p"], abs=1e-5)
+        best = max(p["delta_p"] for p in cr["curve"])
+        assert all(p["delta_p"] < 0.9 * best for p in cr["curve"][: c.rank - 1])
+        # both baselines beside every condition: random and label-permuted subspaces
+        for cond in h.swaps.conditions.values():
+            assert len(cond.permuted["delta_p"]["draws"]) == 20 and 0 < cond.p_permuted <= 1
 
 
 def test_save_load_round_trip(agreement_run):
@@ -105,7 +114,8 @@ def test_save_load_round_trip(agreement_run):
     assert loaded.to_dict()["heads"] == json.loads(json.dumps(result.to_dict()["heads"]))
     h0, l0 = result.heads[0], loaded.heads[0]
     torch.testing.assert_close(l0.headline.delta, h0.headline.delta)
-    assert loaded.summary().splitlines()[0].split()[:2] == ["head", "rank"]
+    assert loaded.summary().splitlines()[0].split()[:2] == ["head", "verdict"]
+    assert loaded.summary() == result.summary()
     # a mixed folder is refused: a file changed after the run
     (out / "scan.png").write_bytes(b"not the run's figure")
     with pytest.raises(ValueError, match="modified after the run"):
@@ -286,21 +296,18 @@ def test_core_does_not_import_transformers():
 def test_summary_prints_a_table(agreement_run):
     result, _ = agreement_run
     lines = result.summary().splitlines()
-    assert lines[0].split() == [
-        "head",
-        "rank",
-        "rank",
-        "(energy)",
-        "p",
-        "Δp",
-        "swap",
-        "Δp",
-        "random",
-        "Δp",
-        "full",
-        "key",
-        "explained",
-    ]
+    assert [c.strip() for c in lines[0].split("  ") if c.strip()] == list(result.SUMMARY_COLUMNS)
+    info = result.to_dict()
+    for h, d in zip(result.heads, info["heads"], strict=True):
+        # one verdict, identical in summary(), run.json and the typed result
+        assert d["verdict"]["status"] in VERDICTS and d["verdict"] == h.verdict.to_dict()
+        assert any(d["verdict"]["sentence"] in line for line in lines)
+        assert d["causal_rank"]["rank"] == int(
+            next(r for r in result.summary_rows() if r[0].rstrip("*") == h.name)[2]
+        )
+    assert info["best_head"] == result.best.name
+    assert any("(* best head)" in line for line in lines)
+    assert "first token of each key span" in info["scored_token"]
     assert len(lines) >= 2 + len(result.heads)
     assert not math.isnan(result.best.swap_margin())
 
@@ -315,3 +322,41 @@ def test_duplicated_records_are_one_unit_and_said():
     assert any("duplicate others exactly" in note for note in result.notes)
     if sig["rank_ci"] is not None:
         assert sig["rank_ci"][0] <= result.heads[0].headline.rank <= sig["rank_ci"][1]
+
+
+def test_answers_scored_and_rank_curve_clamped_to_head_dim():
+    """Records naming an ``answer``: run.json says the answer token was scored and gives the
+    model's accuracy on it; R above the head dimension (16 here) is clamped and said."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    records = [
+        dataclasses.replace(r, answer=" a" if i % 2 else " b")
+        for i, r in enumerate(build_task_records("agreement", n=40))
+    ]
+    result = analyze(model, tok, records, heads="L1H0", progress=False, causal_max_rank=32, **FAST)
+    info = result.to_dict()
+    assert info["scored_token"].startswith("answer")
+    a = info["answers"]
+    assert a["n"] == result.heads[0].swaps.n and 0 <= a["top1"] <= 1 and a["mean_rank"] >= 1
+    cr = info["heads"][0]["causal_rank"]
+    assert cr["R"] == 16 and "head dimension" in cr["note"]  # this tiny head's ΔC is significant
+    assert [p["r"] for p in cr["curve"]] == list(range(1, 17))
+    assert "model accuracy on the answers" in result.summary()
+    with pytest.raises(ValueError, match="--causal-max-rank must be at most 32"):
+        RunConfig(causal_max_rank=33)
+
+
+def test_not_significant_head_gets_no_evidence_and_skip_reason():
+    """A coin-flip relabelling has no subspace above the null: verdict no-evidence, the skip
+    reason printed in the summary."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    gen = torch.Generator().manual_seed(0)
+    records = []
+    for r in build_task_records("agreement", n=40):
+        if torch.rand(1, generator=gen).item() < 0.5:
+            r = dataclasses.replace(r, positives=r.negatives, negatives=r.positives)
+        records.append(r)
+    result = analyze(model, tok, records, heads="L0H0,L1H1", progress=False, **FAST)
+    for h in result.heads:
+        assert not h.headline.significance["significant"]
+        assert h.verdict.status == "no-evidence"
+        assert f"{h.name}: swaps skipped" in result.summary()

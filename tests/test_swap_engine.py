@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -255,3 +256,78 @@ def test_default_model_matches_reference():
     old = _run_swaps_reference(model, tok, resolved, layer, head, pairs, bases, **kw)
     _assert_same(new, old, 3)
     assert abs(new["ceiling"]["logprob_shift"]) > 1e-4
+
+
+def test_answer_token_scoring_and_accuracy():
+    """Records with an ``answer``: the shift is −Δ log p(answer) (checked against an explicit
+    edited forward) and the unedited model's top-1 / mean rank of the answer are reported."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    recs = [
+        dataclasses.replace(r, answer=" cat" if i % 2 else "red")
+        for i, r in enumerate(_records(10))
+    ]
+    resolved = resolve_records(tok, recs)
+    assert all(r.answer_id is not None for r in resolved)
+    layer = model_info(model).n_layers - 1
+    rows = attention_rows(model, tok, resolved, batch_size=4, progress=False)
+    pairs = swap_pairs(resolved, rows[:, layer, 1], seed=0)
+    D = model_info(model).head_dim
+    res = run_swaps(model, tok, resolved, layer, 1, pairs, {"a": random_orthonormal(D, 3, seed=1)},
+                    n_random=2, batch_size=4, progress=False)  # fmt: skip
+    keep = [i for i, p in enumerate(pairs) if p is not None]
+    ids, mask = tokenize_batch(tok, [resolved[i].text for i in keep], "left")
+    ans = torch.tensor([[resolved[i].answer_id] for i in keep])
+    eye = torch.eye(D, dtype=torch.float64)
+    swaps = [KeySwap(pairs[i][0], pairs[i][1], eye) for i in keep]
+    after = swap_keys_forward(model, ids, mask, layer, 1, swaps,
+                              query_positions=[resolved[i].query for i in keep])  # fmt: skip
+    before = capture_layer_input(model, ids, mask, layer, 1, answer_tokens=ans,
+                                 query_positions=[resolved[i].query for i in keep])  # fmt: skip
+    from qkcov.models.intervene import answer_logprobs
+
+    want = before.answer_logprobs[:, 0] - answer_logprobs(after.logits, ans)[:, 0]
+    got = torch.tensor(res["per_prompt"]["ceiling"]["logprob_shift"], dtype=torch.float64)
+    torch.testing.assert_close(got, want.double(), atol=LOGP_TOL, rtol=0)
+    a = res["answers"]
+    ranks = before.answer_ranks[:, 0].double()
+    assert a["n"] == len(keep) and a["top1"] == float((ranks == 0).double().mean())
+    assert a["mean_rank"] == pytest.approx(float(ranks.mean()) + 1)
+    # without answers nothing is reported
+    model, tok, resolved, layer, pairs, bases = _setup("llama")
+    assert run_swaps(model, tok, resolved, layer, 1, pairs, bases, n_random=2,
+                     progress=False)["answers"] is None  # fmt: skip
+
+
+def test_offline_families_patches_and_late_pass():
+    """Offline families equal the same bases run as conditions; a late condition (chosen
+    after the pass over the batches, no new forward) equals the same condition given up front."""
+    model, tok, resolved, layer, pairs, bases = _setup("llama")
+    D = model_info(model).head_dim
+    extra = random_orthonormal(D, 2, seed=9)
+    kw = dict(n_random=3, batch_size=4, progress=False)
+    up_front = run_swaps(model, tok, resolved, layer, 1, pairs, {**bases, "x": extra}, **kw)
+    mu = torch.randn(3, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    seen = {}
+
+    def late(out):
+        seen["offline"] = set(out["offline"])
+        return {"bases": {"x": extra}, "patches": {"p": (extra, mu, -mu)}}
+
+    res = run_swaps(model, tok, resolved, layer, 1, pairs, bases,
+                    offline={"fam": [bases["a"], extra]}, late=late, **kw)  # fmt: skip
+    assert seen["offline"] == {"fam"}
+    fam = res["offline"]["fam"]["delta_p"]  # [2 draws, n]
+    assert fam.shape == (2, res["n"])
+    for j, name in ((0, "a"), (1, "x")):
+        torch.testing.assert_close(
+            fam[j], torch.tensor(up_front["per_prompt"][name]["delta_p"], dtype=torch.float64),
+            atol=ATTN_TOL, rtol=0,
+        )  # fmt: skip
+    for m, v in up_front["conditions"]["x"].items():
+        assert res["conditions"]["x"][m] == pytest.approx(v, abs=_tol(m)), m
+    assert res["random"]["x"]["delta_p"]["draws"] == pytest.approx(
+        up_front["random"]["x"]["delta_p"]["draws"], abs=ATTN_TOL
+    )
+    assert "logprob_shift" not in res["random"]["x"]  # late random draws: attention side only
+    eff = res["patches"]["p"]["effect"]
+    assert eff.shape == (3, res["n"]) and eff.abs().max() > 1e-6

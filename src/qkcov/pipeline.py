@@ -54,6 +54,8 @@ from .results import (
     SwapCondition,
     SwapResult,
     TokenViewResult,
+    Verdict,
+    headline_p,
 )
 from .runtime import Timer, sub_seed
 from .tasks.records import ContrastRecord
@@ -67,6 +69,9 @@ STEPS = ("projections", "swaps", "attribution")
 FRAMES = ("post", "query")
 ATTRIBUTION_RANDOM = 20  # random subspace pairs for the explained-fraction baseline
 PROJ_DIMS = 3
+CAUSAL_MAX = 32  # largest rank of the causal rank curve
+CAUSAL_FRACTION = 0.9  # causal rank: smallest r reaching this fraction of the curve's best
+CURVE_RANDOM = 20  # random draws per rank of the causal rank curve
 Head = tuple[int, int]
 
 
@@ -115,6 +120,16 @@ class RunConfig(ConfigMixin):
         "random draws per condition that also get a downstream (log-prob) pass", default=3
     )
     n_swap: int = _help("held-out records used for swaps (0 = all)", default=64)
+    n_permuted: int = _help(
+        "label-permuted subspaces per swap condition and label-permuted centroids of the "
+        "label-sensitive centroid patch (the permutation null's relabelling; 0 = off)",
+        default=20,
+    )
+    causal_max_rank: int = _help(
+        "largest rank R of the causal rank curve Δp(1..R) (raised to the null rank, at most "
+        f"{CAUSAL_MAX}, clamped to the head dimension; 0 = no curve)",
+        default=16,
+    )
     n_scan: int = _help(
         "build records used for the head scan (0 = all; the scan reports bootstrap CIs)",
         default=128,
@@ -171,8 +186,14 @@ class RunConfig(ConfigMixin):
             "n_attribution",
             "n_centroid",
             "checkpoint_every",
+            "n_permuted",
         ):
             check_positive_int(f"--{name.replace('_', '-')}", getattr(self, name), 0)
+        check_positive_int("--causal-max-rank", self.causal_max_rank, 0)
+        if self.causal_max_rank > CAUSAL_MAX:
+            raise ValueError(
+                f"--causal-max-rank must be at most {CAUSAL_MAX}, got {self.causal_max_rank}"
+            )
         check_positive_int("--n-random", self.n_random, 10)
         check_positive_int("--n-random-downstream", self.n_random_downstream, 1)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -627,8 +648,12 @@ def _swaps(
     cfg: RunConfig,
     progress: bool,
     skip_reason: str | None,
+    stats: Mapping[str, Any] | None = None,
     spec: Any = None,
 ) -> SwapResult:
+    """Swaps of every condition against random and label-permuted subspaces, the causal rank
+    curve (its causal-rank subspace becomes the headline) and the label-sensitive centroid
+    patch on the headline, all from one forward per batch (see :func:`_causal_plan`)."""
     from .engine.swaps import run_swaps, swap_pairs
 
     headline_feature = next(iter(features))
@@ -649,10 +674,16 @@ def _swaps(
     if skip_reason is not None:
         return SwapResult(0, None, {}, None, None, cfg.n_random, skipped=skip_reason)
     pairs = swap_pairs(resolved, rows, seed=sub_seed(cfg.seed, "pairs"))
+    D = next(iter(bases.values())).shape[0]
+    causal = _causal_plan(
+        features, bases, headline, stats or {}, cfg, D, f"L{head[0]}H{head[1]}",
+        [r.record.group for r in resolved],
+    )  # fmt: skip
     sw = run_swaps(
         model, tokenizer, resolved, head[0], head[1], pairs, {k: v.float() for k, v in bases.items()},
         n_random=cfg.n_random, n_random_downstream=min(cfg.n_random_downstream, cfg.n_random),
         seed=cfg.seed, batch_size=cfg.batch_size, progress=progress, spec=spec,
+        offline=causal.offline, late=causal.late,
     )  # fmt: skip
     per = sw.get("per_prompt", {})
     conditions = {
@@ -663,13 +694,275 @@ def _swaps(
             sw["random"][name],
             per.get(name),
         )
-        for name in bases
+        for name in sw["conditions"]
     }
     _swap_statistics(conditions, cfg)
+    _permuted_baselines(conditions, sw["offline"], causal)
     ceiling = SwapCondition(
         "ceiling", int(model_head_dim(model)), dict(sw["ceiling"]), None, per.get("ceiling")
     )
-    return SwapResult(int(sw["n"]), headline, conditions, ceiling, dict(sw["null"]), cfg.n_random)
+    return SwapResult(
+        int(sw["n"]), causal.headline or headline, conditions, ceiling, dict(sw["null"]),
+        cfg.n_random, causal_rank=causal.curve_result(sw["offline"], cfg),
+        label_test=causal.label_result(sw["patches"], cfg), answers=sw.get("answers"),
+        scored_token=_scored_token(resolved), n_permuted=causal.n_permuted,
+        permuted_skipped=causal.skipped,
+    )  # fmt: skip
+
+
+def _scored_token(resolved: Sequence[Any]) -> str:
+    """Which token the swaps' log-prob shift scores (said in run.json and the report)."""
+    n = sum(r.answer_id is not None for r in resolved)
+    if n == len(resolved):
+        return "answer: each record's answer token (shift = −Δ log p(answer))"
+    first = "first token of each key span (shift = Δ[log p(target's) − log p(orig's)])"
+    return first if n == 0 else f"answer where given ({n} of {len(resolved)} records), else {first}"
+
+
+@dataclass
+class _Causal:
+    """What :func:`_causal_plan` asks the swap engine for, and how to read it back."""
+
+    headline_feature: str
+    headline: str | None = None  # set by the late step: the causal-rank condition
+    offline: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    families: dict[str, str] = field(default_factory=dict)  # condition -> permuted family
+    n_permuted: int = 0
+    skipped: str | None = None
+    R: int = 0
+    note: str = ""
+    curve_source: torch.Tensor | None = None  # [D, R] ordered real basis of the curve
+    perm_source: list[torch.Tensor] = field(default_factory=list)  # [D, >=R] per permutation
+    means: tuple[torch.Tensor, torch.Tensor] | None = None  # [1+P, D] real + permuted centroids
+    label_condition: str | None = None
+    rank: int = 0
+    late: Any = None
+
+    def curve_result(self, offline: Mapping[str, Any], cfg: RunConfig) -> dict[str, Any] | None:
+        if not self.R:
+            return None
+
+        curve = []
+        for r in range(1, self.R + 1):
+            dp = offline[f"curve:{r}"]["delta_p"][0]
+            rnd = offline[f"curve-random:{r}"]["delta_p"].mean(1)
+            prm = offline.get(f"curve-permuted:{r}", {}).get("delta_p")
+            ci = _quiet_ci(dp, cfg, f"curve-ci:{r}")
+            curve.append({
+                "r": r, "delta_p": float(dp.mean()), "ci": list(ci),
+                "random_mean": float(rnd.mean()), "random_std": float(rnd.std()),
+                "permuted_mean": None if prm is None else float(prm.mean(1).mean()),
+                "permuted_std": None if prm is None else float(prm.mean(1).std()),
+            })  # fmt: skip
+        return {
+            "feature": self.headline_feature, "rank": self.rank, "R": self.R,
+            "fraction": CAUSAL_FRACTION, "condition": self.headline, "note": self.note,
+            "curve": curve,
+        }  # fmt: skip
+
+    def label_result(self, patches: Mapping[str, Any], cfg: RunConfig) -> dict[str, Any] | None:
+        if "label" not in patches:
+            return {"available": False, "reason": self.skipped or "label-sensitive test off"}
+        from .core import statistics as st
+
+        eff = patches["label"]["effect"]  # [1+P, n]
+        dp = patches["label"]["delta_p"]
+        real, perm = eff[0], eff[1:].mean(1)
+        ci = _quiet_ci(real, cfg, "label-ci")
+        return {
+            "available": True, "reason": "", "condition": self.label_condition,
+            "effect": float(real.mean()), "ci": list(ci), "delta_p": float(dp[0].mean()),
+            "permuted": {"mean": float(perm.mean()), "std": float(perm.std()), "draws": perm.tolist()},
+            "p_value": st.random_p_value(float(real.mean()), perm), "n_permuted": int(perm.numel()),
+        }  # fmt: skip
+
+
+def _quiet_ci(values: torch.Tensor, cfg: RunConfig, purpose: str) -> tuple[float, float]:
+    """Paired-bootstrap CI over prompts ((nan, nan) with fewer than 10, without a warning)."""
+    import warnings
+
+    from .core import statistics as st
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", st.StatisticsWarning)
+        return st.paired_bootstrap_ci(
+            values, n_boot=max(cfg.n_bootstrap, 200), seed=sub_seed(cfg.seed, purpose)
+        )
+
+
+def _causal_plan(
+    features: Mapping[str, FeatureResult],
+    bases: Mapping[str, torch.Tensor],
+    headline: str,
+    stats: Mapping[str, Any],
+    cfg: RunConfig,
+    D: int,
+    head_name: str,
+    record_groups: Sequence[str | None] = (),
+) -> _Causal:
+    """Offline families for the swap engine: label-permuted subspaces of every condition
+    (``permuted:<condition>``, the null's relabellings of the build records, from the kept
+    record statistics), the causal rank curve (``curve:<r>``, ``curve-random:<r>``,
+    ``curve-permuted:<r>``, r = 1..R) and, once the curve is known (``late``), the
+    causal-rank condition and the centroid patch on the headline subspace."""
+    from .core.causal import causal_rank, class_key_means, relabel_signs, relabelled_deltas
+    from .core.subspace import union_basis
+
+    f0 = next(iter(features))
+    plan = _Causal(f0, headline)
+    P = cfg.n_permuted
+    perm_key: dict[str, list[torch.Tensor]] = {}  # feature -> full key bases per permutation
+    perm_groups: dict[str, list[torch.Tensor]] = {}  # feature -> energy-ordered group unions
+    signs0 = None
+    if P and all(stats.get(f) is not None for f in features):
+        for f, feat in features.items():
+            st_f = stats[f]
+            signs = relabel_signs(st_f, P, seed=sub_seed(cfg.seed, f"permuted:{head_name}:{f}"))
+            if f == f0:
+                signs0 = signs
+            deltas = relabelled_deltas(st_f, signs)
+            perm_key[f] = list(torch.linalg.svd(deltas).Vh.transpose(1, 2))
+            groups = [g for g, sr in feat.groups.items() if g != POOLED and sr.rank > 0]
+            if f"{f}:groups" in bases and groups:
+                group_deltas = {g: relabelled_deltas(st_f, signs, g) for g in groups}
+                perm_groups[f] = [
+                    energy_ordered_union(
+                        [feature_subspace(dg[j], cfg.energy, rank=feat.groups[g].rank)
+                         for g, dg in group_deltas.items()]
+                    )
+                    for j in range(P)
+                ]  # fmt: skip
+        plan.n_permuted = P
+    else:
+        plan.skipped = (
+            "label-permuted baselines off (--n-permuted 0)"
+            if not P
+            else "label-permuted baselines need the record statistics (--n-permutations or "
+            "--n-bootstrap > 0)"
+        )
+
+    def permuted_bases(name: str, r: int) -> list[torch.Tensor] | None:
+        if not perm_key:
+            return None
+        base = name.split("@")[0]
+        if name == "all":
+            return [
+                union_basis([perm_key[f][j][:, : features[f].pooled.rank]
+                             for f in features if features[f].pooled.rank > 0])[:, :r]
+                for j in range(P)
+            ]  # fmt: skip
+        if base.endswith(":groups"):
+            src = perm_groups.get(base[: -len(":groups")])
+            return None if src is None else [u[:, :r] for u in src]
+        return [v[:, :r] for v in perm_key[base]]
+
+    for name, b in bases.items():
+        pb = permuted_bases(name, int(b.shape[1]))
+        if pb:
+            plan.offline[f"permuted:{name}"] = pb
+            plan.families[name] = f"permuted:{name}"
+    # the causal rank curve over the headline's ordered directions
+    pooled = features[f0].pooled
+    if headline == f0:
+        source = feature_subspace(pooled.delta, cfg.energy, rank=min(D, CAUSAL_MAX)).key_basis
+        perm_src = perm_key.get(f0, [])
+    else:
+        source = features[f0].union_key
+        perm_src = perm_groups.get(f0, [])
+    if cfg.causal_max_rank:
+        want = max(cfg.causal_max_rank, int(bases[headline].shape[1]))
+        R = min(want, CAUSAL_MAX, source.shape[1])
+        notes = []
+        if want > CAUSAL_MAX:
+            notes.append(f"R capped at {CAUSAL_MAX} (the rank in force is {want})")
+        if min(want, CAUSAL_MAX) > R:
+            notes.append(
+                f"R clamped to {R}, the "
+                + ("head dimension" if headline == f0 else "width of the group union")
+            )
+        plan.R, plan.note = R, "; ".join(notes)
+        plan.curve_source = source[:, :R]
+        # the first r columns of a Haar-random rank-R basis are a Haar-random rank-r basis
+        rand = [
+            random_orthonormal(D, R, seed=sub_seed(cfg.seed, "curve-random", d))
+            for d in range(min(cfg.n_random, CURVE_RANDOM))
+        ]
+        for r in range(1, R + 1):
+            plan.offline[f"curve:{r}"] = [source[:, :r]]
+            plan.offline[f"curve-random:{r}"] = [u[:, :r] for u in rand]
+            if perm_src:
+                plan.offline[f"curve-permuted:{r}"] = [
+                    u[:, :r] for u in perm_src if u.shape[1] >= r
+                ]
+    if signs0 is not None and record_groups:
+        # centroids of each held-out record's group (the query's feature value in categorical
+        # designs, where pooled means would average the matching values away); pooled for
+        # records without a group that has both sides among the build records
+        st0 = stats[f0]
+        signs = torch.cat([torch.ones(1, st0.n, dtype=torch.float64), signs0])
+
+        def means(group: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+            return class_key_means(st0, signs, group)
+
+        cache = {None: means(None)}
+        for g in set(record_groups):
+            if g is not None and g in st0.groups and all(st0.counts(g)):
+                cache[g] = means(g)
+        per = [cache.get(g, cache[None]) for g in record_groups]
+        plan.means = (torch.stack([m[0] for m in per], 1), torch.stack([m[1] for m in per], 1))
+
+    def late(out: Mapping[str, Any]) -> dict[str, Any]:
+        chosen, extra, extra_offline = headline, {}, {}
+        if plan.R:
+            curve = [
+                float(out["offline"][f"curve:{r}"]["delta_p"].mean()) for r in range(1, plan.R + 1)
+            ]
+            plan.rank = causal_rank(curve, CAUSAL_FRACTION)
+            if plan.rank:
+                same = [n for n in (headline, f"{f0}@energy") if n in bases
+                        and int(bases[n].shape[1]) == plan.rank
+                        and torch.allclose(bases[n].double(), source[:, : plan.rank].double())]  # fmt: skip
+                if same:
+                    chosen = same[0]
+                else:
+                    chosen = f"{headline}@causal"
+                    extra[chosen] = source[:, : plan.rank].float()
+                    pb = permuted_bases(headline, plan.rank)
+                    if pb:
+                        plan.families[chosen] = f"permuted:{chosen}"
+                        extra_offline[f"permuted:{chosen}"] = pb
+        plan.headline = chosen
+        basis = (extra.get(chosen) if chosen in extra else bases[chosen]).double()
+        more: dict[str, Any] = {"bases": extra, "offline": extra_offline, "patches": {}}
+        # the centroid patch: real labels in the real subspace, each permutation's labels in
+        # its own subspace (the same estimator on relabelled records)
+        pbl = permuted_bases(chosen, int(basis.shape[1]))
+        if plan.means is not None and pbl:
+            plan.label_condition = chosen
+            stack = torch.stack([basis, *[b.double() for b in pbl]])
+            more["patches"]["label"] = (stack, *plan.means)
+        return more
+
+    plan.late = late
+    return plan
+
+
+def _permuted_baselines(
+    conditions: Mapping[str, SwapCondition], offline: Mapping[str, Any], plan: _Causal
+) -> None:
+    """Each condition's label-permuted baseline (mean ± std over the permutations) and the
+    p of its Δp against it."""
+    from .core import statistics as st
+
+    for name, c in conditions.items():
+        fam = offline.get(plan.families.get(name, ""))
+        if fam is None:
+            continue
+        c.permuted = {
+            m: {"mean": float(v.mean(1).mean()), "std": float(v.mean(1).std()), "draws": v.mean(1).tolist()}
+            for m, v in fam.items() if m in ("delta_p", "flip_items", "flip_all")
+        }  # fmt: skip
+        c.p_permuted = st.random_p_value(float(c.metrics["delta_p"]), fam["delta_p"].mean(1))
 
 
 def _token_view(
@@ -681,24 +974,46 @@ def _token_view(
     features: Mapping[str, FeatureResult],
     swaps: SwapResult,
     cfg: RunConfig,
+    spec: Any = None,
 ) -> TokenViewResult | None:
     """The report's per-prompt view: the swap records' first prompts (same swap pairs as
-    :func:`_swaps`), attention before/after the headline swap and the exact logit split."""
+    :func:`_swaps`), attention before/after the headline swap and the exact logit split
+    (in the run's frame: ``spec`` is the layer's rotary spec under ``--frame query``)."""
     from .engine.swaps import swap_pairs
     from .engine.tokenview import collect_token_view
 
     if rows is None or not resolved:
         return None
     pairs = swap_pairs(resolved, rows, seed=sub_seed(cfg.seed, "pairs"))
-    basis = _swap_conditions(features, cfg.energy).get(swaps.headline or "")
+    basis = _condition_basis(features, swaps, cfg, int(model_head_dim(model)))
     qb = _query_bases(features)
     info, tensors = collect_token_view(
         model, tokenizer, resolved, pairs, head[0], head[1], basis, qb,
-        condition=swaps.headline, batch_size=cfg.batch_size,
+        condition=swaps.headline, batch_size=cfg.batch_size, spec=spec,
     )  # fmt: skip
     if basis is None:
         info["after_reason"] = swaps.skipped or f"condition {swaps.headline!r} has no key basis"
     return TokenViewResult(info, tensors)
+
+
+def _condition_basis(
+    features: Mapping[str, FeatureResult], swaps: SwapResult, cfg: RunConfig, D: int
+) -> torch.Tensor | None:
+    """The key basis of the headline swap condition: one of :func:`_swap_conditions` or the
+    causal-rank subspace ``<condition>@causal`` (the first r directions the curve ordered)."""
+    name = swaps.headline or ""
+    bases = _swap_conditions(features, cfg.energy)
+    if name in bases or not name.endswith("@causal"):
+        return bases.get(name)
+    r = int((swaps.causal_rank or {}).get("rank") or 0)
+    base, f0 = name[: -len("@causal")], next(iter(features))
+    if not r:
+        return None
+    if base == f0:
+        pooled = features[f0].pooled
+        return feature_subspace(pooled.delta, cfg.energy, rank=min(D, CAUSAL_MAX)).key_basis[:, :r]
+    union = features[f0].union_key
+    return None if union is None else union[:, :r]
 
 
 def _swap_statistics(conditions: Mapping[str, SwapCondition], cfg: RunConfig) -> None:
@@ -767,6 +1082,70 @@ def _head_position(
         out["control"] = None
         out["control_skipped"] = "needs the projections step (its build-record vectors)"
     return out
+
+
+def _verdict(h: HeadResult, cfg: RunConfig) -> Verdict:
+    """One verdict per head from the significance test, the swap against random and
+    label-permuted subspaces and the label-sensitive centroid patch (see :class:`Verdict`)."""
+    a = cfg.alpha
+    d = h.to_dict()
+    sig = d["significance"] or {}
+    sw = h.swaps
+    c = sw.conditions.get(sw.headline or "")
+    lab = sw.label_test or {}
+    p_null = headline_p(d) if sig.get("available") else None
+    ev: dict[str, Any] = {
+        "p_null": p_null,
+        "rank_null": sig.get("rank_null"),
+        "rank_energy": h.headline.rank_energy,
+        "rank_ci": sig.get("rank_ci"),
+        "causal_rank": (sw.causal_rank or {}).get("rank"),
+        "condition": sw.headline,
+        "alpha": a,
+    }
+    if c is not None:
+        ev.update(
+            rank=c.rank, delta_p=c.metrics.get("delta_p"), delta_p_ci=(c.ci or {}).get("delta_p"),
+            random_mean=(c.random or {}).get("delta_p", {}).get("mean"), p_vs_random=c.p_value,
+            permuted_mean=(c.permuted or {}).get("delta_p", {}).get("mean"),
+            p_vs_permuted=c.p_permuted,
+            full_key=None if sw.ceiling is None else sw.ceiling.metrics.get("delta_p"),
+        )  # fmt: skip
+    if lab.get("available"):
+        ev.update(label_effect=lab["effect"], label_ci=lab["ci"],
+                  label_permuted_mean=lab["permuted"]["mean"], p_label=lab["p_value"])  # fmt: skip
+    name = h.name
+
+    def f(x: Any) -> str:
+        return "–" if x is None else f"{x:.3g}"
+
+    no_subspace = sig.get("available") and not (p_null is not None and p_null < a)
+    if c is None:
+        if no_subspace or (sig.get("available") and not sig.get("significant")):
+            return Verdict("no-evidence", f"{name}: no key subspace above the permutation null "
+                           f"(p (null) = {f(p_null)}, α = {a:g}); nothing to swap.", ev)  # fmt: skip
+        return Verdict("not-testable", f"{name}: not testable — {sw.skipped or 'no swap ran'}.", ev)
+    if not sig.get("available"):
+        return Verdict("not-testable", f"{name}: not testable — {sig.get('reason') or 'no significance test'} "
+                       f"(the rank-{c.rank} swap gives Δp {f(ev['delta_p'])} vs {f(ev['random_mean'])} random).", ev)  # fmt: skip
+    swap = (f"its rank-{c.rank} key subspace swap moves Δp {f(ev['delta_p'])} vs "
+            f"{f(ev['random_mean'])} for random (p = {f(c.p_value)})"
+            + ("" if c.p_permuted is None else
+               f" and {f(ev['permuted_mean'])} for label-permuted subspaces (p = {f(c.p_permuted)})"))  # fmt: skip
+    if no_subspace or c.p_value is None or c.p_value >= a:
+        return Verdict("no-evidence", f"{name}: ΔC is above its null (p (null) = {f(p_null)}) "
+                       f"but {swap}: no causal evidence.", ev)  # fmt: skip
+    if not lab.get("available"):
+        return Verdict("not-testable", f"{name}: {swap}, but the label-sensitive test did not run "
+                       f"({lab.get('reason') or 'off'}), so whether the labels live in it is untested.", ev)  # fmt: skip
+    patch = (
+        f"moving keys to the other class's centroid inside it shifts Δp by {f(lab['effect'])} "
+        f"vs {f(lab['permuted']['mean'])} with permuted labels (p = {f(lab['p_value'])})"
+    )
+    if lab["p_value"] < a and lab["effect"] > 0:
+        return Verdict("reads-feature", f"{name} reads the feature: {patch}; {swap}.", ev)
+    return Verdict("separates-keys-not-feature", f"{name} separates the keys but not by the "
+                   f"feature: {swap}, yet {patch}.", ev)  # fmt: skip
 
 
 def model_head_dim(model: Any) -> int:
@@ -1174,12 +1553,13 @@ def _analyze(
             swaps = _swaps(
                 model, tokenizer, [resolved[i] for i in swap_idx], None if rows is None else rows[:, head[0], head[1]],
                 head, features, cfg, progress, None if "swaps" in steps else "step off (--steps)",
+                {f: (stats[f] or {}).get(head) for f in plan.features},
                 spec=specs.get(head[0]) if cfg.frame == "query" else None,
             )  # fmt: skip
         with timer.phase("token_view"):
             token_view = _token_view(
                 model, tokenizer, [resolved[i] for i in swap_idx], None if rows is None else rows[:, head[0], head[1]],
-                head, features, swaps, cfg,
+                head, features, swaps, cfg, specs.get(head[0]) if cfg.frame == "query" else None,
             )  # fmt: skip
         with timer.phase("attribution"):
             attribution = (
@@ -1210,6 +1590,7 @@ def _analyze(
                 position=position,
             )
         )
+        head_results[-1].verdict = _verdict(head_results[-1], cfg)
         if state is not None:
             state.save_head(head_results[-1])
     plan.notes.extend(_duplicate_notes(head_results))

@@ -27,6 +27,8 @@ __all__ = [
     "ProjectionResult",
     "SwapCondition",
     "SwapResult",
+    "Verdict",
+    "VERDICTS",
     "AttributionResult",
     "TokenViewResult",
     "HeadResult",
@@ -39,6 +41,8 @@ RUN_JSON = "run.json"
 RUN_TENSORS = "run.safetensors"
 POOLED = "pooled"
 SWAP_METRICS = ("delta_p", "flip_items", "flip_all", "logprob_shift")
+VERDICTS = ("reads-feature", "separates-keys-not-feature", "no-evidence", "not-testable")
+"""Verdict statuses, best first (see :class:`Verdict`)."""
 
 
 def headline_p(head: dict[str, Any]) -> float | None:
@@ -200,6 +204,8 @@ class SwapCondition:
     per_prompt: dict[str, list[float]] | None = None
     ci: dict[str, list[float]] | None = None
     p_value: float | None = None
+    permuted: dict[str, dict[str, Any]] | None = None  # label-permuted subspaces' metrics
+    p_permuted: float | None = None  # p of Δp against the label-permuted subspaces
 
     def __repr__(self) -> str:
         m = ", ".join(f"{k}={v:.3f}" for k, v in self.metrics.items())
@@ -216,12 +222,23 @@ class SwapCondition:
             "random": self.random,
             "ci": self.ci,
             "p_value": self.p_value,
+            "permuted": self.permuted,
+            "p_permuted": self.p_permuted,
         }
 
 
 @dataclass
 class SwapResult:
-    """In-forward key swaps of one head on held-out records (or why they were skipped)."""
+    """In-forward key swaps of one head on held-out records (or why they were skipped).
+
+    ``headline``: the condition the summary reports (the causal-rank subspace when the
+    curve ran). ``causal_rank``: ``{"feature", "rank", "R", "fraction", "condition", "note",
+    "curve": [{"r", "delta_p", "ci", "random_mean", "random_std", "permuted_mean",
+    "permuted_std"}, ...]}``. ``label_test``: the label-sensitive centroid patch on the
+    headline subspace (``effect``, ``ci``, ``permuted`` mean/std, ``p_value``). ``answers``:
+    the unedited model's accuracy on the records' ``answer`` (``n``, ``top1``,
+    ``mean_rank``, 1 = top). ``scored_token``: which token the log-prob shift scores.
+    """
 
     n: int
     headline: str | None
@@ -230,6 +247,12 @@ class SwapResult:
     null: dict[str, float] | None
     n_random: int
     skipped: str | None = None
+    causal_rank: dict[str, Any] | None = None
+    label_test: dict[str, Any] | None = None
+    answers: dict[str, Any] | None = None
+    scored_token: str | None = None
+    n_permuted: int = 0
+    permuted_skipped: str | None = None
 
     def __repr__(self) -> str:
         if self.skipped:
@@ -244,11 +267,42 @@ class SwapResult:
             "n": self.n,
             "headline": self.headline,
             "n_random": self.n_random,
+            "n_permuted": self.n_permuted,
+            "permuted_skipped": self.permuted_skipped,
             "conditions": {k: c.to_dict() for k, c in self.conditions.items()},
             "ceiling": None if self.ceiling is None else self.ceiling.to_dict(),
             "null": self.null,
             "skipped": self.skipped,
+            "causal_rank": self.causal_rank,
+            "label_test": self.label_test,
+            "answers": self.answers,
+            "scored_token": self.scored_token,
         }
+
+
+@dataclass
+class Verdict:
+    """One verdict per head, the same in the summary, ``run.json`` and the report.
+
+    ``status``: one of :data:`VERDICTS` — ``reads-feature`` (significant ΔC, its swap beats
+    random subspaces and the label-sensitive centroid patch beats permuted labels),
+    ``separates-keys-not-feature`` (significant, swap beats random, but the labels do not
+    live in the subspace: the patch is not above permuted labels), ``no-evidence`` (no
+    subspace above the permutation null, or its swap does not beat random) or
+    ``not-testable`` (a test could not run; the sentence says why). ``sentence``: one line
+    a reader can quote. ``evidence``: the numbers it rests on.
+    """
+
+    status: str
+    sentence: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.status not in VERDICTS:
+            raise ValueError(f"verdict status must be one of {VERDICTS}, got {self.status!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "sentence": self.sentence, "evidence": self.evidence}
 
 
 @dataclass
@@ -323,6 +377,7 @@ class HeadResult:
     token_view: TokenViewResult | None = None
     # rotary-band profiles and the position control (engine/position.py), or None
     position: dict[str, Any] | None = None
+    verdict: Verdict | None = None
 
     @property
     def name(self) -> str:
@@ -392,7 +447,13 @@ class HeadResult:
             "scan": self.scan,
             "token_view": None if self.token_view is None else self.token_view.info,
             "position": self.position,
+            "causal_rank": self.swaps.causal_rank,
+            "verdict": None if self.verdict is None else self.verdict.to_dict(),
         }
+
+    def verdict_rank(self) -> int:
+        """Position of the verdict's status in :data:`VERDICTS` (best first)."""
+        return VERDICTS.index(self.verdict.status) if self.verdict else len(VERDICTS)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -448,8 +509,9 @@ class AnalysisResult:
 
     @property
     def best(self) -> HeadResult:
-        """The head whose headline swap beats its random baseline by the widest margin."""
-        return max(self.heads, key=lambda h: h.swap_margin())
+        """The head with the best verdict; among equal verdicts, the one whose headline swap
+        beats its random baseline by the widest margin."""
+        return min(self.heads, key=lambda h: (h.verdict_rank(), -h.swap_margin()))
 
     def head(self, name: str) -> HeadResult:
         for h in self.heads:
@@ -466,6 +528,10 @@ class AnalysisResult:
             "features": self.features,
             "heads": [h.to_dict() for h in self.heads],
             "best_head": self.best.name if self.heads else None,
+            "scored_token": next(
+                (h.swaps.scored_token for h in self.heads if h.swaps.scored_token), None
+            ),
+            "answers": next((h.swaps.answers for h in self.heads if h.swaps.answers), None),
             "scan": self.scan,
             "timings_s": self.timings,
             "config": self.config,
@@ -476,20 +542,32 @@ class AnalysisResult:
 
     def summary_rows(self) -> list[list[str]]:
         rows = []
+        best = self.best.name if self.heads else None
         for h in self.heads:
             d = h.to_dict()
             sig = d["significance"] or {}
+            c = h.swaps.conditions.get(h.swaps.headline or "")
             swap, rnd = d["swap"], d["random"]
+            lab = h.swaps.label_test or {}
+            lab = lab if lab.get("available") else {}
+            prm = (c.permuted or {}).get("delta_p") if c is not None else None
             rows.append(
                 [
-                    h.name,
-                    str(d["rank"]),
+                    h.name + ("*" if h.name == best else ""),
+                    h.verdict.status if h.verdict else "–",
+                    "–" if c is None else str(c.rank),
+                    str(sig["rank_null"]) if sig.get("available") else "–",
                     str(h.headline.rank_energy),
                     _r(headline_p(d)) if sig.get("available") else "–",
                     "–" if swap is None else _r(swap["delta_p"]),
                     "–"
                     if rnd is None
                     else f"{rnd['delta_p']['mean']:.3f} ± {rnd['delta_p']['std']:.3f}",
+                    "–" if c is None else _r(c.p_value),
+                    "–" if prm is None else f"{prm['mean']:.3f} ± {prm['std']:.3f}",
+                    "–" if c is None else _r(c.p_permuted),
+                    _r(lab.get("effect")),
+                    _r(lab.get("p_value")),
                     "–" if d["ceiling"] is None else _r(d["ceiling"]["delta_p"]),
                     _r(d["attribution"]["explained_fraction"])
                     if not d["attribution"]["skipped"]
@@ -497,6 +575,43 @@ class AnalysisResult:
                 ]
             )
         return rows
+
+    SUMMARY_COLUMNS = (
+        "head", "verdict", "rank (causal)", "rank (null)", "rank (energy)", "p (null)",
+        "Δp swap", "Δp random", "p vs random", "Δp permuted", "p vs permuted", "label effect",
+        "p (label)", "Δp full key", "explained",
+    )  # fmt: skip
+
+    def summary_lines(self) -> list[str]:
+        """The lines under the table: each head's verdict sentence (``*`` = best head),
+        skip reasons, the model's accuracy on the answers and the scored token."""
+        lines = []
+        best = self.best.name if self.heads else None
+        for h in self.heads:
+            mark = " (* best head)" if h.name == best else ""
+            if h.verdict is not None:
+                lines.append(f"{h.verdict.status}{mark}: {h.verdict.sentence}")
+            if h.swaps.skipped:
+                lines.append(f"{h.name}: swaps skipped — {h.swaps.skipped}")
+            if h.swaps.permuted_skipped and not h.swaps.skipped:
+                lines.append(f"{h.name}: {h.swaps.permuted_skipped}")
+            if h.attribution.skipped:
+                lines.append(f"{h.name}: attribution skipped — {h.attribution.skipped}")
+        sw = next((h.swaps for h in self.heads if h.swaps.scored_token), None)
+        if sw is not None:
+            lines.append(f"log-prob shift scores: {sw.scored_token}")
+            if sw.answers:
+                a = sw.answers
+                lines.append(
+                    f"model accuracy on the answers ({a['n']} held-out records): top-1 "
+                    f"{a['top1']:.3f}, mean rank {a['mean_rank']:.2f}"
+                )
+        lines.append(
+            "p (null): ΔC's top singular value vs the permutation null; p vs random / p vs "
+            "permuted: the swap's Δp vs equal-rank random / label-permuted subspaces; p (label): "
+            "the centroid patch vs permuted labels"
+        )
+        return lines
 
     def to_rows(self) -> list[dict[str, Any]]:
         """The summary as one dict per head (numbers, ``None`` where absent), e.g. for
@@ -515,11 +630,19 @@ class AnalysisResult:
                     "rank": d["rank"],
                     "rank_rule": d["rank_rule"],
                     "rank_energy": h.headline.rank_energy,
+                    "rank_causal": (h.swaps.causal_rank or {}).get("rank"),
+                    "verdict": None if h.verdict is None else h.verdict.status,
                     "p": headline_p(d) if sig.get("available") else None,
                     "swap_condition": d["swap_condition"],
                     "delta_p": None if swap is None else swap["delta_p"],
                     "delta_p_random": None if rnd is None else rnd["delta_p"]["mean"],
                     "delta_p_random_std": None if rnd is None else rnd["delta_p"]["std"],
+                    "p_vs_random": getattr(
+                        h.swaps.conditions.get(h.swaps.headline or ""), "p_value", None
+                    ),
+                    "p_vs_permuted": getattr(
+                        h.swaps.conditions.get(h.swaps.headline or ""), "p_permuted", None
+                    ),
                     "delta_p_full_key": None if ceil is None else ceil["delta_p"],
                     "explained": None if att["skipped"] else att["explained_fraction"],
                 }
@@ -536,36 +659,21 @@ class AnalysisResult:
         return subspace_from_result(self, head, feature, group)
 
     def _repr_html_(self) -> str:
-        cols = [
-            "head",
-            "rank",
-            "rank (energy)",
-            "p",
-            "Δp swap",
-            "Δp random",
-            "Δp full key",
-            "explained",
-        ]
+        cols = list(self.SUMMARY_COLUMNS)
         return f"<b>{self.model}</b>, {self.n_records} records" + html_table(
             cols, self.summary_rows()
         )
 
     def summary(self) -> str:
-        """A short table: head, rank, p, Δp vs random, ceiling, explained fraction."""
-        cols = [
-            "head",
-            "rank",
-            "rank (energy)",
-            "p",
-            "Δp swap",
-            "Δp random",
-            "Δp full key",
-            "explained",
-        ]
+        """A table (verdict, ranks, p-values named for what they test, Δp vs random and
+        label-permuted subspaces, the label-sensitive effect, ceiling, explained fraction),
+        then each head's verdict sentence, skip reasons and notes."""
+        cols = list(self.SUMMARY_COLUMNS)
         rows = [cols, *self.summary_rows()]
         widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        lines += self.summary_lines()
         lines += self.notes
         return "\n".join(lines)
 
@@ -681,7 +789,8 @@ def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult
             return None
         prefix = f"{name}.swap.{safe_component(cname)}."
         per = {k[len(prefix) :]: v.tolist() for k, v in t.items() if k.startswith(prefix)}
-        metrics = {k: v for k, v in cd.items() if k not in ("rank", "random", "ci", "p_value")}
+        skip = ("rank", "random", "ci", "p_value", "permuted", "p_permuted")
+        metrics = {k: v for k, v in cd.items() if k not in skip}
         return SwapCondition(
             cname,
             cd["rank"],
@@ -690,6 +799,8 @@ def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult
             per or None,
             cd.get("ci"),
             cd.get("p_value"),
+            cd.get("permuted"),
+            cd.get("p_permuted"),
         )
 
     swaps = SwapResult(
@@ -700,6 +811,12 @@ def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult
         sw["null"],
         sw["n_random"],
         sw.get("skipped"),
+        sw.get("causal_rank"),
+        sw.get("label_test"),
+        sw.get("answers"),
+        sw.get("scored_token"),
+        sw.get("n_permuted", 0),
+        sw.get("permuted_skipped"),
     )
     ad = d["attribution"]
     attribution = AttributionResult(
@@ -707,6 +824,7 @@ def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult
         ad["random"], ad["share"], ad["max_abs_error"], t.get(f"{name}.attribution.parts"),
         t.get(f"{name}.attribution.total"), ad.get("example_tokens", []), ad.get("skipped"),
     )  # fmt: skip
+    v = d.get("verdict")
     tv = d.get("token_view")
     prefix = f"{name}.token_view."
     token_view = (
@@ -719,4 +837,5 @@ def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult
     return HeadResult(
         d["layer"], d["head"], features, projections, swaps, attribution, d.get("scan"),
         token_view=token_view, position=d.get("position"),
+        verdict=None if v is None else Verdict(v["status"], v["sentence"], v.get("evidence") or {}),
     )  # fmt: skip

@@ -115,6 +115,12 @@ def test_two_bad_lines_reported_and_nothing_loaded(tmp_path) -> None:
         ({"prompt": "a b", "positives": [{"text": "a"}], "group": 3}, "group must be a string"),
         ({"prompt": "a b", "positives": "a"}, "positives must be a list"),
         ({"prompt": "a b", "positives": [{"text": "a"}], "meta": []}, "meta must be an object"),
+        (
+            {"prompt": "a b", "positives": [{"text": "a"}], "answer": ""},
+            "answer must be a non-empty",
+        ),
+        ({"prompt": "a b", "positives": [{"text": "a"}], "answer": "  "}, "answer must be"),
+        ({"prompt": "a b", "positives": [{"text": "a"}], "answer": 3}, "answer must be"),
     ],
 )
 def test_invalid_lines(tmp_path, obj, fragment) -> None:
@@ -123,6 +129,25 @@ def test_invalid_lines(tmp_path, obj, fragment) -> None:
     with pytest.raises(ValueError, match="line 1") as exc:
         load_records(path)
     assert fragment in str(exc.value)
+
+
+def test_answer_round_trip_and_one_error_naming_the_line(tmp_path) -> None:
+    rec = _record(answer=" apple")
+    assert rec.to_dict()["answer"] == " apple"
+    assert "answer" not in _record().to_dict()  # absent stays absent (same records hash)
+    path = tmp_path / "a.jsonl"
+    save_records(path, [rec, _record()])
+    back = load_records(path)
+    assert back[0].answer == " apple" and back[1].answer is None
+    good = {"prompt": "a b", "positives": [{"text": "a"}], "answer": "b"}
+    _write(path, [good, good, {**good, "answer": ""}])
+    with pytest.raises(ValueError) as exc:
+        load_records(path)
+    lines = str(exc.value).splitlines()
+    assert len(lines) == 2 and "1 invalid record line(s)" in lines[0]
+    assert lines[1].strip() == "line 3: answer must be a non-empty string or null, got ''"
+    with pytest.raises(ValueError, match="answer must be"):
+        _record(answer="")
 
 
 def test_empty_file_and_error_cap(tmp_path) -> None:
@@ -162,4 +187,6 @@ def test_documented_example_parses() -> None:
         ["apple", "banana"],
         ["F"],
         ["F"],
+        ["Mary"],
     ]
+    assert recs[-1].answer == " Mary" and recs[0].answer is None

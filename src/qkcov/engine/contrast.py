@@ -72,6 +72,7 @@ class ResolvedRecord:
     input_ids: list[int]
     query: int
     keys: list[KeySite]
+    answer_id: int | None = None  # first token of the record's ``answer`` after the prompt
 
     @property
     def positives(self) -> list[int]:
@@ -201,8 +202,20 @@ def resolve_records(
             raise ValueError(
                 f"{where}: a key comes after the query token {query}; causal attention cannot see it"
             )
-        out.append(ResolvedRecord(i, rec, text, ids, query, keys))
+        answer_id = None if rec.answer is None else _answer_token(tokenizer, text, ids, rec.answer)
+        out.append(ResolvedRecord(i, rec, text, ids, query, keys, answer_id))
     return out
+
+
+def _answer_token(tokenizer: Any, text: str, ids: list[int], answer: str) -> int:
+    """First token of ``answer`` as it continues ``text``: the token after the prompt's in
+    ``encode(text + answer)`` when that keeps the prompt's tokens, else the first token of
+    ``answer`` encoded alone (without special tokens)."""
+    joined, _ = encode(tokenizer, text + answer)
+    if len(joined) > len(ids) and joined[: len(ids)] == ids:
+        return joined[len(ids)]
+    alone, _ = encode(tokenizer, answer, add_special_tokens=False)
+    return alone[0] if alone else joined[-1]
 
 
 def _groups_of(resolved: Sequence[ResolvedRecord]) -> list[str]:

@@ -40,6 +40,7 @@ def collect_token_view(
     max_prompts: int = MAX_PROMPTS,
     max_tokens: int = MAX_TOKENS,
     batch_size: int = 8,
+    spec: Any = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Token-view data of head ``(layer, head)`` on the first ``max_prompts`` of ``resolved``
     that have a swap pair and at most ``max_tokens`` positions up to the query.
@@ -78,6 +79,12 @@ def collect_token_view(
             keep_hidden=False,
         )  # fmt: skip
         q, k, m = cap.query.cpu().double(), cap.keys.cpu().double(), cap.mask.cpu()
+        if spec is not None:  # --frame query: q' = R(p_q)ᵀq, k' = R(p_q)ᵀk (logits unchanged)
+            from ..core.rotary import rotate
+
+            pq = torch.tensor([r.query for r in batch])
+            q = rotate(q, pq, spec, inverse=True)
+            k = rotate(k, pq[:, None], spec, inverse=True)
         orig = torch.tensor([pairs[i][0] for i in idx])
         target = torch.tensor([pairs[i][1] for i in idx])
         bases = [None] if key_basis is None else [None, key_basis.double()]

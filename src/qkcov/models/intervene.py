@@ -326,7 +326,8 @@ class LayerInput:
     (float64 additive: 0 = may attend, -inf = not) the model's mask row at that query, both
     in *unpadded* key coordinates (padding slots masked). ``softmax(softcap(scaling·q·kᵀ) +
     mask)`` is the model's attention row. ``answer_logprobs [B, T]``: next-token log-probs
-    (float64) of the requested answer tokens at each example's last real token.
+    (float64) of the requested answer tokens at each example's last real token;
+    ``answer_ranks [B, T]``: their ranks among the next-token logits (0 = the model's top-1).
     """
 
     layer: int
@@ -338,6 +339,7 @@ class LayerInput:
     scaling: float
     softcap: float | None
     answer_logprobs: torch.Tensor
+    answer_ranks: torch.Tensor | None = None
 
 
 def capture_layer_input(
@@ -420,4 +422,11 @@ def capture_layer_input(
         scaling=float(store["scaling"]),
         softcap=store["softcap"],
         answer_logprobs=answer_logprobs(logits, answer_tokens),
+        answer_ranks=_token_ranks(logits, answer_tokens),
     )
+
+
+def _token_ranks(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Rank of each of ``tokens [B, T]`` among ``logits [B, V]`` (0 = the argmax), on CPU."""
+    at = logits.gather(1, tokens.to(logits.device).long())  # [B, T]
+    return torch.stack([(logits > at[:, j : j + 1]).sum(1) for j in range(at.shape[1])], 1).cpu()

@@ -61,6 +61,8 @@ def head_rows(info: dict[str, Any]) -> list[list[Any]]:
                 _ci(c, "delta_p"),
                 "–" if c is None else _pm(c["random"]["delta_p"]),
                 "–" if c is None else _f(c.get("p_value")),
+                "–" if c is None else _pm((c.get("permuted") or {}).get("delta_p")),
+                "–" if c is None else _f(c.get("p_permuted")),
                 "–" if sw["ceiling"] is None else _f(sw["ceiling"]["delta_p"]),
                 "–" if c is None else _f(c["flip_items"]),
                 "–" if c is None or c.get("logprob_shift") is None else _f(c["logprob_shift"]),
@@ -72,8 +74,8 @@ def head_rows(info: dict[str, Any]) -> list[list[Any]]:
 
 
 HEAD_COLUMNS = [
-    "head", "rank", "rank (energy)", "p", "rank 95% CI", "stability (deg)", "Δp swap", "Δp 95% CI",
-    "Δp random", "p vs random", "Δp full key", "flip rate", "log-prob shift", "explained", "explained (random)",
+    "head", "rank", "rank (energy)", "p (null)", "rank 95% CI", "stability (deg)", "Δp swap", "Δp 95% CI",
+    "Δp random", "p vs random", "Δp permuted", "p vs permuted", "Δp full key", "flip rate", "log-prob shift", "explained", "explained (random)",
 ]  # fmt: skip
 
 
@@ -84,7 +86,8 @@ def _condition_rows(info: dict[str, Any]) -> list[list[Any]]:
         for name, c in sw["conditions"].items():
             rows.append(
                 [h["name"], name, c["rank"], _f(c["delta_p"]), _ci(c, "delta_p"), _pm(c["random"]["delta_p"]),
-                 _f(c.get("p_value")), _f(c["flip_items"]), _f(c.get("logprob_shift")), _ci(c, "logprob_shift")]
+                 _f(c.get("p_value")), _pm((c.get("permuted") or {}).get("delta_p")), _f(c.get("p_permuted")),
+                 _f(c["flip_items"]), _f(c.get("logprob_shift")), _ci(c, "logprob_shift")]
             )  # fmt: skip
         if sw["ceiling"]:
             rows.append(
@@ -94,6 +97,8 @@ def _condition_rows(info: dict[str, Any]) -> list[list[Any]]:
                     sw["ceiling"]["rank"],
                     _f(sw["ceiling"]["delta_p"]),
                     _ci(sw["ceiling"], "delta_p"),
+                    "–",
+                    "–",
                     "–",
                     "–",
                     _f(sw["ceiling"]["flip_items"]),
@@ -238,7 +243,30 @@ def write_run_section(
         f"attribution) sets (holdout {cfg['holdout']}, seed {cfg['seed']}, unless the records pin "
         "their split).",
     ]
+    # one verdict per head, first: the same status and sentence as the CLI summary and run.json
+    verdicts = [
+        f"{h['name']}{' (best head)' if h['name'] == info.get('best_head') else ''} — verdict: "
+        f"{h['verdict']['status']}. {h['verdict']['sentence']}"
+        for h in info["heads"]
+        if h.get("verdict")
+    ]
+    body = verdicts + body
+    if info.get("scored_token"):
+        body.append(f"The log-prob shift scores: {info['scored_token']}.")
+    if info.get("answers"):
+        a = info["answers"]
+        body.append(
+            f"Model accuracy on the records' answers ({a['n']} held-out records): top-1 "
+            f"{a['top1']:.3f}, mean rank {a['mean_rank']:.2f} (1 = top)."
+        )
     body += [
+        "Label-permuted baselines: the same estimator on the permutation null's relabellings of "
+        "the build records (sign flips within two-sided records, sides permuted across one-sided "
+        f"ones; {cfg.get('n_permuted', 0)} relabellings), its top-r key subspace swapped on the same "
+        "held-out pairs. The label-sensitive test (centroid patch) sets the negative key's "
+        "coordinates in the headline subspace to the build positives' mean and the positive key's "
+        "to the negatives' mean, minus the mirrored patch; with permuted labels the two means "
+        "coincide in expectation, so only a subspace that holds the labels gives an effect.",
         f"Rank rule in force: {cfg['rank_rule']} "
         + ("(leading singular values above the permutation null's (1−α) quantile of the same index, "
            f"α = {cfg['alpha']}; {cfg['n_permutations']} permutations)" if cfg["rank_rule"] == "null" else f"(energy ≥ {cfg['energy']})")
@@ -277,6 +305,8 @@ def write_run_section(
                 "Δp 95% CI",
                 "Δp random",
                 "p vs random",
+                "Δp permuted",
+                "p vs permuted",
                 "flip rate",
                 "log-prob shift",
                 "shift 95% CI",

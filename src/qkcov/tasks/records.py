@@ -37,7 +37,9 @@ __all__ = [
 TOKEN_CHOICES = ("last", "first")
 MAX_ERRORS_SHOWN = 20
 _SPAN_KEYS = {"text", "occurrence", "start", "end", "token", "label"}
-_RECORD_KEYS = {"prompt", "positives", "negatives", "query", "group", "system", "meta", "feature"}
+_RECORD_KEYS = {
+    "prompt", "positives", "negatives", "query", "group", "system", "meta", "feature", "answer",
+}  # fmt: skip
 
 
 def _is_int(x: Any) -> bool:
@@ -225,7 +227,10 @@ class ContrastRecord:
     ``group`` labels the record for per-group ΔC (e.g. the asked category); ``system``
     is an optional system message; ``meta`` is free JSON-able metadata; ``feature`` names
     the contrast the record belongs to when one file holds several (one ΔC family each,
-    e.g. ``"order"`` and ``"lexical"``; ``None`` = the single default feature). ``line`` is
+    e.g. ``"order"`` and ``"lexical"``; ``None`` = the single default feature). ``answer`` is
+    the text the model should produce next (its first token is the one the swaps' log-prob
+    shift scores and the model's accuracy is measured on; ``None`` = score the first token of
+    each key span). ``line`` is
     the 1-based JSONL line the record was loaded from (set by :func:`parse_records`, used in
     error messages; never saved and ignored by ``==``).
     """
@@ -239,8 +244,13 @@ class ContrastRecord:
     meta: dict[str, Any] = field(default_factory=dict)
     feature: str | None = None
     line: int | None = field(default=None, compare=False, repr=False)
+    answer: str | None = None
 
     def __post_init__(self) -> None:
+        if self.answer is not None and (not isinstance(self.answer, str) or not self.answer):
+            raise ValueError(
+                f"ContrastRecord: answer must be a non-empty string or null, got {self.answer!r}"
+            )
         if self.feature is not None and (not isinstance(self.feature, str) or not self.feature):
             raise ValueError(
                 f"ContrastRecord: feature must be a non-empty string or null, got {self.feature!r}"
@@ -276,6 +286,7 @@ class ContrastRecord:
             "system": self.system,
             "meta": to_jsonable(self.meta),
             **({} if self.feature is None else {"feature": self.feature}),
+            **({} if self.answer is None else {"answer": self.answer}),
         }
 
     @classmethod
@@ -368,10 +379,13 @@ def _parse_record(obj: Any, line: int | None = None) -> tuple[ContrastRecord | N
     feature = obj.get("feature")
     if feature is not None and (not isinstance(feature, str) or not feature):
         errors.append(f"feature must be a non-empty string or null, got {feature!r}")
+    answer = obj.get("answer")
+    if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+        errors.append(f"answer must be a non-empty string or null, got {answer!r}")
     if errors:
         return None, errors
     record = ContrastRecord(
-        prompt, positives, negatives, query, group, system, dict(meta), feature, line
+        prompt, positives, negatives, query, group, system, dict(meta), feature, line, answer
     )
     return record, []
 
