@@ -330,7 +330,7 @@ def test_answers_scored_and_rank_curve_clamped_to_head_dim():
     model, tok = tiny_model("llama"), tiny_tokenizer()
     records = [
         dataclasses.replace(r, answer=" a" if i % 2 else " b")
-        for i, r in enumerate(build_task_records("agreement", n=40))
+        for i, r in enumerate(build_task_records("agreement", n=60))
     ]
     result = analyze(model, tok, records, heads="L1H0", progress=False, causal_max_rank=32, **FAST)
     info = result.to_dict()

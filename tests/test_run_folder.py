@@ -149,7 +149,14 @@ def test_report_refuses_tampered_or_incomplete_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "fig.png was modified" in err
     assert not (out / "report.html").exists()
-    assert main(["report", str(tmp_path)]) == 2  # no manifest
+    # a folder of runs: its index refuses the mixed run inside, naming the file
+    assert main(["report", str(tmp_path)]) == 2
+    assert "fig.png was modified" in capsys.readouterr().err
+    assert not (tmp_path / "index.html").exists()
+    bare = tmp_path / "bare"  # a section without a manifest: an incomplete run
+    bare.mkdir()
+    write_json(bare / "section.json", {"key": "k", "title": "t"})
+    assert main(["report", str(bare)]) == 2
     assert "no manifest: incomplete run" in capsys.readouterr().err
 
 

@@ -101,7 +101,15 @@ def test_a_verdict_leads_each_head_block(run, tmp_path):
         "sentence": "Attends <b>by</b> number.",
         "evidence": ["p = 0.01"],
     }
-    h0["causal_rank"] = {"feature": "feature", "rank": 2, "R": 1, "curve": [0.1, 0.2, 0.2]}
+    h0["causal_rank"] = {
+        "feature": "feature", "rank": 2, "R": 3, "fraction": 0.9, "condition": "feature@causal",
+        "note": "", "curve": [
+            {"r": r, "delta_p": d, "ci": [d - 0.05, d + 0.05], "random_mean": 0.01,
+             "random_std": 0.01, "permuted_mean": 0.05, "permuted_std": 0.02}
+            for r, d in ((1, 0.1), (2, 0.2), (3, 0.2))
+        ],
+    }  # fmt: skip
+    info["heads"][1].pop("verdict", None)  # a run from before verdicts: the neutral line
     write_json(tmp_path / "run.json", info)
     (tmp_path / "run.safetensors").write_bytes((out / "run.safetensors").read_bytes())
     write_run_section(tmp_path)

@@ -76,7 +76,9 @@ def check_notebook_inputs(
         "dtype": None if param is None else str(param.dtype).removeprefix("torch."),
     }
     for key, value in given.items():
-        if key == "device" and isinstance(value, str) and value.strip():
+        if key == "device" and isinstance(value, str) and value.strip().lower() == "auto":
+            same = True  # the default: wherever the model already is
+        elif key == "device" and isinstance(value, str) and value.strip():
             try:
                 same = torch.device(value) == here["device"] or (
                     torch.device(value).index is None

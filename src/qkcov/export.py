@@ -41,7 +41,8 @@ class Subspace:
         singular_values: ``[K]`` descending.
         rank: the rank in force; ``ranks``: ``{"causal", "null", "energy"}`` as the run
             found them (``None`` where it did not measure one).
-        layer, head: the head (``name`` is ``L{layer}H{head}``); ``frame``: ``"post-rope"``.
+        layer, head: the head (``name`` is ``L{layer}H{head}``); ``frame``: ``"post-rope"``, or ``"query"`` for a ``--frame query`` run
+            (keys in their query's rotary frame, ``R(p_q)ᵀk``).
         model / revision: the model id (preset, hub id or path) and its revision if known;
             ``model_info``: ``n_layers``, ``n_heads``, ``n_kv_heads``, ``head_dim`` of it.
     """
@@ -100,7 +101,14 @@ class Subspace:
 
     def check_model(self, model: Any) -> None:
         """One clear ``ValueError`` when ``model`` (an HF model or a ``model_info`` dict) is
-        not shaped like the model the subspace came from (layers, heads, head dimension)."""
+        not shaped like the model the subspace came from (layers, heads, head dimension), or
+        when the subspace is not in post-RoPE coordinates (the hooks edit post-RoPE keys)."""
+        if self.frame != FRAME:
+            raise ValueError(
+                f"subspace {self.name} is in the {self.frame!r} frame (a --frame query run): its "
+                "directions rotate with the query position, so it cannot be applied to post-RoPE "
+                "keys as it is; export it from a --frame post run"
+            )
         if isinstance(model, dict):
             info = model
         else:
@@ -263,7 +271,7 @@ def subspace_from_result(
     sig = s.significance or {}
     rank_null = sig.get("rank_null") if sig.get("available") else None
     if causal is None:
-        causal = getattr(hr, "causal_rank", None)
+        causal = getattr(hr.swaps, "causal_rank", None)
     mi = dict(result.model_info or {})
     cfg = result.config or {}
     prov = getattr(result, "provenance", None) or (cfg.get("provenance") if cfg else None) or {}
@@ -283,6 +291,7 @@ def subspace_from_result(
             "energy": int(s.rank_energy),
         },
         model=result.model,
+        frame="query" if cfg.get("frame") == "query" else FRAME,
         revision=cfg.get("revision") or prov.get("revision"),
         model_info={k: mi[k] for k in ("architecture", "n_layers", "n_heads", "n_kv_heads", "head_dim") if k in mi},
         source={"seed": cfg.get("seed"), "n_pos": s.n_pos, "n_neg": s.n_neg},

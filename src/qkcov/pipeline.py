@@ -749,7 +749,7 @@ class _Causal:
             prm = offline.get(f"curve-permuted:{r}", {}).get("delta_p")
             ci = _quiet_ci(dp, cfg, f"curve-ci:{r}")
             curve.append({
-                "r": r, "delta_p": float(dp.mean()), "ci": list(ci),
+                "r": r, "delta_p": float(dp.mean()), "ci": _finite(ci),
                 "random_mean": float(rnd.mean()), "random_std": float(rnd.std()),
                 "permuted_mean": None if prm is None else float(prm.mean(1).mean()),
                 "permuted_std": None if prm is None else float(prm.mean(1).std()),
@@ -771,10 +771,15 @@ class _Causal:
         ci = _quiet_ci(real, cfg, "label-ci")
         return {
             "available": True, "reason": "", "condition": self.label_condition,
-            "effect": float(real.mean()), "ci": list(ci), "delta_p": float(dp[0].mean()),
+            "effect": float(real.mean()), "ci": _finite(ci), "delta_p": float(dp[0].mean()),
             "permuted": {"mean": float(perm.mean()), "std": float(perm.std()), "draws": perm.tolist()},
             "p_value": st.random_p_value(float(real.mean()), perm), "n_permuted": int(perm.numel()),
         }  # fmt: skip
+
+
+def _finite(values: Sequence[float]) -> list[float | None]:
+    """NaN (too few prompts for a CI) as None, as ``run.json`` stores it."""
+    return [None if math.isnan(float(x)) else float(x) for x in values]
 
 
 def _quiet_ci(values: torch.Tensor, cfg: RunConfig, purpose: str) -> tuple[float, float]:

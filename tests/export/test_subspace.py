@@ -20,7 +20,8 @@ def test_subspace_object_and_round_trip(tiny_run, tmp_path):
     s = result.head("L1H2").features["feature"].pooled
     assert sub.frame == "post-rope" and sub.name == "L1H2" and sub.model == result.model
     assert sub.rank == s.rank and sub.ranks["energy"] == s.rank_energy
-    assert sub.ranks["causal"] is None  # this run has no causal rank
+    causal = result.head("L1H2").swaps.causal_rank  # the run's causal rank, where it has one
+    assert sub.ranks["causal"] == (causal or {}).get("rank")
     # the bases are the run's bases (same SVD of the same ΔC)
     assert torch.allclose(sub.key_basis, s.key_basis.double(), atol=1e-10)
     assert torch.allclose(sub.query_basis, s.query_basis.double(), atol=1e-10)

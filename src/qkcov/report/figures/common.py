@@ -10,6 +10,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
+# names from records (a group "$\\frac{a}$") are drawn as text, never parsed as TeX, in every figure
+matplotlib.rcParams["text.parse_math"] = False
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ...artifacts import atomic_write_bytes  # noqa: E402
