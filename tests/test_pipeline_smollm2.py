@@ -1,6 +1,6 @@
 """The pipeline on the default model (slow): a contrast beyond the paper (subject–verb
 agreement) finds causal heads far above random, and a coin-flip relabelling of the same
-records finds no significant subspace."""
+records gets no evidence."""
 
 from __future__ import annotations
 
@@ -43,7 +43,11 @@ def test_agreement_swaps_beat_random_and_coin_flip_is_not_significant(smollm2):
     ]
     heads = ",".join(h.name for h in real.heads)
     null = analyze(model, tok, flipped, heads=heads, steps="swaps", progress=False)
+    # the null test is calibrated (p uniform under a coin flip: ~5 % of heads pass by chance);
+    # the verdict, which also needs a label-sensitive test, says "no-evidence" for every head
+    assert best.verdict.status == "reads-feature", best.verdict.sentence
     for h in null.heads:
+        assert h.verdict.status == "no-evidence", (h.name, h.verdict.sentence)
         sig = h.headline.significance
-        assert not sig["significant"] and h.headline.rank == 0, (h.name, sig["p_value"])
-        assert "no significant subspace" in h.swaps.skipped
+        if not sig["significant"]:
+            assert h.headline.rank == 0 and "no significant subspace" in h.swaps.skipped

@@ -1149,8 +1149,14 @@ def _verdict(h: HeadResult, cfg: RunConfig) -> Verdict:
     )
     if lab["p_value"] < a and lab["effect"] > 0:
         return Verdict("reads-feature", f"{name} reads the feature: {patch}; {swap}.", ev)
-    return Verdict("separates-keys-not-feature", f"{name} separates the keys but not by the "
-                   f"feature: {swap}, yet {patch}.", ev)  # fmt: skip
+    if c.p_permuted is not None and c.p_permuted < a:
+        return Verdict("separates-keys-not-feature", f"{name} separates the keys but not by the "
+                       f"feature: {swap}, yet {patch}.", ev)  # fmt: skip
+    # neither label-sensitive test passes: a subspace of Σ ±q(k⁺−k⁻)ᵀ with any labels would
+    # move attention as far (the swap touches the key difference, whatever the labels)
+    return Verdict("no-evidence", f"{name}: {swap}, no further than label-permuted subspaces, "
+                   f"and {patch}: the swap touches the key difference whatever the labels, so "
+                   "nothing says the labels live in it.", ev)  # fmt: skip
 
 
 def model_head_dim(model: Any) -> int:

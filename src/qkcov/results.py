@@ -286,9 +286,10 @@ class Verdict:
 
     ``status``: one of :data:`VERDICTS` — ``reads-feature`` (significant ΔC, its swap beats
     random subspaces and the label-sensitive centroid patch beats permuted labels),
-    ``separates-keys-not-feature`` (significant, swap beats random, but the labels do not
-    live in the subspace: the patch is not above permuted labels), ``no-evidence`` (no
-    subspace above the permutation null, or its swap does not beat random) or
+    ``separates-keys-not-feature`` (significant, swap beats random and label-permuted
+    subspaces, but the patch is not above permuted labels: no fixed class coordinate),
+    ``no-evidence`` (no subspace above the permutation null, its swap does not beat random, or
+    neither label-sensitive comparison passes) or
     ``not-testable`` (a test could not run; the sentence says why). ``sentence``: one line
     a reader can quote. ``evidence``: the numbers it rests on.
     """
