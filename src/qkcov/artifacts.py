@@ -121,8 +121,13 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
-    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False)
+def write_json(path: str | Path, obj: Any, *, compact: bool = False) -> Path:
+    """``compact``: no indentation (``run.json``, whose random draws and scan rows would
+    double its size indented; ``python -m json.tool`` prints it readably)."""
+    if compact:
+        text = json.dumps(to_jsonable(obj), separators=(",", ":"), allow_nan=False)
+    else:
+        text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False)
     return atomic_write_bytes(path, (text + "\n").encode())
 
 

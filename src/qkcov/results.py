@@ -690,7 +690,7 @@ class AnalysisResult:
         for h in self.heads:
             tensors.update(h.tensors())
         save_tensors(out / RUN_TENSORS, tensors, {"heads": [h.name for h in self.heads]})
-        write_json(out / RUN_JSON, self.to_dict())
+        write_json(out / RUN_JSON, self.to_dict(), compact=True)
         return out
 
     def save(

@@ -80,7 +80,7 @@ def _summarise(draws: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
         out[key] = {
             "mean": float(vals.mean()),
             "std": float(vals.std(unbiased=True)) if len(draws) > 1 else 0.0,
-            "draws": vals.tolist(),
+            "draws": [float(f"{v:.6g}") for v in vals.tolist()],  # 6 digits: run.json stays small
         }
     return out
 
