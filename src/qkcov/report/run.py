@@ -154,7 +154,11 @@ def head_lead(h: dict[str, Any]) -> str:
     """A neutral one-line summary of one head from its saved numbers (used when the run
     holds no verdict)."""
     sig = h.get("significance") or {}
-    bits = [f"rank {h['rank']} ({h.get('rank_rule', '')} rule"]
+    cr = h.get("causal_rank") or {}
+    if cr.get("rank"):
+        bits = [f"causal rank {cr['rank']} (null rank {sig.get('rank_null', '–')}"]
+    else:
+        bits = [f"rank {h['rank']} ({h.get('rank_rule', '')} rule"]
     if sig.get("rank_energy") is not None:
         bits[0] += f"; 99 %-energy rank {sig['rank_energy']}"
     bits[0] += ")"
@@ -176,9 +180,6 @@ def head_lead(h: dict[str, Any]) -> str:
         if sw.get("ceiling"):
             s += f"; full key {sw['ceiling']['delta_p']:.3f}"
         bits.append(s)
-    cr = h.get("causal_rank") or {}
-    if cr.get("R") is not None:
-        bits.append(f"causal rank {cr['R']}")
     att = h.get("attribution") or {}
     if not att.get("skipped") and att.get("explained_fraction") is not None:
         ef = att["explained_fraction"]

@@ -37,16 +37,32 @@ def scatter_html(spec: dict[str, Any], ident: str) -> str:
     return f'<div class="scatter" data-src="{html.escape(ident)}"></div>' + json_block(spec, ident)
 
 
+def _num(v: Any) -> str:
+    """A verdict's number as a reader wants it: 3 significant digits, lists bracketed."""
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_num(x) for x in v) + "]"
+    return str(v)
+
+
 def _evidence(ev: Any) -> str:
+    """The numbers a verdict rests on, one folded line (``None`` entries left out)."""
     if ev is None or ev == "" or ev == [] or ev == {}:
         return ""
     if isinstance(ev, dict):
-        items = [f"{k}: {v}" for k, v in ev.items()]
+        items = [f"{k} = {_num(v)}" for k, v in ev.items() if v is not None]
     elif isinstance(ev, (list, tuple)):
-        items = [str(v) for v in ev]
+        items = [_num(v) for v in ev]
     else:
         items = [str(ev)]
-    return '<ul class="evidence">' + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>"
+    return (
+        '<details class="evidence"><summary>the numbers it rests on</summary><p>'
+        + html.escape(" · ".join(items))
+        + "</p></details>"
+    )
 
 
 def verdict_html(verdict: dict[str, Any] | None, lead: str) -> str:

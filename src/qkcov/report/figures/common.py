@@ -39,7 +39,16 @@ GROUP_COLOURS = ["#2166ac", "#8073ac", "#e08214", "#c51b7d", "#542788", "#7f3b08
 
 
 def save_png(fig: Any, path: str | Path, dpi: int = 120) -> Path:
-    """Write a matplotlib figure as PNG (atomically) and close it."""
+    """Write a matplotlib figure as PNG (atomically) and close it. Log axes get plain tick
+    labels: TeX is off for every figure (names from records are drawn as text), and the
+    default log labels are TeX."""
+    from matplotlib.ticker import LogFormatter, NullFormatter
+
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() == "log":
+                axis.set_major_formatter(LogFormatter(labelOnlyBase=True))
+                axis.set_minor_formatter(NullFormatter())
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)

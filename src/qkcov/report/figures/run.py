@@ -170,7 +170,7 @@ def _plot_scree(out: Path, info: dict[str, Any], h: dict[str, Any], t: dict[str,
     permutation null's 5–95 % band and the ranks marked."""
     feats = [f["name"] for f in info["features"] if f["name"] in h["features"]]
     fig, ax = plt.subplots(figsize=(5.4, 3.0))
-    causal = (h.get("causal_rank") or {}).get("R")
+    causal = (h.get("causal_rank") or {}).get("rank")
     shown = 0
     for fi, f in enumerate(feats):
         key = tensor_prefix(h["name"], f, "pooled") + "singular_values"
@@ -214,26 +214,6 @@ def _plot_scree(out: Path, info: dict[str, Any], h: dict[str, Any], t: dict[str,
     ]
 
 
-def _causal_curve(h: dict[str, Any]) -> tuple[list[float], list[float]] | None:
-    """``(k, Δp)`` of the run's causal-rank curve when it holds one in a readable form
-    (numbers, ``[k, Δp]`` pairs or objects with a rank and a ``delta_p``)."""
-    curve = (h.get("causal_rank") or {}).get("curve")
-    if not isinstance(curve, list) or not curve:
-        return None
-    try:
-        if all(isinstance(c, (int, float)) for c in curve):
-            return list(range(1, len(curve) + 1)), [float(c) for c in curve]
-        if all(isinstance(c, (list, tuple)) and len(c) >= 2 for c in curve):
-            return [float(c[0]) for c in curve], [float(c[1]) for c in curve]
-        if all(isinstance(c, dict) for c in curve):
-            kx = next(k for k in ("k", "rank", "r", "n") if k in curve[0])
-            ky = next(k for k in ("delta_p", "dp", "effect", "value") if k in curve[0])
-            return [float(c[kx]) for c in curve], [float(c[ky]) for c in curve]
-    except (StopIteration, TypeError, ValueError, KeyError):
-        return None
-    return None
-
-
 def _plot_swaps(out: Path, h: dict[str, Any]) -> Entries:
     """Δp of every condition vs its equal-rank random subspaces and the full-key ceiling."""
     sw = h["swaps"]
@@ -248,6 +228,8 @@ def _plot_swaps(out: Path, h: dict[str, Any]) -> Entries:
     ]
     rnd = [conds[n]["random"]["delta_p"]["mean"] for n in names] + [np.nan]
     rsd = [conds[n]["random"]["delta_p"]["std"] for n in names] + [0]
+    prm = [((conds[n].get("permuted") or {}).get("delta_p") or {}) for n in names] + [{}]
+    has_perm = any(prm)
     err = []
     for v, n in zip(vals, [*names, None], strict=True):
         ci = ((conds[n].get("ci") or {}).get("delta_p") if n else None) or (
@@ -256,42 +238,42 @@ def _plot_swaps(out: Path, h: dict[str, Any]) -> Entries:
         err.append([max(v - ci[0], 0), max(ci[1] - v, 0)] if ci and None not in ci else [0, 0])
     fig, ax = plt.subplots(figsize=(1.6 + 1.0 * len(x), 3.0))
     colours = ["#333333" if n == head_cond else "#7f7f7f" for n in names] + ["#c7c7c7"]
+    w = 0.27 if has_perm else 0.4
     ax.bar(
-        x - 0.2,
+        x - w,
         vals,
-        0.4,
+        w,
         yerr=np.array(err).T,
         color=colours,
         label="subspace swap (95 % CI); dark: headline",
     )
     ax.bar(
-        x + 0.2,
+        x,
         rnd,
-        0.4,
+        w,
         yerr=rsd,
         color="#fdb863",
         label="random subspaces, equal rank (mean ± sd)",
     )
+    if has_perm:
+        ax.bar(
+            x + w,
+            [d.get("mean", np.nan) for d in prm],
+            w,
+            yerr=[d.get("std", 0) for d in prm],
+            color="#80cdc1",
+            label="label-permuted subspaces, equal rank (mean ± sd)",
+        )
     ax.set_xticks(x, [f"{n}\n(r={conds[n]['rank']})" for n in names] + ["full key"], fontsize=7)
     ax.axhline(0, color="black", lw=0.5)
     ax.set(title=f"{h['name']}: key swaps (n={sw['n']})", ylabel="Δp")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=1, frameon=False)
-    curve = _causal_curve(h)
-    if curve is not None:  # Δp against the number of leading directions swapped
-        inset = ax.inset_axes([1.08, 0.0, 0.55, 1.0])
-        inset.plot(curve[0], curve[1], "o-", color="#333333", ms=2.5, lw=1)
-        R = (h.get("causal_rank") or {}).get("R")
-        if R:
-            inset.axvline(R, color="black", ls="--", lw=0.9)
-        inset.set_title(f"Δp vs directions swapped (R={R})", fontsize=8)
-        inset.set_xlabel("leading directions", fontsize=7)
-        inset.tick_params(labelsize=7)
     name = f"{_safe(h['name'])}.swaps.png"
     save_png(fig, out / name, dpi=100)
     return [
         {
             "file": name,
-            "caption": "In-forward key swaps on held-out records: Δp, the mean change of p = a_target/(a_orig+a_target) when the most-attended positive key and a negative key exchange their coordinates inside each key subspace (95 % paired-bootstrap CI), against random subspaces of equal rank and the full-key swap (the ceiling).",
+            "caption": "In-forward key swaps on held-out records: Δp, the mean change of p = a_target/(a_orig+a_target) when the most-attended positive key and a negative key exchange their coordinates inside each key subspace (95 % paired-bootstrap CI), against random subspaces of equal rank, subspaces estimated the same way from label-permuted build records, and the full-key swap (the ceiling).",
         }
     ]  # fmt: skip
 
