@@ -2,7 +2,8 @@
 label-permuted subspaces), the label-sensitive centroid patch, the causal rank and the verdict
 of each auto-selected head, for a contrast and its coin-flip relabelling.
 
-``python benchmarks/causal_real.py agreement|name-mover [--n N] [--out DIR]`` prints one line
+``python benchmarks/causal_real.py agreement|name-mover|name-mover-io-first|list|filter|binding
+[--n N] [--out DIR]`` prints one line
 per head and contrast; a coin-flip relabelling (each record's positive and negative swapped by
 a fair coin) should get ``no-evidence``.
 """
@@ -41,7 +42,10 @@ def _f(x, nd=3):
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("task", choices=["agreement", "name-mover", "name-mover-io-first"])
+    p.add_argument(
+        "task",
+        choices=["agreement", "name-mover", "name-mover-io-first", "list", "filter", "binding"],
+    )
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--out", default=None)
     p.add_argument("--only", choices=["real", "coin-flip"], default=None)
@@ -51,11 +55,14 @@ def main() -> None:
     )  # fmt: skip
     a = p.parse_args()
     lm = load_model("smollm2-135m")
-    real = (
-        build_task_records("agreement", n=a.n)
-        if a.task == "agreement"
-        else build_name_mover(a.n, seed=0, io_first=a.task.endswith("io-first"))
-    )
+    if a.task in ("agreement", "filter", "binding"):
+        real = build_task_records(a.task, n=a.n)
+    elif a.task == "list":  # five capitals listed, "The capital of X is" (significance_real.py)
+        from significance_real import list_records
+
+        real = list_records(a.n)
+    else:
+        real = build_name_mover(a.n, seed=0, io_first=a.task.endswith("io-first"))
     out_root = Path(a.out or tempfile.mkdtemp())
     heads = a.heads or "auto:3"
     for label, recs in (("real", real), ("coin-flip", coin_flip(real))):
