@@ -11,8 +11,6 @@ a fair coin) should get ``no-evidence``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import random
 import sys
 import tempfile
 import time
@@ -21,19 +19,10 @@ from pathlib import Path
 from qkcov.models.loading import load_model
 from qkcov.pipeline import RunConfig, run
 from qkcov.tasks.builtin import build_task_records
+from qkcov.tasks.records import coin_flip
 
 sys.path.insert(0, str(Path(__file__).parent))
 from name_mover import build as build_name_mover  # noqa: E402
-
-
-def coin_flip(records, seed: int = 1):
-    rng = random.Random(seed)
-    return [
-        dataclasses.replace(r, positives=r.negatives, negatives=r.positives)
-        if rng.random() < 0.5
-        else r
-        for r in records
-    ]
 
 
 def _f(x, nd=3):
@@ -65,7 +54,7 @@ def main() -> None:
         real = build_name_mover(a.n, seed=0, io_first=a.task.endswith("io-first"))
     out_root = Path(a.out or tempfile.mkdtemp())
     heads = a.heads or "auto:3"
-    for label, recs in (("real", real), ("coin-flip", coin_flip(real))):
+    for label, recs in (("real", real), ("coin-flip", coin_flip(real, seed=1))):
         if a.only not in (None, label):
             continue
         t0 = time.perf_counter()

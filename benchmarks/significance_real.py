@@ -11,14 +11,13 @@ stability of the pooled ΔC, and the Bonferroni-combined p of the per-group ΔCs
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import sys
 
 from qkcov.models.loading import load_model
 from qkcov.pipeline import analyze
 from qkcov.tasks.builtin import build_task_records
-from qkcov.tasks.records import ContrastRecord
+from qkcov.tasks.records import ContrastRecord, coin_flip
 
 CAPITALS = {
     "France": "Paris", "Italy": "Rome", "Japan": "Tokyo", "Egypt": "Cairo", "Peru": "Lima",
@@ -43,16 +42,6 @@ def list_records(n: int = 96, seed: int = 0) -> list[ContrastRecord]:
                 }
             )
         )
-    return out
-
-
-def coin_flip(records, seed: int = 0):
-    rng = random.Random(seed)
-    out = []
-    for r in records:
-        if r.positives and r.negatives and rng.random() < 0.5:
-            r = dataclasses.replace(r, positives=r.negatives, negatives=r.positives)
-        out.append(r)
     return out
 
 

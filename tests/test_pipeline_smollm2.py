@@ -4,13 +4,11 @@ records gets no evidence."""
 
 from __future__ import annotations
 
-import dataclasses
-import random
-
 import pytest
 
 from qkcov.pipeline import analyze
 from qkcov.tasks.builtin import build_task_records
+from qkcov.tasks.records import coin_flip
 
 pytestmark = pytest.mark.slow
 
@@ -34,13 +32,7 @@ def test_agreement_swaps_beat_random_and_coin_flip_is_not_significant(smollm2):
     for h in real.heads:
         assert h.headline.significance["significant"] and h.headline.rank >= 1
 
-    rng = random.Random(0)
-    flipped = [
-        dataclasses.replace(r, positives=r.negatives, negatives=r.positives)
-        if rng.random() < 0.5
-        else r
-        for r in records
-    ]
+    flipped = coin_flip(records, seed=0)
     heads = ",".join(h.name for h in real.heads)
     null = analyze(model, tok, flipped, heads=heads, steps="swaps", progress=False)
     # the null test is calibrated (p uniform under a coin flip: ~5 % of heads pass by chance);

@@ -3,9 +3,6 @@ models are refused; the page and the index page over a folder of runs come from 
 
 from __future__ import annotations
 
-import dataclasses
-import random
-
 import pytest
 
 import qkcov
@@ -13,21 +10,12 @@ from qkcov.cli import main
 from qkcov.models.tiny import tiny_model, tiny_tokenizer
 from qkcov.pipeline import analyze
 from qkcov.tasks.builtin import build_task_records
+from qkcov.tasks.records import coin_flip
 
 CFG = dict(
     n_random=10, n_permutations=50, n_bootstrap=0, batch_size=16, rank_rule="energy",
     steps="projections", heads="L1H2,L0H1", progress=False,
 )  # fmt: skip
-
-
-def _coin_flip(records, seed=0):
-    rng = random.Random(seed)
-    out = []
-    for r in records:
-        if r.positives and r.negatives and rng.random() < 0.5:
-            r = dataclasses.replace(r, positives=r.negatives, negatives=r.positives)
-        out.append(r)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +24,7 @@ def runs(tiny_llama, tmp_path_factory):
     recs = build_task_records("agreement", n=96)
     root = tmp_path_factory.mktemp("runs")
     out = {}
-    for name, r, seed in (("seed0", recs, 0), ("seed1", recs, 1), ("coin", _coin_flip(recs), 1)):
+    for name, r, seed in (("seed0", recs, 0), ("seed1", recs, 1), ("coin", coin_flip(recs), 1)):
         analyze(model, tok, r, seed=seed, **CFG).save(root / name)
         out[name] = root / name
     return root, out

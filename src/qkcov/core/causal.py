@@ -31,6 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .intervention import capped_softmax
 from .statistics import RecordStats, _batched_weighted_outer, _generator, _null_signs
 
 __all__ = [
@@ -168,22 +169,11 @@ def centroid_patch(
         lg = logits.expand(c_orig.shape[0], n, -1).clone()
         lg[:, rows, orig] += shift(c_orig, ko)
         lg[:, rows, target] += shift(c_tgt, kt)
-        if softcap is not None:
-            lg = softcap * torch.tanh(lg / softcap)
-        if mask is not None:
-            m = mask.to(lg.device)
-            lg = lg.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else lg + m.to(lg)
-        a = torch.softmax(lg, -1)
+        a = capped_softmax(lg, mask, softcap)
         a_o, a_t = a[:, rows, orig], a[:, rows, target]
         return a_t / (a_o + a_t).clamp_min(1e-30)
 
-    lg0 = logits.clone()
-    if softcap is not None:
-        lg0 = softcap * torch.tanh(lg0 / softcap)
-    if mask is not None:
-        m = mask.to(lg0.device)
-        lg0 = lg0.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else lg0 + m.to(lg0)
-    a0 = torch.softmax(lg0, -1)
+    a0 = capped_softmax(logits, mask, softcap)
     before = a0[rows, target] / (a0[rows, orig] + a0[rows, target]).clamp_min(1e-30)
     lab = p_after(c_neg, c_pos)  # positive key -> negatives' centroid, negative -> positives'
     mir = p_after(c_pos, c_neg)

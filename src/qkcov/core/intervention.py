@@ -16,6 +16,7 @@ __all__ = [
     "attention_logits",
     "attention_weights",
     "swapped_attention",
+    "capped_softmax",
     "swap_metrics",
     "swap_metrics_per_prompt",
 ]
@@ -135,9 +136,18 @@ def swapped_attention(
     logits = logits.expand(len(bases), n, -1).clone()
     logits[:, rows, orig] += shift
     logits[:, rows, target] -= shift
+    return capped_softmax(logits, mask, softcap)
+
+
+def capped_softmax(
+    logits: torch.Tensor, mask: torch.Tensor | None = None, softcap: float | None = None
+) -> torch.Tensor:
+    """Attention from scaled logits ``[..., S]``: Gemma-2 style capping ``c·tanh(x/c)``, then
+    ``mask`` (bool True = may attend, or additive float), then softmax over the last axis."""
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     if mask is not None:
+        mask = mask.to(logits.device)
         if mask.dtype == torch.bool:
             logits = logits.masked_fill(~mask, float("-inf"))
         else:

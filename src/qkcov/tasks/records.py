@@ -16,7 +16,9 @@ numbers, so nothing is ever computed from a half-valid file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any
 from ..artifacts import atomic_write_bytes, to_jsonable
 
 __all__ = [
+    "coin_flip",
     "Span",
     "ContrastRecord",
     "find_spans",
@@ -465,3 +468,15 @@ def save_records(path: str | Path, records: list[ContrastRecord]) -> Path:
         json.dumps(to_jsonable(r.to_dict()), ensure_ascii=False, allow_nan=False) for r in records
     ]
     return atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+
+
+def coin_flip(records: list[ContrastRecord], seed: int = 0) -> list[ContrastRecord]:
+    """The records with each one's positive and negative keys swapped by a fair coin (seeded):
+    the relabelling every claim must not survive (benchmarks and tests of the verdicts)."""
+    rng = random.Random(seed)
+    return [
+        dataclasses.replace(r, positives=r.negatives, negatives=r.positives)
+        if rng.random() < 0.5
+        else r
+        for r in records
+    ]
