@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -85,22 +84,36 @@ def test_cli_entry_point_imports_no_torch():
     assert out.stdout.split() == ["False", "False"], out.stderr
 
 
+# Runs `python -m qkcov` and says on stdout when the first heavy import (torch, numpy, ...)
+# starts, so the signal lands inside the CLI's own imports whatever the machine's load.
+_SIGNAL_WHEN_IMPORTING = """
+import runpy, sys
+_seen = []
+def _hook(event, args):
+    if event == "import" and not _seen and str(args[0]).split(".")[0] in {"torch", "numpy", "plotly", "matplotlib"}:
+        _seen.append(args[0])
+        print("importing", args[0], flush=True)
+sys.addaudithook(_hook)
+sys.argv = ["qkcov", *sys.argv[1:]]
+runpy.run_module("qkcov", run_name="__main__", alter_sys=True)
+"""
+
+
 def test_sigint_during_heavy_imports_is_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qkcov", "report", str(tmp_path)],
+        [sys.executable, "-c", _SIGNAL_WHEN_IMPORTING, "report", str(tmp_path)],
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
     )
-    time.sleep(1.0)  # inside build_parser: importing plotly / torch
+    line = proc.stdout.readline()  # blocks until the heavy imports begin
+    assert line.startswith("importing "), line
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    if proc.returncode == 2:  # the machine was fast enough to finish first
-        pytest.skip("the command finished before the signal")
-    if proc.returncode == -signal.SIGINT and not err.strip():  # a loaded machine: still starting
-        pytest.skip("the signal arrived while the interpreter itself was starting")
-    assert proc.returncode == 130 and err.strip().splitlines() == ["qkcov report: interrupted"]
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["qkcov report: interrupted"]
 
 
 def test_non_utf8_records_file_names_file_and_line(tmp_path):

@@ -4,7 +4,6 @@ rank recovery, record bootstrap, swap statistics. Plain tensors; the file runs i
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -172,15 +171,10 @@ def test_record_stats_rejects_bad_input():
 
 
 # --------------------------------------------------------------------------- null
-def test_permutation_null_is_fast():
-    st = noise_stats(240, 64, 6)
-    permutation_null(st, 10)  # warm-up
-    start = time.perf_counter()
-    null = permutation_null(st, 200, seed=1)
-    elapsed = time.perf_counter() - start
-    print(f"\npermutation_null n=240 D=64 P=200: {elapsed * 1e3:.0f} ms")
+def test_permutation_null_shapes():
+    # speed is not asserted in tests (shared, noisy machines); timings belong in benchmarks/
+    null = permutation_null(noise_stats(240, 64, 6), 200, seed=1)
     assert null.singular_values.shape == (200, 64) and null.frobenius.shape == (200,)
-    assert elapsed < 1.0
 
 
 @pytest.mark.parametrize(("design", "seeds"), [("both", 400), ("one", 200), ("mixed", 200)])
