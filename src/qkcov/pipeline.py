@@ -642,19 +642,19 @@ def _swaps(
     model: Any,
     tokenizer: Any,
     resolved: Sequence[Any],
-    rows: torch.Tensor | None,
+    swap_base: Callable[[], Any],
     head: Head,
     features: Mapping[str, FeatureResult],
     cfg: RunConfig,
     progress: bool,
     skip_reason: str | None,
     stats: Mapping[str, Any] | None = None,
-    spec: Any = None,
 ) -> SwapResult:
     """Swaps of every condition against random and label-permuted subspaces, the causal rank
     curve (its causal-rank subspace becomes the headline) and the label-sensitive centroid
-    patch on the headline, all from one forward per batch (see :func:`_causal_plan`)."""
-    from .engine.swaps import run_swaps, swap_pairs
+    patch on the headline, all from the unedited forward every head shares (``swap_base()``,
+    :func:`qkcov.engine.swaps.capture_swap_base`; see :func:`_causal_plan`)."""
+    from .engine.swaps import run_swaps
 
     headline_feature = next(iter(features))
     if skip_reason is None and not resolved:
@@ -673,7 +673,8 @@ def _swaps(
         skip_reason = sig.get("reason") or f"feature {headline_feature!r} has rank 0"
     if skip_reason is not None:
         return SwapResult(0, None, {}, None, None, cfg.n_random, skipped=skip_reason)
-    pairs = swap_pairs(resolved, rows, seed=sub_seed(cfg.seed, "pairs"))
+    base = swap_base()
+    pairs = base.pairs[head]
     D = next(iter(bases.values())).shape[0]
     causal = _causal_plan(
         features, bases, headline, stats or {}, cfg, D, f"L{head[0]}H{head[1]}",
@@ -682,8 +683,8 @@ def _swaps(
     sw = run_swaps(
         model, tokenizer, resolved, head[0], head[1], pairs, {k: v.float() for k, v in bases.items()},
         n_random=cfg.n_random, n_random_downstream=min(cfg.n_random_downstream, cfg.n_random),
-        seed=cfg.seed, batch_size=cfg.batch_size, progress=progress, spec=spec,
-        offline=causal.offline, late=causal.late,
+        seed=cfg.seed, batch_size=cfg.batch_size, progress=progress,
+        offline=causal.offline, late=causal.late, base=base,
     )  # fmt: skip
     per = sw.get("per_prompt", {})
     conditions = {
@@ -974,27 +975,25 @@ def _token_view(
     model: Any,
     tokenizer: Any,
     resolved: Sequence[Any],
-    rows: torch.Tensor | None,
+    swap_base: Callable[[], Any] | None,
     head: Head,
     features: Mapping[str, FeatureResult],
     swaps: SwapResult,
     cfg: RunConfig,
-    spec: Any = None,
 ) -> TokenViewResult | None:
-    """The report's per-prompt view: the swap records' first prompts (same swap pairs as
-    :func:`_swaps`), attention before/after the headline swap and the exact logit split
-    (in the run's frame: ``spec`` is the layer's rotary spec under ``--frame query``)."""
-    from .engine.swaps import swap_pairs
+    """The report's per-prompt view: the swap records' first prompts (same swap pairs and
+    the same unedited forward as :func:`_swaps`), attention before/after the headline swap
+    and the exact logit split (in the run's frame)."""
     from .engine.tokenview import collect_token_view
 
-    if rows is None or not resolved:
+    if swap_base is None or not resolved:
         return None
-    pairs = swap_pairs(resolved, rows, seed=sub_seed(cfg.seed, "pairs"))
+    base = swap_base()
     basis = _condition_basis(features, swaps, cfg, int(model_head_dim(model)))
     qb = _query_bases(features)
     info, tensors = collect_token_view(
-        model, tokenizer, resolved, pairs, head[0], head[1], basis, qb,
-        condition=swaps.headline, batch_size=cfg.batch_size, spec=spec,
+        model, tokenizer, resolved, base.pairs[head], head[0], head[1], basis, qb,
+        condition=swaps.headline, batch_size=cfg.batch_size, batches=base.views[head],
     )  # fmt: skip
     if basis is None:
         info["after_reason"] = swaps.skipped or f"condition {swaps.headline!r} has no key basis"
@@ -1313,22 +1312,19 @@ class RunState:
             every=max(self.cfg.checkpoint_every, 1), resume=self.resume,
         )  # fmt: skip
 
-    def load_scan(self) -> tuple[torch.Tensor, list[dict[str, Any]] | None] | None:
+    def load_scan(self) -> list[dict[str, Any]] | None:
         from .engine.checkpoint import load_checked
 
         if not (self.resume and (self.dir / "scan.json").is_file()):
             return None
-        data, tensors = load_checked(self.dir / "scan.json", self.dir / "scan.safetensors")
-        return tensors["rows"], data["scan"]
+        data, _ = load_checked(self.dir / "scan.json", self.dir / "scan.safetensors")
+        return data["scan"]
 
-    def save_scan(self, rows: torch.Tensor, scan: list[dict[str, Any]] | None) -> None:
+    def save_scan(self, scan: list[dict[str, Any]]) -> None:
         from .engine.checkpoint import save_checked
 
         if self.enabled and self._main:
-            save_checked(
-                self.dir / "scan.json", self.dir / "scan.safetensors", {"scan": scan},
-                {"rows": rows.contiguous()},
-            )  # fmt: skip
+            save_checked(self.dir / "scan.json", self.dir / "scan.safetensors", {"scan": scan}, {})
 
     def load_head(self, name: str) -> HeadResult | None:
         from .engine.checkpoint import load_checked
@@ -1405,7 +1401,7 @@ def _analyze(
     state: RunState | None = None,
     dist: Any = None,
 ) -> AnalysisResult:
-    from .engine.contrast import collect_full_keys, collect_qk, resolve_records, run_contrast
+    from .engine.contrast import HeadVectors, collect_qk, resolve_records, run_contrast
     from .engine.scan import attention_rows, scan_heads, select_heads
     from .models.loading import model_info
 
@@ -1431,36 +1427,27 @@ def _analyze(
         if "swaps" in steps
         else []
     )
-    scan = rows = None
+    scan = None
     auto = cfg.heads.strip().lower().startswith("auto")
     with timer.phase("scan"):
+        # explicit --heads: no scan forward at all (the swaps' own base pass finds each head's
+        # most-attended positive key)
         saved = state.load_scan() if state is not None else None
         if saved is not None:
-            rows, scan = saved
+            scan = saved
             timer.log("head scan: resumed from the checkpoint")
-        elif auto or swap_idx:
-            # explicit --heads: only their layers' rows (the swaps' targets), no all-head scan
-            only = None if auto else sorted({l for l, _ in _explicit_heads(cfg.heads, info)})
-            timer.log(
-                f"head scan over {info.n_layers} layers x {info.n_heads} heads"
-                if only is None
-                else f"attention rows of layer(s) {only} for the swap targets"
-            )
-            idx = (scan_idx if auto else []) + swap_idx
-            all_rows = attention_rows(
-                model, tokenizer, [resolved[i] for i in idx], batch_size=cfg.batch_size,
-                progress=progress, dist=dist, layers=only,
+        elif auto and scan_idx:
+            timer.log(f"head scan over {info.n_layers} layers x {info.n_heads} heads")
+            rows = attention_rows(
+                model, tokenizer, [resolved[i] for i in scan_idx], batch_size=cfg.batch_size,
+                progress=progress, dist=dist,
             )  # fmt: skip
-            n_scan = len(idx) - len(swap_idx)
-            rows = all_rows[n_scan:]
-            if n_scan:
-                scan = scan_heads(
-                    all_rows[:n_scan],
-                    [resolved[i] for i in scan_idx],
-                    seed=sub_seed(cfg.seed, "scan"),
-                )
+            scan = scan_heads(
+                rows, [resolved[i] for i in scan_idx], seed=sub_seed(cfg.seed, "scan")
+            )
+            del rows
             if state is not None:
-                state.save_scan(rows, scan)
+                state.save_scan(scan)
     heads = select_heads(cfg.heads, scan, info.n_layers, info.n_heads, k=cfg.n_heads)
     timer.log(f"heads: {', '.join(f'L{l}H{h}' for l, h in heads)}")
 
@@ -1471,54 +1458,67 @@ def _analyze(
     )
     for w in offset_warnings:
         timer.log(w)
-    contrasts, stats = {}, {}
-    with timer.phase("contrast"):
-        for f in plan.features:
-            build = [resolved[i] for i in plan.indices("build", f)]
-            contrasts[f] = run_contrast(
-                model, tokenizer, build, heads, batch_size=cfg.batch_size, progress=progress,
-                keep_records=cfg.n_permutations > 0 or cfg.n_bootstrap > 0, dist=dist,
-                checkpoint=None if state is None else state.contrast(f), frame=cfg.frame,
-            )  # fmt: skip
-            stats[f] = contrasts[f].record_stats
-
     held = plan.indices("heldout") if "projections" in steps else []
     cent = (
         _subset(plan.indices("build"), cfg.n_centroid, cfg.seed, "centroid-subset") if held else []
     )
+    contrasts, stats, cent_parts = {}, {}, []
+    with timer.phase("contrast"):
+        # one forward per build record: every feature's ΔC, and the centroid records' vectors
+        for f in plan.features:
+            idx_f = plan.indices("build", f)
+            mine = set(cent)
+            contrasts[f] = run_contrast(
+                model, tokenizer, [resolved[i] for i in idx_f], heads, batch_size=cfg.batch_size,
+                progress=progress, keep_records=cfg.n_permutations > 0 or cfg.n_bootstrap > 0,
+                dist=dist, checkpoint=None if state is None else state.contrast(f),
+                frame=cfg.frame, vectors_for=[j for j, i in enumerate(idx_f) if i in mine],
+            )  # fmt: skip
+            stats[f] = contrasts[f].record_stats
+            cent_parts.append(([i for i in idx_f if i in mine], contrasts[f].vectors))
+    cent_vecs = None  # the centroid records' vectors (in ``cent`` order) from the ΔC pass
+    if cent and all(v is not None for ids, v in cent_parts if ids):
+        order = [i for ids, _ in cent_parts for i in ids]
+        at_c = {i: j for j, i in enumerate(order)}
+        cent_vecs = {
+            h: HeadVectors.concat([v[h] for ids, v in cent_parts if ids]).select(
+                [at_c[i] for i in cent], renumber=False
+            )
+            for h in heads
+        }
+    attr_idx = (
+        _subset(plan.indices("heldout"), cfg.n_attribution, cfg.seed, "attribution-subset")
+        if "attribution" in steps
+        else []
+    )
     with timer.phase("collect"):
-        vecs = (
+        # ONE forward over the centroid and held-out records feeds the projections and the
+        # attribution's full keys (attribution records are held-out records)
+        # (and the centroid records, unless the ΔC pass resumed from a checkpoint)
+        pre = [] if cent_vecs is not None else cent
+        coll = pre + held + [i for i in attr_idx if i not in set(held)]
+        at = {i: j for j, i in enumerate(coll) if j >= len(pre)}
+        vecs, full = (
             collect_qk(
                 model,
                 tokenizer,
-                [resolved[i] for i in cent + held],
+                [resolved[i] for i in coll],
                 heads,
                 batch_size=cfg.batch_size,
                 progress=progress,
                 dist=dist,
                 frame=cfg.frame,
-            )
-            if held
-            else {}
+                full_keys=[at[i] for i in attr_idx],
+            )  # fmt: skip
+            if coll
+            else ({}, {})
         )
-        attr_idx = (
-            _subset(plan.indices("heldout"), cfg.n_attribution, cfg.seed, "attribution-subset")
-            if "attribution" in steps
-            else []
-        )
-        full = (
-            collect_full_keys(
-                model,
-                tokenizer,
-                [resolved[i] for i in attr_idx],
-                heads,
-                batch_size=cfg.batch_size,
-                progress=progress,
-                frame=cfg.frame,
-            )
-            if attr_idx
-            else {}
-        )
+        if not attr_idx:
+            full = {}
+        if not held:
+            vecs = {}
+        elif cent_vecs is not None:
+            vecs = {h: HeadVectors.concat([cent_vecs[h], vecs[h]]) for h in heads}
     tokens = (
         [
             tokenizer.decode([t])
@@ -1528,10 +1528,32 @@ def _analyze(
         else []
     )
 
+    swap_records = [resolved[i] for i in swap_idx]
+    shared: dict[str, Any] = {}
+
+    def swap_base() -> Any:
+        """The swaps' unedited forward, once for all heads still to do (on first use)."""
+        if "base" not in shared:
+            from .engine.swaps import capture_swap_base
+
+            todo = [h for h in heads if h not in done_heads]
+            shared["base"] = capture_swap_base(
+                model, tokenizer, swap_records, todo, seed=sub_seed(cfg.seed, "pairs"),
+                batch_size=cfg.batch_size, progress=progress,
+                specs=specs if cfg.frame == "query" else None, dist=dist,
+            )  # fmt: skip
+        return shared["base"]
+
     head_results = []
+    done_heads: dict[Head, HeadResult] = {}
+    if state is not None:
+        for head in heads:
+            done = state.load_head(f"L{head[0]}H{head[1]}")
+            if done is not None:
+                done_heads[head] = done
     for head in heads:
         name = f"L{head[0]}H{head[1]}"
-        done = state.load_head(name) if state is not None else None
+        done = done_heads.get(head)
         if done is not None:
             timer.log(f"{name}: resumed from the checkpoint")
             head_results.append(done)
@@ -1562,15 +1584,14 @@ def _analyze(
         with timer.phase("swaps"):
             timer.log(f"{name}: swaps")
             swaps = _swaps(
-                model, tokenizer, [resolved[i] for i in swap_idx], None if rows is None else rows[:, head[0], head[1]],
-                head, features, cfg, progress, None if "swaps" in steps else "step off (--steps)",
+                model, tokenizer, swap_records, swap_base, head, features, cfg, progress,
+                None if "swaps" in steps else "step off (--steps)",
                 {f: (stats[f] or {}).get(head) for f in plan.features},
-                spec=specs.get(head[0]) if cfg.frame == "query" else None,
             )  # fmt: skip
         with timer.phase("token_view"):
             token_view = _token_view(
-                model, tokenizer, [resolved[i] for i in swap_idx], None if rows is None else rows[:, head[0], head[1]],
-                head, features, swaps, cfg, specs.get(head[0]) if cfg.frame == "query" else None,
+                model, tokenizer, swap_records, swap_base if swap_records else None, head,
+                features, swaps, cfg,
             )  # fmt: skip
         with timer.phase("attribution"):
             attribution = (
@@ -1604,6 +1625,7 @@ def _analyze(
         head_results[-1].verdict = _verdict(head_results[-1], cfg)
         if state is not None:
             state.save_head(head_results[-1])
+    shared.clear()  # the swap base's hidden states
     plan.notes.extend(_duplicate_notes(head_results))
 
     feature_info = [

@@ -244,6 +244,9 @@ class ContrastResult:
     # per head: each record's query and mean positive / negative key (``keep_records=True``),
     # what the permutation null and the bootstrap resample without recapturing
     record_stats: dict[Head, Any] | None = None
+    # per head: the :class:`HeadVectors` of the records asked for (``vectors_for``), from the
+    # same forward; ``None`` when not asked or when the pass resumed from a checkpoint
+    vectors: dict[Head, HeadVectors] | None = None
 
     def delta(self, head: Head, group: str | None = None) -> torch.Tensor:
         """ΔC ``[D, D]`` of one head for ``group`` (``None`` or ``"pooled"`` pools all groups)."""
@@ -310,6 +313,7 @@ def run_contrast(
     dist: Dist | None = None,
     checkpoint: Checkpoint | None = None,
     frame: str = "post",
+    vectors_for: Sequence[int] = (),
 ) -> ContrastResult:
     """Accumulate ΔC for every head in ``heads`` over ``resolved`` records.
 
@@ -325,6 +329,9 @@ def run_contrast(
     from the saved batch (the fingerprint gets the heads, batch size, padding, world size and
     a hash of the resolved records added). ``frame="query"``: every key in its query's rotary
     frame (:func:`qkcov.models.rotary.to_query_frame`; logits unchanged).
+    ``vectors_for``: positions in ``resolved`` whose query and key vectors are also kept, as
+    :func:`collect_qk` returns them for ``[resolved[i] for i in vectors_for]`` (the figures'
+    centroid records: no second forward); ``result.vectors`` is ``None`` after a resume.
     """
     if not resolved:
         raise ValueError("run_contrast: no records")
@@ -351,6 +358,8 @@ def run_contrast(
     row_start = torch.cumsum(n_keys, 0) - n_keys
     rec_group = torch.tensor([group_index[r.record.group or "all"] for r in resolved])
     kept: dict[Head, list[tuple[torch.Tensor, ...]]] = {h: [] for h in heads}
+    wanted = {int(i) for i in vectors_for}
+    vec: dict[Head, list[tuple[torch.Tensor, ...]]] = {h: [] for h in heads}
 
     def on_capture(layer: int, cap: CapturedQK) -> None:
         if specs is not None:
@@ -361,9 +370,14 @@ def run_contrast(
         local_rec = rec_of_row[first:last] - recs[0]
         flags = pos_flag[first:last]
         nb = recs.numel()
+        want = [b for b, r in enumerate(recs.tolist()) if r in wanted]
         for j, h in enumerate(cap.heads):
             if (layer, h) not in accs:
                 continue
+            if want:  # key rows of the wanted records, in record order
+                rows = torch.cat([torch.arange(int(row_start[recs[b]]), int(row_start[recs[b]] + n_keys[recs[b]])) - first for b in want])  # fmt: skip
+                vec[(layer, h)].append((recs[want], cap.q[want, j].float().cpu(),
+                                        cap.k[rows, j].float().cpu()))  # fmt: skip
             q = cap.q[:, j].double().cpu()
             k = cap.k[:, j].double().cpu()
             means = {}
@@ -461,7 +475,43 @@ def run_contrast(
     if start:
         meta["resumed_at_batch"] = start
     stats = _record_stats(kept, groups, dist) if keep_records else None
-    return ContrastResult(heads, groups, accs, meta, stats)
+    vectors = None
+    if vectors_for and not start:
+        vectors = _kept_vectors(vec, resolved, [int(i) for i in vectors_for], dist)
+    return ContrastResult(heads, groups, accs, meta, stats, vectors)
+
+
+def _kept_vectors(
+    vec: dict[Head, list[tuple[torch.Tensor, ...]]],
+    resolved: Sequence[ResolvedRecord],
+    positions: Sequence[int],
+    dist,
+) -> dict[Head, HeadVectors]:
+    """Every rank's kept vectors (keyed by position in ``resolved``) as :class:`HeadVectors`
+    of ``[resolved[i] for i in positions]``, in that order."""
+    parts = gather_objects(vec, dist)
+    records = [resolved[i] for i in positions]
+    out = {}
+    for h in vec:
+        by_pos: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for part in parts:
+            for recs, q, k in part[h]:
+                start = 0
+                for b, pos in enumerate(recs.tolist()):
+                    n = len(resolved[pos].keys)
+                    by_pos[pos] = (q[b], k[start : start + n])
+                    start += n
+        qs = [by_pos[i][0] for i in positions]
+        ks = [by_pos[i][1] for i in positions]
+        out[h] = HeadVectors(
+            torch.stack(qs),
+            torch.cat(ks),
+            torch.tensor([r.index for r in records for _ in r.keys]),
+            torch.tensor([k.positive for r in records for k in r.keys], dtype=torch.bool),
+            [k.label for r in records for k in r.keys],
+            [r.record.group for r in records],
+        )
+    return out
 
 
 def _frame_specs(model: torch.nn.Module, frame: str, layers: Any) -> dict[int, Any] | None:
@@ -579,21 +629,36 @@ class HeadVectors:
     key_labels: list[str | None]
     record_groups: list[str | None]
 
-    def select(self, records: Sequence[int]) -> HeadVectors:
+    def select(self, records: Sequence[int], renumber: bool = True) -> HeadVectors:
         """The vectors of the given records (positions in this object's record order), with
-        ``key_record`` renumbered 0..len(records)-1."""
+        ``key_record`` renumbered 0..len(records)-1 (``renumber=False``: kept as it is)."""
         uniq = list(dict.fromkeys(self.key_record.tolist()))  # record order (every record has keys)
         rank = {r: i for i, r in enumerate(uniq)}
         local = torch.tensor([rank[int(r)] for r in self.key_record])
         pick = {int(r): j for j, r in enumerate(records)}
         rows = [i for i, r in enumerate(local.tolist()) if r in pick]
+        rows = sorted(rows, key=lambda i: pick[int(local[i])])  # the records' order given
         return HeadVectors(
             self.q[list(records)],
             self.keys[rows],
-            torch.tensor([pick[int(local[i])] for i in rows], dtype=torch.long),
+            torch.tensor([pick[int(local[i])] for i in rows], dtype=torch.long)
+            if renumber
+            else self.key_record[rows],
             self.key_positive[rows],
             [self.key_labels[i] for i in rows],
             [self.record_groups[r] for r in records],
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[HeadVectors]) -> HeadVectors:
+        """The records of ``parts`` one after another (distinct records)."""
+        return HeadVectors(
+            torch.cat([p.q for p in parts]),
+            torch.cat([p.keys for p in parts]),
+            torch.cat([p.key_record for p in parts]),
+            torch.cat([p.key_positive for p in parts]),
+            [x for p in parts for x in p.key_labels],
+            [x for p in parts for x in p.record_groups],
         )
 
     def to_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -616,18 +681,32 @@ def collect_qk(
     progress: bool = True,
     dist: Dist | None = None,
     frame: str = "post",
-) -> dict[Head, HeadVectors]:
+    full_keys: Sequence[int] | None = None,
+) -> dict[Head, HeadVectors] | tuple[dict[Head, HeadVectors], dict[Head, dict[str, Any]]]:
     """Each record's query vector and every key-site vector for ``heads`` (float32).
 
     ``dist``: each rank captures its whole batches; the rows are gathered back in record
     order, so every rank returns the one-process result.
+    ``full_keys``: positions in ``resolved`` whose every key up to the query is captured in
+    the same forward for exact attribution; then returns ``(vectors, full)`` with ``full``
+    as :func:`collect_full_keys` returns it for ``[resolved[i] for i in full_keys]``.
     """
     if not resolved:
         raise ValueError("collect_qk: no records")
     heads = [(int(layer), int(head)) for layer, head in heads]
     by_layer = _layer_heads(heads)
     specs = _frame_specs(model, frame, by_layer)
-    sites = QKSites([[r.query] for r in resolved], [r.key_positions for r in resolved])
+    wide = {int(i): j for j, i in enumerate(full_keys or [])}
+    if len(wide) != len(full_keys or []) or any(not 0 <= i < len(resolved) for i in wide):
+        raise ValueError(f"full_keys must be distinct positions in 0..{len(resolved) - 1}")
+    # key sites of a record: its key positions, then (full_keys) every position up to the query
+    sites = QKSites(
+        [[r.query] for r in resolved],
+        [
+            r.key_positions + (list(range(r.query + 1)) if i in wide else [])
+            for i, r in enumerate(resolved)
+        ],
+    )
     batches = shard_batches(len(resolved), batch_size, dist)
     caps = (
         capture_prompts(
@@ -653,19 +732,31 @@ def collect_qk(
     key_positive = torch.tensor([k.positive for r in resolved for k in r.keys], dtype=torch.bool)
     labels = [k.label for r in resolved for k in r.keys]
     groups = [r.record.group for r in resolved]
-    out = {}
+    site = torch.tensor(
+        [s for i, r in enumerate(resolved) for s in [True] * len(r.key_positions) + [False] * (r.query + 1 if i in wide else 0)],
+        dtype=torch.bool,
+    )  # fmt: skip  # True = a key site, False = a full-key row
+    out, full = {}, {}
     for layer, head in heads:
         cap = caps[layer]
         j = cap.heads.index(head)
+        k = cap.k[:, j].cpu()
         out[(layer, head)] = HeadVectors(
             cap.q[:, j].float().cpu(),
-            cap.k[:, j].float().cpu(),
+            k[site].float(),
             key_record,
             key_positive,
             labels,
             groups,
         )
-    return out
+        if full_keys is not None:
+            kex = cap.k_index[:, 0].cpu()
+            full[(layer, head)] = {
+                "q": cap.q[list(wide), j].double().cpu(),
+                "keys": [k[(kex == i) & ~site].double() for i in wide],
+                "scaling": cap.scaling,
+            }
+    return out if full_keys is None else (out, full)
 
 
 def collect_full_keys(
@@ -685,20 +776,8 @@ def collect_full_keys(
     """
     if not resolved:
         raise ValueError("collect_full_keys: no records")
-    heads = [(int(layer), int(head)) for layer, head in heads]
-    specs = _frame_specs(model, frame, {l for l, _ in heads})
-    sites = QKSites([[r.query] for r in resolved], [list(range(r.query + 1)) for r in resolved])
-    caps = capture_prompts(
-        model, tokenizer, [r.text for r in resolved], sites, sorted({l for l, _ in heads}),
-        sorted({h for _, h in heads}), batch_size=batch_size, progress=progress,
+    _, full = collect_qk(
+        model, tokenizer, resolved, heads, batch_size=batch_size, progress=progress,
+        frame=frame, full_keys=range(len(resolved)),
     )  # fmt: skip
-    if specs is not None:
-        caps = {layer: to_query_frame(c, specs[layer]) for layer, c in caps.items()}
-    out: dict[Head, dict[str, Any]] = {}
-    for layer, head in heads:
-        cap = caps[layer]
-        j = cap.heads.index(head)
-        kex = cap.k_index[:, 0].cpu()
-        keys = [cap.k[kex == b, j].double().cpu() for b in range(len(resolved))]
-        out[(layer, head)] = {"q": cap.q[:, j].double().cpu(), "keys": keys, "scaling": cap.scaling}
-    return out
+    return full

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,17 +36,26 @@ from ..models.intervene import (
     KeySwap,
     answer_logprobs,
     can_resume,
-    capture_layer_input,
+    capture_layer_inputs,
     swap_keys_forward,
+    token_ranks,
 )
 from ..models.loading import model_info
 
-__all__ = ["swap_pairs", "run_swaps", "METRICS"]
+__all__ = ["swap_pairs", "swap_targets", "run_swaps", "capture_swap_base", "SwapBase", "METRICS"]
 
 METRICS = ("delta_p", "flip_items", "flip_all", "logprob_shift")
 
 # rows (conditions × prompts) per resumed forward; larger batches amortise per-call overhead
 _SUFFIX_ROWS = 64
+
+
+def swap_targets(resolved: Sequence[Any], seed: int = 0) -> list[int | None]:
+    """Per record the swap's ``target``: a random negative key (``None`` without both sides).
+
+    The draws do not depend on the head, so every studied head swaps the same targets."""
+    rng = random.Random(seed)
+    return [rng.choice(r.negatives) if r.positives and r.negatives else None for r in resolved]
 
 
 def swap_pairs(
@@ -55,21 +64,20 @@ def swap_pairs(
     """Per record ``(orig, target)`` key positions, or ``None`` without both sides.
 
     ``rows_for_head [n, S]``: each record's query-row attention of the studied head
-    (unpadded), e.g. ``attention_rows(...)[:, layer, head]``.
+    (unpadded), e.g. ``attention_rows(...)[:, layer, head]``; ``orig`` is its most-attended
+    positive key, ``target`` :func:`swap_targets`.
     """
     if rows_for_head.shape[0] != len(resolved):
         raise ValueError(
             f"rows_for_head has {rows_for_head.shape[0]} rows for {len(resolved)} records"
         )
-    rng = random.Random(seed)
     pairs: list[tuple[int, int] | None] = []
-    for i, r in enumerate(resolved):
-        if not r.positives or not r.negatives:
+    for i, (r, t) in enumerate(zip(resolved, swap_targets(resolved, seed), strict=True)):
+        if t is None:
             pairs.append(None)
             continue
         pos = torch.tensor(r.positives)
-        orig = int(pos[rows_for_head[i, pos].argmax()])
-        pairs.append((orig, rng.choice(r.negatives)))
+        pairs.append((int(pos[rows_for_head[i, pos].argmax()]), t))
     return pairs
 
 
@@ -108,22 +116,25 @@ class _Batch:
     spec: RotarySpec | None = None  # --frame query: the layer's rotary spec
 
 
-def _capture(
-    model, tokenizer, batch, pairs, layer, head, *, resume, padding_side, spec=None
-) -> _Batch:
-    ids, mask = tokenize_batch(tokenizer, [r.text for r in batch], padding_side)
-    orig = torch.tensor([p[0] for p in pairs])
-    target = torch.tensor([p[1] for p in pairs])
-    tokens = torch.tensor(
+def _tokens(batch: Sequence[Any], pairs: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """``[B, 3]``: orig's, target's and the record's answer token (orig's without one)."""
+    return torch.tensor(
         [
             [r.answer_token(o), r.answer_token(t), r.answer_token(o) if r.answer_id is None else r.answer_id]
             for r, (o, t) in zip(batch, pairs, strict=True)
         ]
     )  # fmt: skip
+
+
+def _batch(ids, mask, batch, pairs, cap, logits, spec) -> _Batch:
+    """A head's view of one captured batch: its swap pairs, answer log-probs, q/k in frame."""
+    orig = torch.tensor([p[0] for p in pairs])
+    target = torch.tensor([p[1] for p in pairs])
+    tokens = _tokens(batch, pairs)
+    cap.answer_logprobs = answer_logprobs(logits, tokens)
+    cap.answer_ranks = token_ranks(logits, tokens)
     has_answer = torch.tensor([r.answer_id is not None for r in batch])
     qpos = [r.query for r in batch]
-    cap = capture_layer_input(model, ids, mask, layer, head, query_positions=qpos,
-                              answer_tokens=tokens, keep_hidden=resume)  # fmt: skip
     cand = torch.zeros(len(batch), ids.shape[1], dtype=torch.bool)
     for b, r in enumerate(batch):
         cand[b, r.key_positions] = True
@@ -134,6 +145,126 @@ def _capture(
         keys = rotate(keys.double(), pq[:, None], spec, inverse=True)
     return _Batch(ids, mask, qpos, orig, target, tokens, has_answer, cand, cap, [], query, keys,
                   spec)  # fmt: skip
+
+
+def _capture(
+    model, tokenizer, batch, pairs, layer, head, *, resume, padding_side, spec=None
+) -> _Batch:
+    ids, mask = tokenize_batch(tokenizer, [r.text for r in batch], padding_side)
+    caps, logits = capture_layer_inputs(
+        model, ids, mask, [(layer, head)], query_positions=[r.query for r in batch],
+        keep_hidden=resume,
+    )  # fmt: skip
+    return _batch(ids, mask, batch, pairs, next(iter(caps.values())), logits, spec)
+
+
+@dataclass
+class SwapBase:
+    """The swaps' unedited state, shared by every studied head: ONE forward per batch of the
+    swap records (those with a positive and a negative key), seen from all heads at once.
+
+    ``keep``: indices (into the records passed) of the swap records, in batch order;
+    ``pairs[head]``: per record ``(orig, target)`` or ``None`` (``orig`` = the head's
+    most-attended positive key in this very forward); ``batches[head]``: that head's
+    :class:`_Batch` per batch, ready for :func:`run_swaps` (``base=``) and the token view.
+    Holds each batch's hidden state entering every studied layer (one copy per layer).
+    """
+
+    keep: list[int]
+    pairs: dict[tuple[int, int], list[tuple[int, int] | None]]
+    batches: dict[tuple[int, int], list[_Batch]]
+    resume: dict[int, bool]
+    mine: list[int] = field(default_factory=list)  # this rank's batch indices (``batches``)
+    views: dict[tuple[int, int], list[View]] = field(default_factory=dict)  # every batch
+    dist: Any = None
+
+
+@dataclass
+class View:
+    """What the token view reads of one captured batch (every rank holds every batch's):
+    ``rows`` (record indices), ``query [B, D]`` / ``keys [B, S, D]`` in the bases' frame,
+    ``mask [B, S]`` (additive, unpadded), ``scaling``, ``softcap``."""
+
+    rows: list[int]
+    query: torch.Tensor
+    keys: torch.Tensor
+    mask: torch.Tensor
+    scaling: float
+    softcap: float | None
+
+
+def capture_swap_base(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    resolved: Sequence[Any],
+    heads: Sequence[tuple[int, int]],
+    *,
+    seed: int = 0,
+    batch_size: int = 8,
+    padding_side: str = "left",
+    specs: Mapping[int, RotarySpec | None] | None = None,
+    progress: bool = True,
+    dist: Any = None,
+) -> SwapBase:
+    """:class:`SwapBase` of ``heads`` on ``resolved`` (targets: :func:`swap_targets` with
+    ``seed``; ``specs``: layer → rotary spec for query-frame bases, see :func:`run_swaps`).
+
+    ``dist`` (torchrun): each rank forwards its whole batches (batch ``b`` on rank
+    ``b % world``, as :func:`qkcov.engine.distributed.shard_batches`); :func:`run_swaps` then
+    measures those and gathers the per-batch results, so every rank returns the one-process
+    result. The pairs and the token view's :class:`View` of every batch are gathered here."""
+    from .distributed import gather_objects, shard_batches
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    heads = [(int(l), int(h)) for l, h in heads]
+    targets = swap_targets(resolved, seed)
+    keep = [i for i, t in enumerate(targets) if t is not None]
+    layers = sorted({l for l, _ in heads})
+    resume_all = all(can_resume(model, l) for l in layers)
+    pairs: dict[tuple[int, int], list[tuple[int, int] | None]] = {
+        h: [None] * len(resolved) for h in heads
+    }
+    batches: dict[tuple[int, int], list[_Batch]] = {h: [] for h in heads}
+    shards = shard_batches(len(keep), batch_size, dist)
+    for shard in tqdm(shards, desc="swap base", unit="fwd", disable=not progress):
+        idx = [keep[j] for j in shard]
+        batch = [resolved[i] for i in idx]
+        ids, mask = tokenize_batch(tokenizer, [r.text for r in batch], padding_side)
+        caps, logits = capture_layer_inputs(
+            model, ids, mask, heads, query_positions=[r.query for r in batch],
+            keep_hidden=resume_all,
+        )  # fmt: skip
+        for h in heads:
+            cap = caps[h]
+            row = swapped_attention(
+                cap.query.cpu().double(), cap.keys.cpu().double(), torch.zeros(len(idx), dtype=torch.long),
+                torch.zeros(len(idx), dtype=torch.long), [None], cap.mask.cpu(), cap.scaling, cap.softcap,
+            )[0]  # fmt: skip  # [B, S] the head's attention row (unpadded)
+            hp = []
+            for j, (i, r) in enumerate(zip(idx, batch, strict=True)):
+                pos = torch.tensor(r.positives)
+                hp.append((int(pos[row[j, pos].argmax()]), int(targets[i])))
+                pairs[h][i] = hp[-1]
+            b = _batch(ids, mask, batch, hp, cap, logits, (specs or {}).get(h[0]))
+            b.rows = idx
+            batches[h].append(b)
+        del logits
+    mine = [shard.start // batch_size for shard in shards]
+    views = {
+        h: [(bi, View(b.rows, b.query, b.keys, b.cap.mask.cpu(), b.cap.scaling, b.cap.softcap))
+            for bi, b in zip(mine, batches[h], strict=True)]
+        for h in heads
+    }  # fmt: skip
+    if dist is not None and dist.enabled:
+        own = {h: {i: p for i, p in enumerate(pairs[h]) if p is not None} for h in heads}
+        parts = gather_objects((own, views), dist)
+        views = {h: [v for _, vs in parts for v in vs[h]] for h in heads}
+        for h in heads:  # every rank's pairs, placed by record
+            got = {i: p for ps, _ in parts for i, p in ps[h].items()}
+            pairs[h] = [got.get(i) for i in range(len(resolved))]
+    views = {h: [v for _, v in sorted(vs, key=lambda x: x[0])] for h, vs in views.items()}
+    return SwapBase(keep, pairs, batches, {l: resume_all for l in layers}, mine, views, dist)
 
 
 def _offline(b: _Batch, bases: Sequence[torch.Tensor | None]) -> dict[str, torch.Tensor]:
@@ -174,6 +305,16 @@ def _swap_batch(
     margin0 = lp0[:, 1] - lp0[:, 0]
     if ("null", None) in out:
         out[("null", None)]["logprob_shift"] = torch.zeros(B, dtype=torch.float64)
+    # a full-rank basis (a condition of rank D or any of its random draws) swaps the whole
+    # key: the same edit as the ceiling, so it reuses the ceiling's pass
+    D = b.query.shape[-1]
+    ceiling = ("ceiling", None)
+    same = {
+        c: ceiling
+        for c in downstream
+        if ceiling in downstream and c != ceiling and int(basis_of[c].shape[1]) == D
+    }
+    downstream = [c for c in downstream if c not in same]
     for c0 in range(0, len(downstream), chunk):
         group = downstream[c0 : c0 + chunk]
         G = len(group)
@@ -189,6 +330,8 @@ def _swap_batch(
             shift = (lp[ci, :, 1] - lp[ci, :, 0]) - margin0
             out[c]["logprob_shift"] = torch.where(b.has_answer, lp0[:, 2] - lp[ci, :, 2], shift)
         bar.update(1)
+    for c, c_same in same.items():
+        out[c]["logprob_shift"] = out[c_same]["logprob_shift"].clone()
     return out
 
 
@@ -219,6 +362,7 @@ def run_swaps(
     patches: Mapping[str, Patch] | None = None,
     late: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     spec: RotarySpec | None = None,
+    base: SwapBase | None = None,
 ) -> dict[str, Any]:
     """Swaps of (orig, target) keys of head ``(layer, head)`` (see the module docstring).
 
@@ -248,6 +392,9 @@ def run_swaps(
         spec: the layer's rotary spec for query-frame bases (``--frame query``): attention
             metrics are computed on ``R(p_q)ᵀ``-rotated q/k and the in-forward swap uses
             ``R(p_q) V`` on the post-RoPE keys; ``None`` = bases are post-RoPE directions.
+        base: the shared unedited forward (:func:`capture_swap_base` over the same
+            ``resolved`` with this head; ``pairs`` must be ``base.pairs[(layer, head)]``):
+            no forward of its own, only the downstream passes.
 
     Returns ``{"n", "ranks", "n_random", "n_random_downstream", "null", "conditions": {name:
     metrics}, "random": {name: {metric: {"mean", "std", "draws"}}}, "ceiling", "per_prompt":
@@ -288,60 +435,74 @@ def run_swaps(
         down = [c for c in basis_of if c[0] != "null" and (c[1] is None or c[1] < n_down)]
         return basis_of, down
 
-    resume = can_resume(model, layer)
+    prepared: list[_Batch] = []
+    if base is not None:
+        key = (model_info(model).n_layers + layer if layer < 0 else layer, head)
+        if key not in base.batches or base.keep != keep:
+            raise ValueError(
+                f"run_swaps: the shared base holds no batches of head {key} for these pairs"
+            )
+        prepared = base.batches[key]
+        if [b.rows for b in prepared] != [
+            keep[bi * batch_size : (bi + 1) * batch_size] for bi in base.mine
+        ]:
+            raise ValueError("run_swaps: the shared base was captured with another batch_size")
+    resume = base.resume[key[0]] if base is not None else can_resume(model, layer)
+    dist = base.dist if base is not None else None
     basis_of, downstream = plan(bases, extra=False)
-    per: dict[Cond, dict[str, list[torch.Tensor]]] = {c: {} for c in basis_of}
-    fam: dict[str, dict[str, list[torch.Tensor]]] = {}
-    pat: dict[str, dict[str, list[torch.Tensor]]] = {}
-    ranks: list[torch.Tensor] = []
-    starts = range(0, len(keep), batch_size)
+    starts = list(range(0, len(keep), batch_size))
+    mine = base.mine if base is not None else list(range(len(starts)))  # this rank's batches
     chunk = max(1, _SUFFIX_ROWS // batch_size)
     n_chunks = -(-len(downstream) // chunk)
-    bar = tqdm(total=len(starts) * (1 + n_chunks), desc=f"swaps L{layer}H{head}", unit="fwd",
-               disable=not progress)  # fmt: skip
+    bar = tqdm(total=len(mine) * ((not prepared) + n_chunks), desc=f"swaps L{layer}H{head}",
+               unit="fwd", disable=not progress)  # fmt: skip
     kept: list[_Batch] = []
 
     def extras(b: _Batch, off: Mapping[str, Sequence[torch.Tensor]] | None,
-               pt: Mapping[str, Patch] | None) -> None:  # fmt: skip
+               pt: Mapping[str, Patch] | None) -> tuple[dict, dict]:  # fmt: skip
+        fam_b: dict[str, dict[str, torch.Tensor]] = {}
+        pat_b: dict[str, dict[str, torch.Tensor]] = {}
         names = [n for n, draws in (off or {}).items() if len(draws)]
         if names:  # every family's draws in one offline recomputation
             m = _offline(b, [x.double() for n in names for x in off[n]])
             start = 0
             for name in names:
                 k = len(off[name])
-                for key, v in m.items():
-                    fam.setdefault(name, {}).setdefault(key, []).append(v[start : start + k])
+                fam_b[name] = {key: v[start : start + k] for key, v in m.items()}
                 start += k
         for name, (basis, mu_p, mu_n) in (pt or {}).items():
             cap = b.cap
             if mu_p.ndim == 3:  # per-record centroids [P, len(resolved), D]
                 mu_p, mu_n = mu_p[:, b.rows], mu_n[:, b.rows]
-            m = centroid_patch(b.query, b.keys, b.orig, b.target, basis, mu_p,
-                               mu_n, cap.mask.cpu(), cap.scaling, cap.softcap)  # fmt: skip
-            for key, v in m.items():
-                pat.setdefault(name, {}).setdefault(key, []).append(v)
+            pat_b[name] = centroid_patch(b.query, b.keys, b.orig, b.target, basis, mu_p,
+                                         mu_n, cap.mask.cpu(), cap.scaling, cap.softcap)  # fmt: skip
+        return fam_b, pat_b
 
-    for start in starts:
-        idx = keep[start : start + batch_size]
-        b = _capture(model, tokenizer, [resolved[i] for i in idx], [pairs[i] for i in idx],
-                     layer, head, resume=resume, padding_side=padding_side, spec=spec)  # fmt: skip
-        b.rows = idx
-        bar.update(1)
+    results: list[tuple[int, dict[str, Any]]] = []  # (batch index, what the batch measured)
+    for j, bi in enumerate(mine):
+        idx = keep[starts[bi] : starts[bi] + batch_size]
+        if prepared:
+            b = prepared[j]
+        else:
+            b = _capture(model, tokenizer, [resolved[i] for i in idx], [pairs[i] for i in idx],
+                         layer, head, resume=resume, padding_side=padding_side, spec=spec)  # fmt: skip
+            b.rows = idx
+            bar.update(1)
+        ranks_b = None
         if b.has_answer.any() and b.cap.answer_ranks is not None:
-            ranks.append(b.cap.answer_ranks[b.has_answer, 2])
+            ranks_b = b.cap.answer_ranks[b.has_answer, 2]
         state = _swap_batch(model, b, layer, head, basis_of, downstream, resume=resume,
                             chunk=chunk, bar=bar)  # fmt: skip
-        for c, m in state.items():
-            for key, v in m.items():
-                per[c].setdefault(key, []).append(v)
-        extras(b, offline, patches)
+        fam_b, pat_b = extras(b, offline, patches)
+        results.append((bi, {"per": state, "fam": fam_b, "pat": pat_b, "ranks": ranks_b}))
         if late is not None:
             kept.append(b)
     bar.close()
 
+    per, fam, pat, ranks = _merged(_gathered(results, dist), basis_of)
     out = _assemble(per, fam, pat, bases, n_random, n_down, len(keep), ranks)
     if late is not None:
-        more = late(out) or {}
+        more = late(out) or {}  # the same on every rank: it sees the gathered result
         lb = dict(more.get("bases") or {})
         _check_bases(lb, D)
         clash = set(lb) & set(bases)
@@ -349,22 +510,52 @@ def run_swaps(
             raise ValueError(f"late conditions {sorted(clash)} already exist")
         basis2, down2 = plan(lb, extra=True)
         down2 = [c for c in down2 if c[1] is None]  # random draws: attention side only
-        per2: dict[Cond, dict[str, list[torch.Tensor]]] = {c: {} for c in basis2}
-        fam.clear(), pat.clear()
         bar2 = tqdm(total=0, disable=True)
-        for b in kept:
-            if basis2:
-                state = _swap_batch(model, b, layer, head, basis2, down2, resume=resume,
-                                    chunk=chunk, bar=bar2)  # fmt: skip
-                for c, m in state.items():
-                    for key, v in m.items():
-                        per2[c].setdefault(key, []).append(v)
-            extras(b, more.get("offline"), more.get("patches"))
+        results = []
+        for bi, b in zip(mine, kept, strict=True):
+            state = (
+                _swap_batch(
+                    model, b, layer, head, basis2, down2, resume=resume, chunk=chunk, bar=bar2
+                )  # fmt: skip
+                if basis2
+                else {}
+            )
+            fam_b, pat_b = extras(b, more.get("offline"), more.get("patches"))
+            results.append((bi, {"per": state, "fam": fam_b, "pat": pat_b, "ranks": None}))
         kept.clear()
+        per2, fam, pat, _ = _merged(_gathered(results, dist), basis2)
         out2 = _assemble(per2, fam, pat, lb, n_random, n_down, len(keep), [])
         for key in ("ranks", "conditions", "random", "per_prompt", "offline", "patches"):
             out[key].update(out2[key])
     return out
+
+
+def _gathered(results: list[tuple[int, dict[str, Any]]], dist: Any) -> list[dict[str, Any]]:
+    """Every rank's per-batch results, in batch order (one process: its own)."""
+    if dist is not None and dist.enabled:
+        from .distributed import gather_objects
+
+        results = [r for part in gather_objects(results, dist) for r in part]
+    return [r for _, r in sorted(results, key=lambda x: x[0])]
+
+
+def _merged(results: Sequence[dict[str, Any]], basis_of: Mapping[Cond, Any]) -> tuple:
+    """Per-batch results (in batch order) as the lists :func:`_assemble` concatenates."""
+    per: dict[Cond, dict[str, list[torch.Tensor]]] = {c: {} for c in basis_of}
+    fam: dict[str, dict[str, list[torch.Tensor]]] = {}
+    pat: dict[str, dict[str, list[torch.Tensor]]] = {}
+    ranks: list[torch.Tensor] = []
+    for r in results:
+        for c, m in r["per"].items():
+            for key, v in m.items():
+                per[c].setdefault(key, []).append(v)
+        for into, part in ((fam, r["fam"]), (pat, r["pat"])):
+            for name, m in part.items():
+                for key, v in m.items():
+                    into.setdefault(name, {}).setdefault(key, []).append(v)
+        if r["ranks"] is not None:
+            ranks.append(r["ranks"])
+    return per, fam, pat, ranks
 
 
 def _check_bases(bases: Mapping[str, torch.Tensor], D: int) -> None:

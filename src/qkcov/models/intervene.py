@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,6 +43,8 @@ __all__ = [
     "capture_layer_input",
     "can_resume",
     "answer_logprobs",
+    "capture_layer_inputs",
+    "token_ranks",
 ]
 
 # edit(q_h [B, S, D], k_h [B, S, D]) -> (q_h, k_h); padded coordinates, may edit in place.
@@ -342,6 +345,103 @@ class LayerInput:
     answer_ranks: torch.Tensor | None = None
 
 
+def capture_layer_inputs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    heads: Sequence[tuple[int, int]],
+    *,
+    query_positions: int | Sequence[int] = -1,
+    keep_hidden: bool = True,
+) -> tuple[dict[tuple[int, int], LayerInput], torch.Tensor]:
+    """ONE unedited forward seen from several heads (any layers): per head a
+    :class:`LayerInput` without answer log-probs (``answer_logprobs`` empty; see
+    :func:`answer_logprobs` / :func:`token_ranks` on the returned logits), and the next-token
+    logits ``[B, V]`` at each example's last real token (on the model's device; the caller
+    keeps only what it needs of them). Heads on the same layer share one ``hidden`` tensor.
+    ``keep_hidden=False`` skips the layer-input copies (full-forward fallback).
+    """
+    if not heads:
+        raise ValueError("capture_layer_inputs: no heads")
+    info = model_info(model)
+    heads = [(check_layers(l, info.n_layers)[0], check_heads(h, info.n_heads)[0]) for l, h in heads]
+    _, _, input_ids, attention_mask = _checked_inputs(
+        model, input_ids, attention_mask, heads[0][0], heads[0][1]
+    )
+    device = input_ids.device
+    B, S = input_ids.shape
+    qpos = [query_positions] * B if isinstance(query_positions, int) else list(query_positions)
+    ex, q_padded, _ = resolve_positions([[p] for p in qpos], attention_mask, "query position")
+    layers = sorted({l for l, _ in heads})
+    store: dict[int, dict[str, Any]] = {l: {} for l in layers}
+
+    def hook_for(layer: int) -> Callable[[LayerCall], None]:
+        def hook(call: LayerCall) -> None:
+            st = store[layer]
+            m = call.mask()
+            for l, head in heads:
+                if l != layer:
+                    continue
+                kv = head // call.group_size
+                row = m[
+                    ex if m.shape[0] > 1 else torch.zeros_like(ex), 0 if m.shape[1] == 1 else head
+                ]
+                row = row[torch.arange(B, device=device), q_padded]  # [B, S]
+                if row.dtype == torch.bool:
+                    row = torch.zeros(row.shape, dtype=torch.float64, device=device).masked_fill(
+                        ~row, float("-inf")
+                    )
+                st[head] = (call.query[ex, head, q_padded], call.key[:, kv], row.double())
+            st["scaling"], st["softcap"] = call.scaling, call.softcap
+
+        return hook
+
+    handles = []
+    if keep_hidden:
+        decoder = _decoder_layers(model, layers[-1])
+        if decoder is None:
+            raise ValueError(
+                f"{type(model).__name__}: cannot locate its decoder layers; use keep_hidden=False"
+            )
+        for layer in layers:
+
+            def pre(_m, args, kwargs, layer=layer):
+                store[layer]["hidden"] = args[0] if args else kwargs["hidden_states"]
+
+            handles.append(decoder[layer].register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        with torch.no_grad(), attention_hooks(model, {l: hook_for(l) for l in layers}) as session:
+            logits = _forward_logits(model, input_ids, attention_mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    session.check_called(model, layers)
+    if keep_hidden and any("hidden" not in store[l] for l in layers):
+        raise ValueError(f"{type(model).__name__}: a decoder layer in {layers} was not called")
+    real = [attention_mask[b].nonzero().flatten() for b in range(B)]
+    out: dict[tuple[int, int], LayerInput] = {}
+    for layer, head in heads:
+        query, padded_keys, padded_mask = store[layer][head]
+        # padded -> unpadded key coordinates; padding slots stay masked
+        keys = torch.zeros_like(padded_keys)
+        mask = torch.full((B, S), float("-inf"), dtype=torch.float64, device=device)
+        for b in range(B):
+            keys[b, : real[b].numel()] = padded_keys[b, real[b]]
+            mask[b, : real[b].numel()] = padded_mask[b, real[b]]
+        out[(layer, head)] = LayerInput(
+            layer=layer,
+            head=head,
+            hidden=store[layer]["hidden"] if keep_hidden else torch.empty(0),
+            query=query,
+            keys=keys,
+            mask=mask,
+            scaling=float(store[layer]["scaling"]),
+            softcap=store[layer]["softcap"],
+            answer_logprobs=torch.empty(B, 0, dtype=torch.float64),
+        )
+    return out, logits
+
+
 def capture_layer_input(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -353,80 +453,27 @@ def capture_layer_input(
     answer_tokens: torch.Tensor,
     keep_hidden: bool = True,
 ) -> LayerInput:
-    """One unedited forward keeping what offline swaps and resumed forwards need.
+    """One unedited forward keeping what offline swaps and resumed forwards need (one head of
+    :func:`capture_layer_inputs`).
 
     ``answer_tokens [B, T]``: token ids whose next-token log-probs are kept (the logits
     themselves are not). ``keep_hidden=False`` skips the layer-input copy (full-forward
     fallback).
     """
-    layer, head, input_ids, attention_mask = _checked_inputs(
-        model, input_ids, attention_mask, layer, head
-    )
-    device = input_ids.device
-    B, S = input_ids.shape
+    B = input_ids.shape[0]
     if answer_tokens.ndim != 2 or answer_tokens.shape[0] != B:
         raise ValueError(f"answer_tokens must be [B={B}, T], got {list(answer_tokens.shape)}")
-    qpos = [query_positions] * B if isinstance(query_positions, int) else list(query_positions)
-    ex, q_padded, _ = resolve_positions([[p] for p in qpos], attention_mask, "query position")
-    store: dict[str, torch.Tensor | float | None] = {}
-
-    def hook(call: LayerCall) -> None:
-        kv = head // call.group_size
-        store["query"] = call.query[ex, head, q_padded]  # [B, D]
-        store["keys"] = call.key[:, kv]  # [B, S, D] padded
-        m = call.mask()
-        m = m[ex if m.shape[0] > 1 else torch.zeros_like(ex), 0 if m.shape[1] == 1 else head]
-        row = m[torch.arange(B, device=device), q_padded]  # [B, S]
-        if row.dtype == torch.bool:
-            row = torch.zeros(row.shape, dtype=torch.float64, device=device).masked_fill(
-                ~row, float("-inf")
-            )
-        store["mask"] = row.double()
-        store["scaling"], store["softcap"] = call.scaling, call.softcap
-
-    handle = None
-    if keep_hidden:
-        layers = _decoder_layers(model, layer)
-        if layers is None:
-            raise ValueError(
-                f"{type(model).__name__}: cannot locate its decoder layers; use keep_hidden=False"
-            )
-
-        def pre(_m, args, kwargs):
-            store["hidden"] = args[0] if args else kwargs["hidden_states"]
-
-        handle = layers[layer].register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        with torch.no_grad(), attention_hooks(model, {layer: hook}) as session:
-            logits = _forward_logits(model, input_ids, attention_mask)
-    finally:
-        if handle is not None:
-            handle.remove()
-    session.check_called(model, [layer])
-    if keep_hidden and "hidden" not in store:
-        raise ValueError(f"{type(model).__name__}: decoder layer {layer} was not called")
-    # padded -> unpadded key coordinates; padding slots stay masked
-    keys = torch.zeros_like(store["keys"])
-    mask = torch.full((B, S), float("-inf"), dtype=torch.float64, device=device)
-    for b in range(B):
-        real = attention_mask[b].nonzero().flatten()
-        keys[b, : real.numel()] = store["keys"][b, real]
-        mask[b, : real.numel()] = store["mask"][b, real]
-    return LayerInput(
-        layer=layer,
-        head=head,
-        hidden=store["hidden"] if keep_hidden else torch.empty(0),
-        query=store["query"],
-        keys=keys,
-        mask=mask,
-        scaling=float(store["scaling"]),
-        softcap=store["softcap"],
-        answer_logprobs=answer_logprobs(logits, answer_tokens),
-        answer_ranks=_token_ranks(logits, answer_tokens),
-    )
+    caps, logits = capture_layer_inputs(
+        model, input_ids, attention_mask, [(layer, head)], query_positions=query_positions,
+        keep_hidden=keep_hidden,
+    )  # fmt: skip
+    cap = next(iter(caps.values()))
+    cap.answer_logprobs = answer_logprobs(logits, answer_tokens)
+    cap.answer_ranks = token_ranks(logits, answer_tokens)
+    return cap
 
 
-def _token_ranks(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def token_ranks(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Rank of each of ``tokens [B, T]`` among ``logits [B, V]`` (0 = the argmax), on CPU."""
     at = logits.gather(1, tokens.to(logits.device).long())  # [B, T]
     return torch.stack([(logits > at[:, j : j + 1]).sum(1) for j in range(at.shape[1])], 1).cpu()
