@@ -185,6 +185,7 @@ class _PeakProbe:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peaks: dict[str, int] = {}
+        self.absolute = 0  # highest absolute peak seen (weights included)
         self.cpu_ok = True
 
     def start(self) -> int:
@@ -206,6 +207,7 @@ class _PeakProbe:
         else:
             peak = _hwm_bytes() if self.cpu_ok else _rss_bytes()
         self.peaks[name] = max(self.peaks.get(name, 0), peak - base)
+        self.absolute = max(self.absolute, peak)
 
 
 @contextlib.contextmanager
@@ -274,6 +276,7 @@ class Measurement:
     memory: dict[str, int] = field(default_factory=dict)
     formula: dict[str, int] = field(default_factory=dict)
     memory_kind: str = "rss"
+    peak: int = 0  # highest absolute peak over every phase (bytes, weights included)
 
 
 def measure(model: Any, tokenizer: Any, records: Sequence[Any], cfg: Any, *, repeats: int = 1,
@@ -304,6 +307,7 @@ def measure(model: Any, tokenizer: Any, records: Sequence[Any], cfg: Any, *, rep
                 wall = time.perf_counter() - t0
             for k, v in probe.peaks.items():
                 m.memory[k] = max(m.memory.get(k, 0), v)
+            m.peak = max(m.peak, probe.absolute)
             leans.append(lean_roles(model, tokenizer, texts, roles, cfg.batch_size))
             lean = {r: (leans[-2][r] + leans[-1][r]) / 2 for r in leans[-1]}
             run_json = json.loads((out / "run.json").read_text())
@@ -356,7 +360,9 @@ def report(m: Measurement) -> list[str]:
         role = role_of(name)
         share = sec / r["wall"]
         if role is None:
-            what = "no forward" + ("" if name in NO_FORWARD or name == OUTSIDE else " (unknown phase)")
+            what = "no forward" + (
+                "" if name in NO_FORWARD or name == OUTSIDE else " (unknown phase)"
+            )
             lines.append(f"{name:<18}{sec:9.2f}{share:8.1%}{'-':>9}{'-':>8}  {what}")
             continue
         per_role[role] = per_role.get(role, 0.0) + sec
@@ -365,12 +371,18 @@ def report(m: Measurement) -> list[str]:
     for role, sec in per_role.items():
         ratio = sec / lim[role] if lim[role] > 0 else float("inf")
         lines.append(f"[{role}] phases {sec:.2f} s / limit {lim[role]:.2f} s = {ratio:.2f}")
-    unit = "peak RSS above phase start" if m.memory_kind == "rss" else "CUDA max allocated above phase start"
+    unit = (
+        "peak RSS above phase start"
+        if m.memory_kind == "rss"
+        else "CUDA max allocated above phase start"
+    )
     lines.append(f"memory ({unit}, MiB) vs docs/research-scale.md formula (MiB, beyond the "
                  f"{m.formula.get('weights', 0) / MIB:.0f} MiB of weights):")  # fmt: skip
     for name, peak in m.memory.items():
         f = m.formula.get(name)
-        lines.append(f"  {name:<16}{peak / MIB:9.2f}  formula " + ("-" if f is None else f"{f / MIB:.2f}"))
+        lines.append(
+            f"  {name:<16}{peak / MIB:9.2f}  formula " + ("-" if f is None else f"{f / MIB:.2f}")
+        )
     ratios = [run_over_limit(x) for x in m.runs]
     lines.append(
         f"run {r['wall']:.1f} s / limit {lim['run']:.2f} s (build {r['lean']['build']:.2f} + "
