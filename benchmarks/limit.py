@@ -40,9 +40,14 @@ phase start; both beside the formula of ``docs/research-scale.md`` ("Memory per 
 ``--quick``: 240 records × 3 heads only. The functions are importable
 (``benchmarks/gpu_check.py`` reuses them on an 8B-shaped model).
 
-Measured 2026-12-01 (`OMP_NUM_THREADS=1 python benchmarks/limit.py --quick`, 2 CPU cores shared
-with other jobs, so absolute seconds are inflated and noisy; ratios are from one process):
-MEASURED
+Measured 2026-12-01 with ``OMP_NUM_THREADS=1 python benchmarks/limit.py --quick`` (SmolLM2-135M,
+float32, CPU; 2 cores shared with other jobs, load ≈ 4.5, so seconds are ≈ 2.5 × an idle
+machine's and noisy; the ratios compare timings of one process): 240 records × 3 heads, run
+159.6 s against a limit of 79.6 s (lean build 10.2 + held-out 4.4 + swap suffix 65.1 s:
+13 / 14 / 14 conditions × 64 prompts) → ``run_over_limit=2.00``; build phases (scan 1.01 +
+contrast 0.93) 1.94 × the build limit, held-out phases (collect 3.12) 3.16 ×, swaps 1.62 ×
+(66 % of the run). Peak RSS above the phase start: swaps 107 MiB (formula 12 MiB), subspaces
+75 MiB (formula 6 MiB), scan 14 MiB (formula 2.8 MiB), the others ≤ 3.4 MiB.
 """
 
 from __future__ import annotations
