@@ -208,11 +208,18 @@ def timed_run(c: Checks, model: Any, tokenizer: Any, n: int, batch: int, device:
     from qkcov.tasks.builtin import build_task_records
 
     records = build_task_records("agreement", n=n)
-    cfg = RunConfig(heads="auto:3", device=device, batch_size=batch)
+    # random weights leave no subspace above the permutation null, and a head of rank 0 skips
+    # its swaps; the energy rank keeps every head's swap conditions, as on a real model
+    cfg = RunConfig(heads="auto:3", device=device, batch_size=batch, rank_rule="energy")
+    print(f"timed run: {n} agreement records, heads auto:3, batch {batch}, --rank-rule energy",
+          flush=True)  # fmt: skip
     m = limit.measure(model, tokenizer, records, cfg, repeats=1)
     c.info("\n".join(limit.report(m)))
     run = m.runs[0]
     c.check("run_heads", m.n_heads, "= 3 heads analysed", m.n_heads == 3, "d")
+    conds = [s["conditions"] for s in run["suffix"]]
+    c.check("swap_conditions_min", min(conds, default=0), f"≥ 1 per head, {conds}",
+            min(conds, default=0) >= 1, "d")  # fmt: skip
     c.info(f"records_per_s={n / run['wall']:.2f} ({n} records in {run['wall']:.1f} s)")
     weights = m.formula["weights"]
     largest = max(v for k, v in m.formula.items() if k != "weights")
@@ -282,13 +289,15 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(q.numel() for q in model.parameters())
     print(f"built {shape} Llama: {n_params / 1e9:.3f} B parameters in "
           f"{time.perf_counter() - t1:.1f} s", flush=True)  # fmt: skip
-    check_parity(c, f"{shape}_{device}_bfloat16", model, tok, BF16_ATTN_TOL)
+    check_parity(c, f"{shape}_shape_{device}_bfloat16", model, tok, BF16_ATTN_TOL)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     timed_run(c, model, tok, n, batch, device)
     elapsed = time.perf_counter() - t0
-    bound = DRY_SECONDS if dry else GPU_SECONDS
-    c.check("total_seconds", elapsed, f"≤ {bound:g}", elapsed <= bound, ".1f")
+    if dry:  # a shared CPU's wall time is no pass/fail property
+        c.target("total_seconds", elapsed, f"≤ {DRY_SECONDS:g}", elapsed <= DRY_SECONDS)
+    else:
+        c.check("total_seconds", elapsed, f"≤ {GPU_SECONDS:g}", elapsed <= GPU_SECONDS, ".1f")
     status = "ok" if not c.failed else "FAIL: " + ", ".join(c.failed)
     print(f"gpu_check summary: {c.n - len(c.failed)}/{c.n} checks ok, targets met "
           f"{c.targets[0]}/{c.targets[1]}, {elapsed:.1f} s — {status}")  # fmt: skip

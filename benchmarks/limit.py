@@ -321,7 +321,7 @@ def measure(model: Any, tokenizer: Any, records: Sequence[Any], cfg: Any, *, rep
             m.n_heads = len(run_json.get("heads", []))
             m.runs.append({"wall": wall, "timings": dict(result.timings), "lean": lean,
                            "suffix": suffix})  # fmt: skip
-        groups = {r.record.group for i, r in enumerate(resolved) if i in set(roles["build"])}
+        groups = {resolved[i].record.group for i in roles["build"]}
         m.formula = memory_formula(model, resolved, roles, cfg, m.n_heads, len(groups - {None}))
     finally:
         tmp.cleanup()

@@ -30,7 +30,7 @@ def test_dry_run_passes_every_check():
     names = {m["name"] for m in checks}
     # parity (attention and logits), ΔC across devices/dtypes, the timed run, the time budget
     for want in ("parity_tiny_cpu_float32", "parity_tiny_cpu_bfloat16", "logits_hooks_tiny_cpu_bfloat16",
-                 "delta_c_cpu_bfloat16_vs_cpu_float32", "run_heads", "peak_rss_gib", "total_seconds"):  # fmt: skip
+                 "delta_c_cpu_bfloat16_vs_cpu_float32", "parity_tiny_shape_cpu_bfloat16", "run_heads", "swap_conditions_min", "peak_rss_gib"):  # fmt: skip
         assert want in names, out
     assert all(m["verdict"] == "ok" for m in checks), out
     assert "FAIL" not in out
