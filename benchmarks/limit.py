@@ -320,6 +320,7 @@ def measure(model: Any, tokenizer: Any, records: Sequence[Any], cfg: Any, *, rep
             suffix = suffix_seconds(run_json, n_layers, lean["swaps"] / n_swap)
             m.n_heads = len(run_json.get("heads", []))
             m.runs.append({"wall": wall, "timings": dict(result.timings), "lean": lean,
+                           "lean_before_after": (sum(leans[-2].values()), sum(leans[-1].values())),
                            "suffix": suffix})  # fmt: skip
         groups = {resolved[i].record.group for i in roles["build"]}
         m.formula = memory_formula(model, resolved, roles, cfg, m.n_heads, len(groups - {None}))
@@ -355,6 +356,7 @@ def report(m: Measurement) -> list[str]:
         f"== records={m.n_records} heads={m.n_heads} runs={len(m.runs)} "
         f"(build {m.roles['build']}, held-out {m.roles['heldout']}, swaps {m.roles['swaps']}) ==",
         "lean forward: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["lean"].items())
+        + " (all roles before / after the run: {:.2f} / {:.2f} s)".format(*r["lean_before_after"])
         + f"; swap suffix {lim['suffix']:.2f} s = "
         + " + ".join(f"{s['head']} {s['conditions']}×{s['prompts']}×{s['layer_fraction']:.2f}"
                      for s in r["suffix"]),
