@@ -48,6 +48,11 @@ machine's and noisy; the ratios compare timings of one process): 240 records × 
 contrast 0.93) 1.94 × the build limit, held-out phases (collect 3.12) 3.16 ×, swaps 1.62 ×
 (66 % of the run). Peak RSS above the phase start: swaps 107 MiB (formula 12 MiB), subspaces
 75 MiB (formula 6 MiB), scan 14 MiB (formula 2.8 MiB), the others ≤ 3.4 MiB.
+The full matrix right after (``python benchmarks/limit.py``, the load falling from ≈ 5 to ≈ 1.6
+midway, so the lean forwards before and after a run can differ and ratios moved by up to ±0.5
+between repeats of one configuration): run_over_limit 1.61 / 1.36 / 1.43 at 240 records × 1 / 3 /
+8 heads, 0.88 / 1.24 / 1.22 at 960 records (a ratio below 1 is load drift, not a run faster
+than its limit); wall times across configurations are not comparable on such a machine.
 """
 
 from __future__ import annotations
