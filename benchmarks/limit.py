@@ -91,24 +91,9 @@ MIB = 2**20
 # --------------------------------------------------------------------------- records
 def role_indices(plan: Any, cfg: Any) -> dict[str, list[int]]:
     """Record indices of each role, from the pipeline's own split and subsets."""
-    from qkcov.pipeline import _subset
+    from qkcov.pipeline import record_subsets
 
-    steps = cfg.step_list()
-    held = plan.indices("heldout")
-    return {
-        "build": plan.indices("build"),
-        "heldout": held,
-        "swaps": _subset(plan.indices("heldout", two_sided=True), cfg.n_swap, cfg.seed, "swap-subset")
-        if "swaps" in steps
-        else [],
-        "scan": _subset(plan.indices("build", two_sided=True), cfg.n_scan, cfg.seed, "scan-subset"),
-        "centroid": _subset(plan.indices("build"), cfg.n_centroid, cfg.seed, "centroid-subset")
-        if held and "projections" in steps
-        else [],
-        "attribution": _subset(held, cfg.n_attribution, cfg.seed, "attribution-subset")
-        if "attribution" in steps
-        else [],
-    }  # fmt: skip
+    return record_subsets(plan, cfg)
 
 
 def _sync(device: torch.device) -> None:

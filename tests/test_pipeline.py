@@ -360,3 +360,23 @@ def test_not_significant_head_gets_no_evidence_and_skip_reason():
         assert not h.headline.significance["significant"]
         assert h.verdict.status == "no-evidence"
         assert f"{h.name}: swaps skipped" in result.summary()
+
+
+def test_batch_size_larger_than_the_records_is_one_batch_with_the_same_numbers():
+    """--batch-size beyond the record count runs each pass as one batch, no error, and gives
+    the numbers of a small batch size (padding differs, so within float tolerance)."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    records = build_task_records("agreement", n=24)
+    kw = {**FAST, "heads": "L0H1,L1H2", "progress": False}
+    big = analyze(model, tok, records, **{**kw, "batch_size": 1000})
+    small = analyze(model, tok, records, **{**kw, "batch_size": 4})
+    for a, b in zip(big.heads, small.heads, strict=True):
+        assert a.headline.rank == b.headline.rank
+        assert a.swaps.n == b.swaps.n > 0
+        for name, c in b.swaps.conditions.items():
+            got = a.swaps.conditions[name].metrics
+            for m, v in c.metrics.items():
+                assert got[m] == pytest.approx(v, abs=1e-4), (name, m)
+        assert a.attribution.explained_fraction == pytest.approx(
+            b.attribution.explained_fraction, abs=1e-6
+        )

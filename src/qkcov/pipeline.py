@@ -1233,6 +1233,32 @@ def _subset(idx: list[int], k: int, seed: int, purpose: str) -> list[int]:
 
 
 # --------------------------------------------------------------------------- resume
+def record_subsets(plan: Plan, cfg: RunConfig) -> dict[str, list[int]]:
+    """Record indices of each role of a run (the one definition the pipeline and the
+    benchmarks use): ``build``/``heldout`` (the split), ``scan`` (build records for the head
+    scan, auto heads), ``swaps`` (two-sided held-out records), ``centroid`` (build records
+    the figures' centroids are fitted on, with projections), ``attribution``, ``projections``
+    (held-out records projected)."""
+    steps = cfg.step_list()
+    held = plan.indices("heldout")
+    proj = held if "projections" in steps else []
+    return {
+        "build": plan.indices("build"),
+        "heldout": held,
+        "scan": _subset(plan.indices("build", two_sided=True), cfg.n_scan, cfg.seed, "scan-subset"),
+        "swaps": _subset(plan.indices("heldout", two_sided=True), cfg.n_swap, cfg.seed, "swap-subset")
+        if "swaps" in steps
+        else [],
+        "projections": proj,
+        "centroid": _subset(plan.indices("build"), cfg.n_centroid, cfg.seed, "centroid-subset")
+        if proj
+        else [],
+        "attribution": _subset(held, cfg.n_attribution, cfg.seed, "attribution-subset")
+        if "attribution" in steps
+        else [],
+    }  # fmt: skip
+
+
 class RunState:
     """Checkpoints of one run in ``.<out>.checkpoint/`` beside ``out``: the contrast
     accumulators (every ``checkpoint_every`` batches, per rank), the head scan and each
@@ -1421,12 +1447,8 @@ def _analyze(
         if limit:
             check_lengths(resolved, limit)
     steps = cfg.step_list()
-    scan_idx = _subset(plan.indices("build", two_sided=True), cfg.n_scan, cfg.seed, "scan-subset")
-    swap_idx = (
-        _subset(plan.indices("heldout", two_sided=True), cfg.n_swap, cfg.seed, "swap-subset")
-        if "swaps" in steps
-        else []
-    )
+    subsets = record_subsets(plan, cfg)
+    scan_idx, swap_idx = subsets["scan"], subsets["swaps"]
     scan = None
     auto = cfg.heads.strip().lower().startswith("auto")
     with timer.phase("scan"):
@@ -1458,10 +1480,7 @@ def _analyze(
     )
     for w in offset_warnings:
         timer.log(w)
-    held = plan.indices("heldout") if "projections" in steps else []
-    cent = (
-        _subset(plan.indices("build"), cfg.n_centroid, cfg.seed, "centroid-subset") if held else []
-    )
+    held, cent = subsets["projections"], subsets["centroid"]
     contrasts, stats, cent_parts = {}, {}, []
     with timer.phase("contrast"):
         # one forward per build record: every feature's ΔC, and the centroid records' vectors
@@ -1486,11 +1505,7 @@ def _analyze(
             )
             for h in heads
         }
-    attr_idx = (
-        _subset(plan.indices("heldout"), cfg.n_attribution, cfg.seed, "attribution-subset")
-        if "attribution" in steps
-        else []
-    )
+    attr_idx = subsets["attribution"]
     with timer.phase("collect"):
         # ONE forward over the centroid and held-out records feeds the projections and the
         # attribution's full keys (attribution records are held-out records)
