@@ -6,7 +6,9 @@ head (``layer``, ``head``, ``rank``, ``swap``, ``random``, ``ceiling``, ``attrib
 plus ``model``, ``n_records`` and ``seconds``. Tensors (ΔC, bases, projections, the
 attribution example) live in ``run.safetensors`` under ``<head>.<feature>.<group>.<name>``,
 each feature, group and swap-condition name mapped by :func:`qkcov.naming.safe_component`
-(plain lowercase names unchanged; real names stay in ``run.json``).
+(plain lowercase names unchanged; real names stay in ``run.json``). A low-rank ΔC (a group's,
+built from few records) is stored as exact float64 factors ``delta_left``/``delta_right``
+instead of a dense ``delta`` (:mod:`qkcov.run_tensors`; both forms load).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from .core.subspace import FeatureSubspace
 from .naming import safe_component, tensor_prefix
+from .run_tensors import delta_tensors, read_delta
 
 __all__ = [
     "SubspaceResult",
@@ -461,7 +464,7 @@ class HeadResult:
         for fname, feat in self.features.items():
             for g, s in feat.groups.items():
                 p = tensor_prefix(self.name, fname, g)
-                out[p + "delta"] = s.delta.double()
+                out.update(delta_tensors(p, s.delta))  # dense, or exact low-rank factors
                 out.update({p + k: v.double() for k, v in s.subspace.to_tensors().items()})
             if feat.union_key is not None:
                 out[tensor_prefix(self.name, fname) + "union_key"] = feat.union_key.double()
@@ -765,7 +768,7 @@ def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult
             )
             groups[g] = SubspaceResult(
                 fname, g, sd["rank"], sd["rank_energy"], sd["rank_rule"], sub,
-                t[p + "delta"], sd["n_pos"], sd["n_neg"], sd.get("significance"),
+                read_delta(t, p), sd["n_pos"], sd["n_neg"], sd.get("significance"),
             )  # fmt: skip
         features[fname] = FeatureResult(
             fname,

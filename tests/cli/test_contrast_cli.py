@@ -3,10 +3,12 @@
 import json
 
 import pytest
+import torch
 
 from qkcov.artifacts import load_tensors, read_json
 from qkcov.cli import main
 from qkcov.models.tiny import tiny_model, tiny_tokenizer
+from qkcov.run_tensors import read_delta
 
 GOOD = [
     {"prompt": "- apple\n- horse\n- pear\n- car\nFruits? Answer:", "positives": [{"text": "apple"}, {"text": "pear"}],
@@ -58,7 +60,13 @@ def test_contrast_writes_artifacts(tmp_path, tiny_dir, heads):
         # 4 records: too few for the null, so the energy rank is in force and says so
         assert groups["pooled"]["significance"]["available"] is False
         for g in ("animals", "fruits", "pooled"):
-            assert tensors[f"{h['name']}.feature.{g}.delta"].shape == (16, 16)
+            p = f"{h['name']}.feature.{g}."
+            assert read_delta(tensors, p).shape == (16, 16)
+            # a group's ΔC from 2 records has rank <= 2: stored as float64 factors
+            if g != "pooled":
+                assert p + "delta" not in tensors
+                assert tensors[p + "delta_left"].dtype == torch.float64
+                assert tensors[p + "delta_left"].shape[1] <= 2
 
 
 def test_bad_line_reports_line_number_and_writes_nothing(tmp_path, capsys):

@@ -18,6 +18,7 @@ from ...artifacts import atomic_write_bytes  # noqa: E402
 
 __all__ = [
     "save_png",
+    "palette_png",
     "save_plotly",
     "save_scatter",
     "plt",
@@ -52,7 +53,24 @@ def save_png(fig: Any, path: str | Path, dpi: int = 120) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, palette_png(buf.getvalue()))
+
+
+def palette_png(png: bytes) -> bytes:
+    """``png`` as a 256-colour palette PNG (the storage rule for figures): a plot has few flat
+    colours and matplotlib's colour maps 256 levels, so the palette keeps what a reader sees at
+    about a third of the bytes. A figure with transparent pixels, or whose palette version is
+    not smaller, is returned unchanged. (Pillow is matplotlib's own PNG writer.)"""
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(png))
+    if im.mode not in ("RGB", "RGBA") or (im.mode == "RGBA" and im.getextrema()[3][0] < 255):
+        return png
+    out = io.BytesIO()
+    im.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(
+        out, format="PNG", optimize=True
+    )
+    return out.getvalue() if out.tell() < len(png) else png
 
 
 def save_plotly(fig: Any, path: str | Path) -> Path:
