@@ -123,15 +123,20 @@ def swapped_attention(
         raise ValueError("swapped_attention needs at least one basis (None = no swap)")
     q, k = q.double(), k.double()
     scale = 1.0 / math.sqrt(d) if scaling is None else scaling
-    proj = torch.zeros(len(bases), d, d, dtype=torch.float64, device=q.device)
+    rows = torch.arange(n, device=q.device)
+    diff = k[rows, target] - k[rows, orig]  # [n, d]
+    # shift = scaling·(Vᵀq)·(Vᵀdiff), bases of one rank stacked: no [C, d, d] projectors
+    shift = torch.zeros(len(bases), n, dtype=torch.float64, device=q.device)  # [C, n]
+    by_rank: dict[int, list[int]] = {}
     for c, v in enumerate(bases):
         if v is not None:
             _check_basis(v, d)
-            v = v.to(proj)
-            proj[c] = v @ v.T
-    rows = torch.arange(n, device=q.device)
-    diff = k[rows, target] - k[rows, orig]  # [n, d]
-    shift = torch.einsum("nd,cde,ne->cn", q, proj, diff) * scale  # [C, n]
+            by_rank.setdefault(int(v.shape[1]), []).append(c)
+    for idx in by_rank.values():
+        vs = torch.stack([bases[c].to(q) for c in idx])  # [C_r, d, r]
+        qv = torch.einsum("nd,cdr->cnr", q, vs)
+        dv = torch.einsum("nd,cdr->cnr", diff, vs)
+        shift[idx] = (qv * dv).sum(-1) * scale
     logits = (k @ q[:, :, None])[..., 0] * scale  # [n, S]
     logits = logits.expand(len(bases), n, -1).clone()
     logits[:, rows, orig] += shift
