@@ -242,6 +242,7 @@ def memory_formula(model: Any, resolved: Sequence[Any], roles: dict[str, list[in
     D, L, H = info.head_dim, info.n_layers, info.n_heads
     S = max(len(r.input_ids) for r in resolved)
     B, h = cfg.batch_size, n_heads_studied
+    n_layers_studied = min(h, L)  # at most one layer per head (an upper bound)
     n_build = len(roles["build"])
     proj_recs = roles["centroid"] + roles["heldout"] if roles["centroid"] else []
     keys = statistics.mean(len(resolved[i].keys) for i in proj_recs) if proj_recs else 0.0
@@ -251,7 +252,10 @@ def memory_formula(model: Any, resolved: Sequence[Any], roles: dict[str, list[in
         "contrast": forward + h * (n_groups + 1) * 2 * D * D * 8 + h * n_build * (3 * D + 3) * 8,
         "subspaces": cfg.n_permutations * D * D * 8,
         "projections": int(h * len(proj_recs) * (1 + keys) * D * 4),
-        "swaps": forward + 64 * V * 4,
+        # the shared base's hidden state per studied layer, q/k per head, one LM-head output
+        "swaps": forward
+        + len(roles["swaps"]) * S * (n_layers_studied * d * b + h * D * 8)
+        + 64 * V * 4,
         "attribution": h * len(roles["attribution"]) * S * D * 8,
         "token_view": forward,
     }

@@ -1417,6 +1417,90 @@ def analyze(
     return result
 
 
+def _scan_step(
+    model: Any, tokenizer: Any, resolved: Sequence[Any], scan_idx: list[int], cfg: RunConfig,
+    info: Any, timer: Timer, state: RunState | None, dist: Any,
+) -> list[dict[str, Any]] | None:  # fmt: skip
+    """The all-head scan over the scan subset (``--heads auto`` only; explicit heads get no
+    scan forward at all: the swaps' own base pass finds each head's most-attended key)."""
+    from .engine.scan import attention_rows, scan_heads
+
+    saved = state.load_scan() if state is not None else None
+    if saved is not None:
+        timer.log("head scan: resumed from the checkpoint")
+        return saved
+    if not (cfg.heads.strip().lower().startswith("auto") and scan_idx):
+        return None
+    timer.log(f"head scan over {info.n_layers} layers x {info.n_heads} heads")
+    records = [resolved[i] for i in scan_idx]
+    rows = attention_rows(model, tokenizer, records, batch_size=cfg.batch_size,
+                          progress=not timer.quiet, dist=dist)  # fmt: skip
+    scan = scan_heads(rows, records, seed=sub_seed(cfg.seed, "scan"))
+    if state is not None:
+        state.save_scan(scan)
+    return scan
+
+
+def _contrast_step(
+    model: Any, tokenizer: Any, resolved: Sequence[Any], plan: Plan, heads: list[Head],
+    cent: list[int], cfg: RunConfig, timer: Timer, state: RunState | None, dist: Any,
+) -> tuple[dict[str, Any], dict[str, Any], dict[Head, Any] | None]:  # fmt: skip
+    """One forward per build record: every feature's ΔC (and record statistics), and the
+    centroid records' vectors in ``cent`` order (``None`` when a pass resumed from a
+    checkpoint: the collection pass then forwards them)."""
+    from .engine.contrast import HeadVectors, run_contrast
+
+    contrasts, stats, parts = {}, {}, []
+    mine = set(cent)
+    for f in plan.features:
+        idx_f = plan.indices("build", f)
+        contrasts[f] = run_contrast(
+            model, tokenizer, [resolved[i] for i in idx_f], heads, batch_size=cfg.batch_size,
+            progress=not timer.quiet, keep_records=cfg.n_permutations > 0 or cfg.n_bootstrap > 0,
+            dist=dist, checkpoint=None if state is None else state.contrast(f),
+            frame=cfg.frame, vectors_for=[j for j, i in enumerate(idx_f) if i in mine],
+        )  # fmt: skip
+        stats[f] = contrasts[f].record_stats
+        parts.append(([i for i in idx_f if i in mine], contrasts[f].vectors))
+    if not cent or any(v is None for ids, v in parts if ids):
+        return contrasts, stats, None
+    at = {i: j for j, i in enumerate(i for ids, _ in parts for i in ids)}
+    cent_vecs = {
+        h: HeadVectors.concat([v[h] for ids, v in parts if ids]).select(
+            [at[i] for i in cent], renumber=False
+        )
+        for h in heads
+    }
+    return contrasts, stats, cent_vecs
+
+
+def _collect_step(
+    model: Any, tokenizer: Any, resolved: Sequence[Any], heads: list[Head], cent: list[int],
+    held: list[int], attr_idx: list[int], cent_vecs: dict[Head, Any] | None, cfg: RunConfig,
+    timer: Timer, dist: Any,
+) -> tuple[dict[Head, Any], dict[Head, Any]]:  # fmt: skip
+    """ONE forward over the held-out records (and the centroid records when the ΔC pass did
+    not keep them): the projections' vectors (centroid records first, in ``cent`` order,
+    then ``held``) and the attribution's full keys (attribution records are held-out)."""
+    from .engine.contrast import HeadVectors, collect_qk
+
+    pre = [] if cent_vecs is not None else cent
+    coll = pre + held + [i for i in attr_idx if i not in set(held)]
+    if not coll:
+        return {}, {}
+    at = {i: j for j, i in enumerate(coll) if j >= len(pre)}
+    vecs, full = collect_qk(
+        model, tokenizer, [resolved[i] for i in coll], heads, batch_size=cfg.batch_size,
+        progress=not timer.quiet, dist=dist, frame=cfg.frame,
+        full_keys=[at[i] for i in attr_idx],
+    )  # fmt: skip
+    if not held:
+        vecs = {}
+    elif cent_vecs is not None:
+        vecs = {h: HeadVectors.concat([cent_vecs[h], vecs[h]]) for h in heads}
+    return vecs, full if attr_idx else {}
+
+
 def _analyze(
     model: Any,
     tokenizer: Any,
@@ -1427,8 +1511,8 @@ def _analyze(
     state: RunState | None = None,
     dist: Any = None,
 ) -> AnalysisResult:
-    from .engine.contrast import HeadVectors, collect_qk, resolve_records, run_contrast
-    from .engine.scan import attention_rows, scan_heads, select_heads
+    from .engine.contrast import resolve_records
+    from .engine.scan import select_heads
     from .models.loading import model_info
 
     progress = not timer.quiet
@@ -1449,27 +1533,8 @@ def _analyze(
     steps = cfg.step_list()
     subsets = record_subsets(plan, cfg)
     scan_idx, swap_idx = subsets["scan"], subsets["swaps"]
-    scan = None
-    auto = cfg.heads.strip().lower().startswith("auto")
     with timer.phase("scan"):
-        # explicit --heads: no scan forward at all (the swaps' own base pass finds each head's
-        # most-attended positive key)
-        saved = state.load_scan() if state is not None else None
-        if saved is not None:
-            scan = saved
-            timer.log("head scan: resumed from the checkpoint")
-        elif auto and scan_idx:
-            timer.log(f"head scan over {info.n_layers} layers x {info.n_heads} heads")
-            rows = attention_rows(
-                model, tokenizer, [resolved[i] for i in scan_idx], batch_size=cfg.batch_size,
-                progress=progress, dist=dist,
-            )  # fmt: skip
-            scan = scan_heads(
-                rows, [resolved[i] for i in scan_idx], seed=sub_seed(cfg.seed, "scan")
-            )
-            del rows
-            if state is not None:
-                state.save_scan(scan)
+        scan = _scan_step(model, tokenizer, resolved, scan_idx, cfg, info, timer, state, dist)
     heads = select_heads(cfg.heads, scan, info.n_layers, info.n_heads, k=cfg.n_heads)
     timer.log(f"heads: {', '.join(f'L{l}H{h}' for l, h in heads)}")
 
@@ -1481,59 +1546,15 @@ def _analyze(
     for w in offset_warnings:
         timer.log(w)
     held, cent = subsets["projections"], subsets["centroid"]
-    contrasts, stats, cent_parts = {}, {}, []
     with timer.phase("contrast"):
-        # one forward per build record: every feature's ΔC, and the centroid records' vectors
-        for f in plan.features:
-            idx_f = plan.indices("build", f)
-            mine = set(cent)
-            contrasts[f] = run_contrast(
-                model, tokenizer, [resolved[i] for i in idx_f], heads, batch_size=cfg.batch_size,
-                progress=progress, keep_records=cfg.n_permutations > 0 or cfg.n_bootstrap > 0,
-                dist=dist, checkpoint=None if state is None else state.contrast(f),
-                frame=cfg.frame, vectors_for=[j for j, i in enumerate(idx_f) if i in mine],
-            )  # fmt: skip
-            stats[f] = contrasts[f].record_stats
-            cent_parts.append(([i for i in idx_f if i in mine], contrasts[f].vectors))
-    cent_vecs = None  # the centroid records' vectors (in ``cent`` order) from the ΔC pass
-    if cent and all(v is not None for ids, v in cent_parts if ids):
-        order = [i for ids, _ in cent_parts for i in ids]
-        at_c = {i: j for j, i in enumerate(order)}
-        cent_vecs = {
-            h: HeadVectors.concat([v[h] for ids, v in cent_parts if ids]).select(
-                [at_c[i] for i in cent], renumber=False
-            )
-            for h in heads
-        }
+        contrasts, stats, cent_vecs = _contrast_step(
+            model, tokenizer, resolved, plan, heads, cent, cfg, timer, state, dist
+        )
     attr_idx = subsets["attribution"]
     with timer.phase("collect"):
-        # ONE forward over the centroid and held-out records feeds the projections and the
-        # attribution's full keys (attribution records are held-out records)
-        # (and the centroid records, unless the ΔC pass resumed from a checkpoint)
-        pre = [] if cent_vecs is not None else cent
-        coll = pre + held + [i for i in attr_idx if i not in set(held)]
-        at = {i: j for j, i in enumerate(coll) if j >= len(pre)}
-        vecs, full = (
-            collect_qk(
-                model,
-                tokenizer,
-                [resolved[i] for i in coll],
-                heads,
-                batch_size=cfg.batch_size,
-                progress=progress,
-                dist=dist,
-                frame=cfg.frame,
-                full_keys=[at[i] for i in attr_idx],
-            )  # fmt: skip
-            if coll
-            else ({}, {})
+        vecs, full = _collect_step(
+            model, tokenizer, resolved, heads, cent, held, attr_idx, cent_vecs, cfg, timer, dist
         )
-        if not attr_idx:
-            full = {}
-        if not held:
-            vecs = {}
-        elif cent_vecs is not None:
-            vecs = {h: HeadVectors.concat([cent_vecs[h], vecs[h]]) for h in heads}
     tokens = (
         [
             tokenizer.decode([t])
