@@ -84,15 +84,17 @@ def test_cli_entry_point_imports_no_torch():
     assert out.stdout.split() == ["False", "False"], out.stderr
 
 
-# Runs `python -m qkcov` and says on stdout when the first heavy import (torch, numpy, ...)
-# starts, so the signal lands inside the CLI's own imports whatever the machine's load.
+# Runs `python -m qkcov`; when the first heavy import (torch, numpy, ...) starts it says so on
+# stdout and waits there for the signal, so the Ctrl-C lands inside the CLI's own imports
+# however loaded the machine is (the KeyboardInterrupt leaves the hook through the import).
 _SIGNAL_WHEN_IMPORTING = """
-import runpy, sys
+import runpy, sys, time
 _seen = []
 def _hook(event, args):
     if event == "import" and not _seen and str(args[0]).split(".")[0] in {"torch", "numpy", "plotly", "matplotlib"}:
         _seen.append(args[0])
         print("importing", args[0], flush=True)
+        time.sleep(60)  # the test's SIGINT interrupts this
 sys.addaudithook(_hook)
 sys.argv = ["qkcov", *sys.argv[1:]]
 runpy.run_module("qkcov", run_name="__main__", alter_sys=True)
