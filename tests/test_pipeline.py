@@ -37,15 +37,6 @@ SMALL_TASKS = {
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny Llama + char tokenizer saved as a local model folder (loadable by path)."""
-    path = tmp_path_factory.mktemp("tinyllama")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def agreement_run(tmp_path_factory):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     records = build_task_records("agreement", n=48)

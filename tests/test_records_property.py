@@ -17,7 +17,6 @@ import pytest
 import qkcov.engine.contrast as contrast_mod
 from qkcov.artifacts import verify_run_folder
 from qkcov.cli import main
-from qkcov.models.tiny import tiny_model, tiny_tokenizer
 from qkcov.results import AnalysisResult
 from qkcov.tasks.records import find_spans
 
@@ -123,14 +122,6 @@ def _record_file(rng: random.Random) -> list[str]:
     elif r < 0.13:
         lines.insert(rng.randrange(len(lines)), "")  # blank lines are skipped
     return lines
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tinyllama")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("case", range(N_CASES))

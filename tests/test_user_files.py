@@ -65,14 +65,6 @@ def _records(n: int = 24, feature: str | None = None, groups=("red", "blue")) ->
     return recs
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tinyllama")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
 @pytest.fixture()
 def data(tmp_path):
     path = tmp_path / "records" / "r.jsonl"

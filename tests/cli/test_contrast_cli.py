@@ -7,7 +7,6 @@ import torch
 
 from qkcov.artifacts import load_tensors, read_json
 from qkcov.cli import main
-from qkcov.models.tiny import tiny_model, tiny_tokenizer
 from qkcov.run_tensors import read_delta
 
 GOOD = [
@@ -24,14 +23,6 @@ GOOD = [
 
 def _write(path, rows):
     path.write_text("\n".join(json.dumps(r) if isinstance(r, dict) else r for r in rows) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tinyllama")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
     return path
 
 

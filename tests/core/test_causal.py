@@ -24,14 +24,6 @@ F64 = torch.float64
 D, S = 16, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _planted(seed: int, n: int, effect: float, *, coin_flip: bool = False):
     """Records shaped like a real head: a dominant shared query direction, keys of very
     unequal variance per dimension, and a rank-1 feature ``u`` in the positive keys that the

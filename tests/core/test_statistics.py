@@ -32,15 +32,6 @@ from qkcov.core.subspace import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The matrices here are tiny: intra-op threads only add overhead on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _design(n: int, design: str) -> tuple[torch.Tensor, torch.Tensor]:
     i = torch.arange(n)
     if design == "both":

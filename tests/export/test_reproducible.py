@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 
-import pytest
 import torch
 
 from qkcov.artifacts import read_json
@@ -17,14 +16,6 @@ from qkcov.models.tiny import tiny_model, tiny_tokenizer
 from qkcov.pipeline import RunConfig, auto_device
 from qkcov.tasks.builtin import build_task_records
 from qkcov.tasks.records import save_records
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tinyllama")
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 def test_run_json_provenance(tiny_dir, tmp_path):

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.causal import centroid_patch
-from ..core.intervention import swap_metrics_per_prompt, swapped_attention
+from ..core.intervention import capped_softmax, swap_metrics_per_prompt, swapped_attention
 from ..core.rotary import RotarySpec, rotate
 from ..core.subspace import random_orthonormal
 from ..models.capture import tokenize_batch
@@ -237,10 +237,9 @@ def capture_swap_base(
         )  # fmt: skip
         for h in heads:
             cap = caps[h]
-            row = swapped_attention(
-                cap.query.cpu().double(), cap.keys.cpu().double(), torch.zeros(len(idx), dtype=torch.long),
-                torch.zeros(len(idx), dtype=torch.long), [None], cap.mask.cpu(), cap.scaling, cap.softcap,
-            )[0]  # fmt: skip  # [B, S] the head's attention row (unpadded)
+            q, k = cap.query.cpu().double(), cap.keys.cpu().double()
+            scores = (k @ q[:, :, None])[..., 0] * cap.scaling
+            row = capped_softmax(scores, cap.mask.cpu(), cap.softcap)  # [B, S] unpadded
             hp = []
             for j, (i, r) in enumerate(zip(idx, batch, strict=True)):
                 pos = torch.tensor(r.positives)
