@@ -44,7 +44,9 @@ RUN_JSON = "run.json"
 RUN_TENSORS = "run.safetensors"
 POOLED = "pooled"
 SWAP_METRICS = ("delta_p", "flip_items", "flip_all", "logprob_shift")
-VERDICTS = ("reads-feature", "separates-keys-not-feature", "no-evidence", "not-testable")
+VERDICTS = (
+    "reads-feature", "separates-keys-not-feature", "confounded", "no-evidence", "not-testable",
+)  # fmt: skip
 """Verdict statuses, best first (see :class:`Verdict`)."""
 
 
@@ -291,8 +293,11 @@ class Verdict:
     random subspaces and the label-sensitive centroid patch beats permuted labels),
     ``separates-keys-not-feature`` (significant, swap beats random and label-permuted
     subspaces, but the patch is not above permuted labels: no fixed class coordinate),
-    ``no-evidence`` (no subspace above the permutation null, its swap does not beat random, or
-    neither label-sensitive comparison passes) or
+    ``confounded`` (the swap moves attention, but within the strata of the controls — the
+    query–key offset, named rival attributes — the labels are (almost) fixed, so nothing
+    beyond the controls can be tested; the sentence names the control and the way out),
+    ``no-evidence`` (no subspace above the permutation null, its swap does not beat random or
+    falls below the effect floor, or neither label-sensitive comparison passes) or
     ``not-testable`` (a test could not run; the sentence says why). ``sentence``: one line
     a reader can quote. ``evidence``: the numbers it rests on.
     """
