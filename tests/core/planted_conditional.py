@@ -39,8 +39,8 @@ from qkcov.core.conditional import (
     key_class_means,
     key_deltas,
     offset_strata,
-    stratified_labels,
     strata_ids,
+    stratified_labels,
 )
 from qkcov.core.intervention import swapped_attention
 from qkcov.core.statistics import RecordStats, permutation_null, random_p_value, significance
@@ -121,17 +121,28 @@ def run_head(
     """One planted head through the chain; returns the evidence, status and reason."""
     q, k, offs, pos, neg, roles = planted(seed, design, n_build + n_held, effect)
     b, h = slice(0, n_build), slice(n_build, None)
-    keys, rec, lab, o, ro = _key_rows(k[b], offs[b], pos[b], neg[b], [roles[i] for i in range(n_build)])
+    keys, rec, lab, o, ro = _key_rows(
+        k[b], offs[b], pos[b], neg[b], [roles[i] for i in range(n_build)]
+    )
     qb = q[b]
     # significance of the real ΔC (the unconditional record-level null, as the pipeline)
     rows = torch.arange(n_build)
     ones = torch.ones(n_build, dtype=torch.bool)
-    st = RecordStats(qb, k[b][rows, pos[b]], k[b][rows, neg[b]], ones, ones, torch.zeros(n_build, dtype=torch.long))
+    st = RecordStats(
+        qb,
+        k[b][rows, pos[b]],
+        k[b][rows, neg[b]],
+        ones,
+        ones,
+        torch.zeros(n_build, dtype=torch.long),
+    )
     sig = significance(st.delta(), permutation_null(st, n_null, seed=seed + 11), alpha=alpha)
     cols = {"offset": offset_strata(o), "role": ro}
     controls = {c: cols[c] for c in control}
     conf = confounding(controls, lab)
-    strata = strata_ids(*controls.values()) if controls else torch.zeros(lab.numel(), dtype=torch.long)
+    strata = (
+        strata_ids(*controls.values()) if controls else torch.zeros(lab.numel(), dtype=torch.long)
+    )
     perm = stratified_labels(strata, lab, n_perm, seed=seed + 17)
     labels = torch.cat([lab[None], perm])
     bases = _top_key(key_deltas(qb, keys, rec, labels), rank)  # [1+P, D, r]

@@ -104,12 +104,18 @@ def strata_ids(*columns: Sequence[Hashable] | torch.Tensor) -> torch.Tensor:
         raise ValueError("strata_ids needs at least one column")
     m = len(cols[0])
     if any(len(c) != m for c in cols):
-        raise ValueError(f"strata columns must all have one value per key, got {[len(c) for c in cols]}")
+        raise ValueError(
+            f"strata columns must all have one value per key, got {[len(c) for c in cols]}"
+        )
     seen: dict[tuple, int] = {}
-    return torch.tensor([seen.setdefault(t, len(seen)) for t in zip(*cols)], dtype=torch.long)
+    return torch.tensor(
+        [seen.setdefault(t, len(seen)) for t in zip(*cols, strict=True)], dtype=torch.long
+    )
 
 
-def offset_strata(offsets: Sequence[int] | torch.Tensor, max_bins: int = OFFSET_BINS) -> torch.Tensor:
+def offset_strata(
+    offsets: Sequence[int] | torch.Tensor, max_bins: int = OFFSET_BINS
+) -> torch.Tensor:
     """``[m]`` offset stratum per key: the exact offset when at most ``max_bins`` distinct
     offsets occur, else ``max_bins`` quantile bins (:func:`qkcov.core.position.offset_bins`)."""
     o = torch.as_tensor(offsets, dtype=_F64).reshape(-1)
@@ -122,7 +128,9 @@ def _check(strata: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, to
     s = torch.as_tensor(strata).reshape(-1).long()
     y = torch.as_tensor(labels).reshape(-1).bool()
     if s.numel() != y.numel():
-        raise ValueError(f"strata ({s.numel()}) and labels ({y.numel()}) must have one entry per key")
+        raise ValueError(
+            f"strata ({s.numel()}) and labels ({y.numel()}) must have one entry per key"
+        )
     return s, y
 
 
@@ -157,8 +165,10 @@ def confounding(
     extra = [] if base is None else [base]
     names = list(controls)
     by = {n: mixed_fraction(strata_ids(controls[n], *extra), y) for n in names}
-    both = mixed_fraction(strata_ids(*[controls[n] for n in names], *extra), y) if names else (
-        mixed_fraction(strata_ids(*extra), y) if extra else 1.0
+    both = (
+        mixed_fraction(strata_ids(*[controls[n] for n in names], *extra), y)
+        if names
+        else (mixed_fraction(strata_ids(*extra), y) if extra else 1.0)
     )
     conf = both < threshold
     fixed = [n for n in names if by[n] < threshold] if conf else []
