@@ -14,9 +14,12 @@ from .naming import lines_of, where_of
 from .tasks.records import ContrastRecord
 
 __all__ = [
-    "check_pins", "check_key_attrs", "parse_controls", "check_controls", "check_draw_floors",
-    "check_notebook_inputs", "LOAD_FIELDS",
-]  # fmt: skip
+    "check_pins",
+    "check_key_attrs",
+    "check_controls",
+    "check_notebook_inputs",
+    "LOAD_FIELDS",
+]
 
 
 def check_pins(recs: Sequence[ContrastRecord]) -> None:
@@ -62,33 +65,11 @@ def check_key_attrs(recs: Sequence[ContrastRecord], default_feature: str = "feat
                 )
 
 
-CONTROL_NONE = "none"
-
-
-def parse_controls(spec: Any) -> list[str]:
-    """``--control`` → the names to condition on (``"offset,role"``; ``none`` or ``""`` =
-    none: the label nulls then relabel at random, unconditioned)."""
-    if not isinstance(spec, str):
-        raise ValueError(
-            f"--control must be a comma-separated list such as offset,role, got {spec!r}"
-        )
-    names = [x.strip() for x in spec.split(",") if x.strip()]
-    if names == [CONTROL_NONE]:
-        return []
-    from .tasks.records import ATTR_NAME
-
-    bad = [n for n in names if n == CONTROL_NONE or not ATTR_NAME.match(n)]
-    if bad or len(set(names)) != len(names):
-        raise ValueError(
-            f"--control must name distinct controls (offset, or key attributes of the records "
-            f"such as role), or none; got {spec!r}"
-        )
-    return names
-
-
 def check_controls(recs: Sequence[ContrastRecord], spec: Any) -> list[str]:
     """The controls of ``--control`` that the records can hold: ``offset`` always, any other
     name an attribute some key span carries (else one line naming what is there)."""
+    from .tasks.records import parse_controls
+
     names = parse_controls(spec)
     have = sorted({a for r in recs for s in (*r.positives, *r.negatives) for a in s.attributes})
     missing = [n for n in names if n != "offset" and n not in have]
@@ -100,15 +81,6 @@ def check_controls(recs: Sequence[ContrastRecord], spec: Any) -> list[str]:
             "key span, or drop it from --control"
         )
     return names
-
-
-def check_draw_floors(alpha: float, draws: Mapping[str, int]) -> None:
-    """Refuse (one line) draw counts whose smallest attainable p exceeds α."""
-    from .core.conditional import floor_errors
-
-    errors = floor_errors(alpha, draws)
-    if errors:
-        raise ValueError(errors[0])
 
 
 LOAD_FIELDS = ("device", "dtype", "device_map", "trust_remote_code")  # used when qkcov loads

@@ -122,8 +122,15 @@ class RunConfig(ConfigMixin):
     n_swap: int = _help("held-out records used for swaps (0 = all)", default=64)
     n_permuted: int = _help(
         "label-permuted subspaces per swap condition and label-permuted centroids of the "
-        "label-sensitive centroid patch (the permutation null's relabelling; 0 = off)",
-        default=20,
+        "label-sensitive centroid patch (relabelled within the --control strata; 0 = off; "
+        "the smallest p is 1/(n+1): 99 gives 0.01 ≤ α/5)",
+        default=99,
+    )
+    control: str = _help(
+        "what the label-sensitive nulls condition on: labels are permuted only among keys of "
+        "the same query–key offset ('offset') and the same values of the named key attributes "
+        "(e.g. offset,role; 'none' = unconditioned)",
+        default="offset",
     )
     causal_max_rank: int = _help(
         "largest rank R of the causal rank curve Δp(1..R) (raised to the null rank, at most "
@@ -215,6 +222,17 @@ class RunConfig(ConfigMixin):
             )
         if self.max_tokens is not None:
             check_positive_int("--max-tokens", self.max_tokens, 1)
+        from .core.conditional import floor_errors
+        from .tasks.records import parse_controls
+
+        parse_controls(self.control)
+        floors = floor_errors(
+            float(self.alpha),
+            {"--n-permutations": self.n_permutations, "--n-random": self.n_random,
+             "--n-permuted": self.n_permuted},
+        )  # fmt: skip
+        if floors:
+            raise ValueError(floors[0])
         if self.frame not in FRAMES:
             raise ValueError(f"--frame must be one of {', '.join(FRAMES)}, got {self.frame!r}")
         unknown = set(self.step_list()) - set(STEPS)
@@ -298,6 +316,7 @@ class Plan:
     features: list[str]
     split: list[str]
     notes: list[str] = field(default_factory=list)
+    controls: list[str] = field(default_factory=list)  # what the label nulls condition on
 
     def feature_of(self, i: int) -> str:
         return self.records[i].feature or DEFAULT_FEATURE
@@ -344,6 +363,10 @@ def plan_records(records: Sequence[ContrastRecord | Mapping[str, Any]], cfg: Run
 
     check_record_names(recs, DEFAULT_FEATURE)
     check_pins(recs)
+    from .checks import check_controls, check_key_attrs
+
+    check_key_attrs(recs, DEFAULT_FEATURE)
+    controls = check_controls(recs, cfg.control)
     features: list[str] = []
     for r in recs:
         f = r.feature or DEFAULT_FEATURE
@@ -362,7 +385,7 @@ def plan_records(records: Sequence[ContrastRecord | Mapping[str, Any]], cfg: Run
             n_held = min(len(idx) - 1, max(1, round(cfg.holdout * len(idx)))) if len(idx) > 1 else 0
             for j in torch.randperm(len(idx), generator=gen)[:n_held].tolist():
                 split[idx[j]] = "heldout"
-    plan = Plan(recs, features, split)
+    plan = Plan(recs, features, split, controls=controls)
     for f in features:
         build = plan.indices("build", f)
         n_pos = sum(1 for i in build if recs[i].positives)
@@ -649,6 +672,7 @@ def _swaps(
     progress: bool,
     skip_reason: str | None,
     stats: Mapping[str, Any] | None = None,
+    cond: Mapping[str, Any] | str | None = None,
 ) -> SwapResult:
     """Swaps of every condition against random and label-permuted subspaces, the causal rank
     curve (its causal-rank subspace becomes the headline) and the label-sensitive centroid
@@ -672,13 +696,15 @@ def _swaps(
         sig = features[headline_feature].pooled.significance or {}
         skip_reason = sig.get("reason") or f"feature {headline_feature!r} has rank 0"
     if skip_reason is not None:
-        return SwapResult(0, None, {}, None, None, cfg.n_random, skipped=skip_reason)
+        return SwapResult(0, None, {}, None, None, cfg.n_random, skipped=skip_reason,
+                          label_test={"available": False, "reason": skip_reason,
+                                      "conditioning": _conditioning_info(cond, list(features))})  # fmt: skip
     base = swap_base()
     pairs = base.pairs[head]
     D = next(iter(bases.values())).shape[0]
     causal = _causal_plan(
         features, bases, headline, stats or {}, cfg, D, f"L{head[0]}H{head[1]}",
-        [r.record.group for r in resolved],
+        [r.record.group for r in resolved], cond,
     )  # fmt: skip
     sw = run_swaps(
         model, tokenizer, resolved, head[0], head[1], pairs, {k: v.float() for k, v in bases.items()},
@@ -738,6 +764,7 @@ class _Causal:
     label_condition: str | None = None
     rank: int = 0
     late: Any = None
+    conditioning: dict[str, Any] = field(default_factory=dict)  # what the label nulls condition on
 
     def curve_result(self, offline: Mapping[str, Any], cfg: RunConfig) -> dict[str, Any] | None:
         if not self.R:
@@ -762,8 +789,11 @@ class _Causal:
         }  # fmt: skip
 
     def label_result(self, patches: Mapping[str, Any], cfg: RunConfig) -> dict[str, Any] | None:
+        from .core.conditional import p_floor
+
         if "label" not in patches:
-            return {"available": False, "reason": self.skipped or "label-sensitive test off"}
+            return {"available": False, "reason": self.skipped or "label-sensitive test off",
+                    "conditioning": self.conditioning}  # fmt: skip
         from .core import statistics as st
 
         eff = patches["label"]["effect"]  # [1+P, n]
@@ -775,6 +805,7 @@ class _Causal:
             "effect": float(real.mean()), "ci": _finite(ci), "delta_p": float(dp[0].mean()),
             "permuted": {"mean": float(perm.mean()), "std": float(perm.std()), "draws": perm.tolist()},
             "p_value": st.random_p_value(float(real.mean()), perm), "n_permuted": int(perm.numel()),
+            "p_floor": p_floor(int(perm.numel())), "conditioning": self.conditioning,
         }  # fmt: skip
 
 
@@ -796,6 +827,49 @@ def _quiet_ci(values: torch.Tensor, cfg: RunConfig, purpose: str) -> tuple[float
         )
 
 
+def _conditional(
+    vecs: Any, resolved: Sequence[Any], cent: list[int], plan: Plan, cfg: RunConfig, name: str
+) -> dict[str, Any] | str:
+    """Each feature's conditional null family on one head (:mod:`qkcov.engine.conditional`)
+    from the centroid (build) records' vectors, or why the label nulls run unconditioned."""
+    if not plan.controls:
+        return "unconditioned (--control none)"
+    if not cfg.n_permuted:
+        return "label-permuted baselines off (--n-permuted 0)"
+    if vecs is None or not cent:
+        return (
+            "unconditioned: the conditional nulls need the build records' key vectors, which "
+            "the projections step collects (--steps with projections and held-out records)"
+        )
+    from .engine.conditional import conditional_families
+
+    return conditional_families(
+        vecs.select(list(range(len(cent)))), [resolved[i] for i in cent],
+        [plan.feature_of(i) for i in cent], plan.controls, cfg.n_permuted,
+        sub_seed(cfg.seed, f"conditional:{name}"),
+    )  # fmt: skip
+
+
+def _conditioning_info(
+    cond: Mapping[str, Any] | str | None, features: Sequence[str]
+) -> dict[str, Any]:
+    """What the label nulls were conditioned on (the headline feature's confounding, from
+    :func:`qkcov.core.conditional.confounding`, and what it was estimated from) when every
+    feature has its conditional family, else the note saying why they ran unconditioned."""
+    from .engine.conditional import ConditionalFamily
+
+    fams = cond if isinstance(cond, Mapping) else {}
+    if features and all(isinstance(fams.get(f), ConditionalFamily) for f in features):
+        fam = fams[features[0]]
+        return {**fam.confounding, "n_records": fam.n_records, "n_keys": fam.n_keys, "note": ""}
+    if isinstance(cond, Mapping):
+        why = next((f"unconditioned: feature {f!r}: {v}" for f, v in cond.items()
+                    if isinstance(v, str)), "unconditioned")  # fmt: skip
+    else:
+        why = cond or "unconditioned"
+    return {"conditioned_on": [], "note": why}
+
+
 def _causal_plan(
     features: Mapping[str, FeatureResult],
     bases: Mapping[str, torch.Tensor],
@@ -805,6 +879,7 @@ def _causal_plan(
     D: int,
     head_name: str,
     record_groups: Sequence[str | None] = (),
+    cond: Mapping[str, Any] | str | None = None,
 ) -> _Causal:
     """Offline families for the swap engine: label-permuted subspaces of every condition
     (``permuted:<condition>``, the null's relabellings of the build records, from the kept
@@ -820,7 +895,37 @@ def _causal_plan(
     perm_key: dict[str, list[torch.Tensor]] = {}  # feature -> full key bases per permutation
     perm_groups: dict[str, list[torch.Tensor]] = {}  # feature -> energy-ordered group unions
     signs0 = None
-    if P and all(stats.get(f) is not None for f in features):
+    from .engine.conditional import ConditionalFamily
+
+    fams = cond if isinstance(cond, Mapping) else {}
+    real_key: dict[
+        str, torch.Tensor
+    ] = {}  # conditional: the real labels through the same estimator
+    real_groups: dict[str, torch.Tensor] = {}
+    conditioned = (
+        bool(P) and bool(fams) and all(isinstance(fams.get(f), ConditionalFamily) for f in features)
+    )
+    if conditioned:
+        for f, feat in features.items():
+            fam = fams[f]
+            vk = torch.linalg.svd(fam.deltas).Vh.transpose(1, 2)  # [1+P, D, D]
+            real_key[f], perm_key[f] = vk[0], list(vk[1:])
+            groups = [g for g, sr in feat.groups.items() if g != POOLED and sr.rank > 0]
+            if (f"{f}:groups" in bases and groups
+                    and all(g in fam.group_deltas for g in groups)):  # fmt: skip
+                unions = [
+                    energy_ordered_union(
+                        [feature_subspace(fam.group_deltas[g][j], cfg.energy, rank=feat.groups[g].rank)
+                         for g in groups]
+                    )
+                    for j in range(P + 1)
+                ]  # fmt: skip
+                real_groups[f], perm_groups[f] = unions[0], unions[1:]
+        plan.n_permuted = P
+    plan.conditioning = _conditioning_info(
+        cond if P else "label-permuted baselines off (--n-permuted 0)", list(features)
+    )
+    if not conditioned and P and all(stats.get(f) is not None for f in features):
         for f, feat in features.items():
             st_f = stats[f]
             signs = relabel_signs(st_f, P, seed=sub_seed(cfg.seed, f"permuted:{head_name}:{f}"))
@@ -839,7 +944,7 @@ def _causal_plan(
                     for j in range(P)
                 ]  # fmt: skip
         plan.n_permuted = P
-    else:
+    elif not conditioned:
         plan.skipped = (
             "label-permuted baselines off (--n-permuted 0)"
             if not P
@@ -861,6 +966,17 @@ def _causal_plan(
             src = perm_groups.get(base[: -len(":groups")])
             return None if src is None else [u[:, :r] for u in src]
         return [v[:, :r] for v in perm_key[base]]
+
+    def real_bases(name: str, r: int) -> torch.Tensor | None:
+        """Conditional nulls: the real labels' basis of ``name`` through the nulls' estimator."""
+        base = name.split("@")[0]
+        if name == "all":
+            return union_basis([real_key[f][:, : features[f].pooled.rank]
+                                for f in features if features[f].pooled.rank > 0])[:, :r]  # fmt: skip
+        if base.endswith(":groups"):
+            src = real_groups.get(base[: -len(":groups")])
+            return None if src is None else src[:, :r]
+        return real_key[base][:, :r] if base in real_key else None
 
     for name, b in bases.items():
         pb = permuted_bases(name, int(b.shape[1]))
@@ -900,7 +1016,13 @@ def _causal_plan(
                 plan.offline[f"curve-permuted:{r}"] = [
                     u[:, :r] for u in perm_src if u.shape[1] >= r
                 ]
-    if signs0 is not None and record_groups:
+    if conditioned and record_groups:
+        # the same estimator's centroids: each held-out record's group where the family has
+        # both sides in it, else pooled; row 0 the real labels, rows 1.. the permutations
+        fm = fams[f0].means
+        per = [fm.get(g, fm[None]) if g is not None else fm[None] for g in record_groups]
+        plan.means = (torch.stack([m[0] for m in per], 1), torch.stack([m[1] for m in per], 1))
+    elif signs0 is not None and record_groups:
         # centroids of each held-out record's group (the query's feature value in categorical
         # designs, where pooled means would average the matching values away); pooled for
         # records without a group that has both sides among the build records
@@ -943,9 +1065,10 @@ def _causal_plan(
         # the centroid patch: real labels in the real subspace, each permutation's labels in
         # its own subspace (the same estimator on relabelled records)
         pbl = permuted_bases(chosen, int(basis.shape[1]))
-        if plan.means is not None and pbl:
+        row0 = real_bases(chosen, int(basis.shape[1])) if conditioned else basis
+        if plan.means is not None and pbl and row0 is not None:
             plan.label_condition = chosen
-            stack = torch.stack([basis, *[b.double() for b in pbl]])
+            stack = torch.stack([row0.double(), *[b.double() for b in pbl]])
             more["patches"]["label"] = (stack, *plan.means)
         return more
 
@@ -1090,13 +1213,19 @@ def _head_position(
 
 def _verdict(h: HeadResult, cfg: RunConfig) -> Verdict:
     """One verdict per head from the significance test, the swap against random and
-    label-permuted subspaces and the label-sensitive centroid patch (see :class:`Verdict`)."""
+    label-permuted subspaces and the label-sensitive centroid patch, the label nulls
+    conditioned on ``--control`` (see :class:`Verdict`; the decision order and the effect
+    floors are :func:`qkcov.core.conditional.decide`)."""
+    from .core.conditional import MIN_LABEL_EFFECT, MIN_SWAP_EFFECT, decide, p_floor
+    from .results import format_p
+
     a = cfg.alpha
     d = h.to_dict()
     sig = d["significance"] or {}
     sw = h.swaps
     c = sw.conditions.get(sw.headline or "")
     lab = sw.label_test or {}
+    cond = lab.get("conditioning") or {}
     p_null = headline_p(d) if sig.get("available") else None
     ev: dict[str, Any] = {
         "p_null": p_null,
@@ -1106,6 +1235,20 @@ def _verdict(h: HeadResult, cfg: RunConfig) -> Verdict:
         "causal_rank": (sw.causal_rank or {}).get("rank"),
         "condition": sw.headline,
         "alpha": a,
+        "conditioned_on": list(cond.get("conditioned_on") or []),
+        "mixed_fraction": cond.get("mixed_fraction"),
+        "mixed_by_control": cond.get("by_control"),
+        "confounded": bool(cond.get("confounded")),
+        "fixed_by": list(cond.get("fixed_by") or []),
+        "conditioning_note": cond.get("note") or "",
+        "min_swap_effect": MIN_SWAP_EFFECT,
+        "min_label_effect": MIN_LABEL_EFFECT,
+        "p_floors": {
+            "p_null": p_floor(cfg.n_permutations) if cfg.n_permutations else None,
+            "p_vs_random": p_floor(sw.n_random) if sw.n_random else None,
+            "p_vs_permuted": p_floor(sw.n_permuted) if sw.n_permuted else None,
+            "p_label": lab.get("p_floor"),
+        },
     }
     if c is not None:
         ev.update(
@@ -1119,43 +1262,73 @@ def _verdict(h: HeadResult, cfg: RunConfig) -> Verdict:
         ev.update(label_effect=lab["effect"], label_ci=lab["ci"],
                   label_permuted_mean=lab["permuted"]["mean"], p_label=lab["p_value"])  # fmt: skip
     name = h.name
+    fl = ev["p_floors"]
 
     def f(x: Any) -> str:
         return "–" if x is None else f"{x:.3g}"
 
+    def fp(key: str) -> str:
+        return format_p(ev.get(key), fl.get(key))
+
+    on = ev["conditioned_on"]
+    given = (
+        f"labels permuted within {' × '.join(on)} strata, mixed fraction "
+        f"{f(ev['mixed_fraction'])}" if on else (ev["conditioning_note"] or "unconditioned")
+    )  # fmt: skip
     no_subspace = sig.get("available") and not (p_null is not None and p_null < a)
     if c is None:
         if no_subspace or (sig.get("available") and not sig.get("significant")):
             return Verdict("no-evidence", f"{name}: no key subspace above the permutation null "
-                           f"(p (null) = {f(p_null)}, α = {a:g}); nothing to swap.", ev)  # fmt: skip
+                           f"(p (null) = {fp('p_null')}, α = {a:g}); nothing to swap.", ev)  # fmt: skip
         return Verdict("not-testable", f"{name}: not testable — {sw.skipped or 'no swap ran'}.", ev)
     if not sig.get("available"):
         return Verdict("not-testable", f"{name}: not testable — {sig.get('reason') or 'no significance test'} "
                        f"(the rank-{c.rank} swap gives Δp {f(ev['delta_p'])} vs {f(ev['random_mean'])} random).", ev)  # fmt: skip
     swap = (f"its rank-{c.rank} key subspace swap moves Δp {f(ev['delta_p'])} vs "
-            f"{f(ev['random_mean'])} for random (p = {f(c.p_value)})"
+            f"{f(ev['random_mean'])} for random (p = {fp('p_vs_random')})"
             + ("" if c.p_permuted is None else
-               f" and {f(ev['permuted_mean'])} for label-permuted subspaces (p = {f(c.p_permuted)})"))  # fmt: skip
-    if no_subspace or c.p_value is None or c.p_value >= a:
-        return Verdict("no-evidence", f"{name}: ΔC is above its null (p (null) = {f(p_null)}) "
-                       f"but {swap}: no causal evidence.", ev)  # fmt: skip
-    if not lab.get("available"):
-        return Verdict("not-testable", f"{name}: {swap}, but the label-sensitive test did not run "
-                       f"({lab.get('reason') or 'off'}), so whether the labels live in it is untested.", ev)  # fmt: skip
+               f" and {f(ev['permuted_mean'])} for label-permuted subspaces (p = {fp('p_vs_permuted')})"))  # fmt: skip
     patch = (
-        f"moving keys to the other class's centroid inside it shifts Δp by {f(lab['effect'])} "
-        f"vs {f(lab['permuted']['mean'])} with permuted labels (p = {f(lab['p_value'])})"
+        f"moving keys to the other class's centroid inside it shifts Δp by {f(lab.get('effect'))} "
+        f"vs {f((lab.get('permuted') or {}).get('mean'))} with permuted labels (p = {fp('p_label')})"
     )
-    if lab["p_value"] < a and lab["effect"] > 0:
-        return Verdict("reads-feature", f"{name} reads the feature: {patch}; {swap}.", ev)
-    if c.p_permuted is not None and c.p_permuted < a:
-        return Verdict("separates-keys-not-feature", f"{name} separates the keys but not by the "
-                       f"feature: {swap}, yet {patch}.", ev)  # fmt: skip
-    # neither label-sensitive test passes: a subspace of Σ ±q(k⁺−k⁻)ᵀ with any labels would
-    # move attention as far (the swap touches the key difference, whatever the labels)
-    return Verdict("no-evidence", f"{name}: {swap}, no further than label-permuted subspaces, "
-                   f"and {patch}: the swap touches the key difference whatever the labels, so "
-                   "nothing says the labels live in it.", ev)  # fmt: skip
+    status, why = decide(ev, a)
+    if why == "no-subspace":
+        text = f"{name}: ΔC is not above its null (p (null) = {fp('p_null')}): no causal evidence."
+    elif why == "no-swap-effect":
+        text = f"{name}: ΔC is above its null (p (null) = {fp('p_null')}) but {swap}: no causal evidence."
+    elif why == "swap-below-floor":
+        text = (f"{name}: {swap}, less than the effect floor of {MIN_SWAP_EFFECT:g} beyond "
+                "random subspaces: too small to read.")  # fmt: skip
+    elif why == "confounded":
+        fixed = ev["fixed_by"]
+        what = ("the offset" if fixed == ["offset"] else
+                " × ".join("the offset" if x == "offset" else f"the key attribute {x!r}" for x in fixed))  # fmt: skip
+        out = ("vary where the positives sit (balance their offsets against the negatives')"
+               if fixed == ["offset"] else
+               "give positives and negatives every value of " + " and of ".join(
+                   "the offset" if x == "offset" else repr(x) for x in fixed))  # fmt: skip
+        text = (f"{name}: {swap}, but the labels are a function of {what} in these records "
+                f"(mixed fraction {f(ev['mixed_fraction'])}: the share of keys in strata of "
+                f"{' × '.join(on)} holding both labels), so nothing beyond {what} can be "
+                f"tested: {out}.")  # fmt: skip
+    elif why == "no-label-test":
+        text = (f"{name}: {swap}, but the label-sensitive test did not run "
+                f"({lab.get('reason') or 'off'}), so whether the labels live in it is untested.")  # fmt: skip
+    elif why == "label":
+        text = f"{name} reads the feature: {patch}; {swap}."
+    elif why == "separates":
+        text = f"{name} separates the keys but not by the feature: {swap}, yet {patch}."
+    elif why == "label-below-floor":
+        text = (f"{name}: {swap}, and {patch}, less than the effect floor of "
+                f"{MIN_LABEL_EFFECT:g} beyond permuted labels: too small to read.")  # fmt: skip
+    else:
+        # neither label-sensitive test passes: a subspace of Σ ±q(k⁺−k⁻)ᵀ with any labels
+        # would move attention as far (the swap touches the key difference, whatever the labels)
+        text = (f"{name}: {swap}, no further than label-permuted subspaces, and {patch}: the "
+                "swap touches the key difference whatever the labels, so nothing says the "
+                "labels live in it.")  # fmt: skip
+    return Verdict(status, f"{text} [{given}]", ev)
 
 
 def model_head_dim(model: Any) -> int:
@@ -1619,10 +1792,11 @@ def _analyze(
                     )
         with timer.phase("swaps"):
             timer.log(f"{name}: swaps")
+            cond = _conditional(vecs.get(head), resolved, cent, plan, cfg, name)
             swaps = _swaps(
                 model, tokenizer, swap_records, swap_base, head, features, cfg, progress,
                 None if "swaps" in steps else "step off (--steps)",
-                {f: (stats[f] or {}).get(head) for f in plan.features},
+                {f: (stats[f] or {}).get(head) for f in plan.features}, cond,
             )  # fmt: skip
         with timer.phase("token_view"):
             token_view = _token_view(

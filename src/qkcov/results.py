@@ -25,6 +25,7 @@ from .naming import safe_component, tensor_prefix
 from .run_tensors import delta_tensors, read_delta
 
 __all__ = [
+    "format_p",
     "SubspaceResult",
     "FeatureResult",
     "ProjectionResult",
@@ -61,6 +62,16 @@ def headline_p(head: dict[str, Any]) -> float | None:
 
 def _r(x: float | None, nd: int = 3) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def format_p(p: float | None, floor: float | None = None, nd: int = 3) -> str:
+    """A p-value as text; at (or below) its draw floor ``1/(n+1)`` it reads ``≤floor`` (the
+    smallest p the draws can give, not an effect size)."""
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "–"
+    if floor is not None and p <= floor * (1 + 1e-9):
+        return f"≤{floor:.2g}"
+    return f"{p:.{nd}g}" if p < 0.001 else f"{p:.{nd}f}"
 
 
 def html_table(columns: list[str], rows: list[list[Any]]) -> str:
@@ -227,9 +238,17 @@ class SwapCondition:
             "random": self.random,
             "ci": self.ci,
             "p_value": self.p_value,
+            "p_floor": _floor(self.random),
             "permuted": self.permuted,
             "p_permuted": self.p_permuted,
+            "p_permuted_floor": _floor(self.permuted),
         }
+
+
+def _floor(baseline: dict[str, dict[str, Any]] | None) -> float | None:
+    """Smallest p the baseline's Δp draws can give, ``1/(draws + 1)`` (None without draws)."""
+    draws = ((baseline or {}).get("delta_p") or {}).get("draws")
+    return None if not draws else 1.0 / (len(draws) + 1)
 
 
 @dataclass
@@ -560,23 +579,28 @@ class AnalysisResult:
             lab = h.swaps.label_test or {}
             lab = lab if lab.get("available") else {}
             prm = (c.permuted or {}).get("delta_p") if c is not None else None
+            ev = h.verdict.evidence if h.verdict else {}
+            fl = ev.get("p_floors") or {}
+            on = ev.get("conditioned_on") or []
+            mixed = ev.get("mixed_fraction")
             rows.append(
                 [
                     h.name + ("*" if h.name == best else ""),
                     h.verdict.status if h.verdict else "–",
+                    ("+".join(on) + ("" if mixed is None else f" ({mixed:.2f})")) if on else "–",
                     "–" if c is None else str(c.rank),
                     str(sig["rank_null"]) if sig.get("available") else "–",
                     str(h.headline.rank_energy),
-                    _r(headline_p(d)) if sig.get("available") else "–",
+                    format_p(headline_p(d), fl.get("p_null")) if sig.get("available") else "–",
                     "–" if swap is None else _r(swap["delta_p"]),
                     "–"
                     if rnd is None
                     else f"{rnd['delta_p']['mean']:.3f} ± {rnd['delta_p']['std']:.3f}",
-                    "–" if c is None else _r(c.p_value),
+                    "–" if c is None else format_p(c.p_value, fl.get("p_vs_random")),
                     "–" if prm is None else f"{prm['mean']:.3f} ± {prm['std']:.3f}",
-                    "–" if c is None else _r(c.p_permuted),
+                    "–" if c is None else format_p(c.p_permuted, fl.get("p_vs_permuted")),
                     _r(lab.get("effect")),
-                    _r(lab.get("p_value")),
+                    format_p(lab.get("p_value"), lab.get("p_floor")),
                     "–" if d["ceiling"] is None else _r(d["ceiling"]["delta_p"]),
                     _r(d["attribution"]["explained_fraction"])
                     if not d["attribution"]["skipped"]
@@ -586,7 +610,7 @@ class AnalysisResult:
         return rows
 
     SUMMARY_COLUMNS = (
-        "head", "verdict", "rank (causal)", "rank (null)", "rank (energy)", "p (null)",
+        "head", "verdict", "conditioned on (mixed)", "rank (causal)", "rank (null)", "rank (energy)", "p (null)",
         "Δp swap", "Δp random", "p vs random", "Δp permuted", "p vs permuted", "label effect",
         "p (label)", "Δp full key", "explained",
     )  # fmt: skip
@@ -618,7 +642,9 @@ class AnalysisResult:
         lines.append(
             "p (null): ΔC's top singular value vs the permutation null; p vs random / p vs "
             "permuted: the swap's Δp vs equal-rank random / label-permuted subspaces; p (label): "
-            "the centroid patch vs permuted labels"
+            "the centroid patch vs permuted labels; ≤x: p at its draw floor 1/(draws+1); "
+            "conditioned on: labels permuted only within those strata (mixed: share of keys in "
+            "strata holding both labels)"
         )
         return lines
 
@@ -798,7 +824,8 @@ def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult
             return None
         prefix = f"{name}.swap.{safe_component(cname)}."
         per = {k[len(prefix) :]: v.tolist() for k, v in t.items() if k.startswith(prefix)}
-        skip = ("rank", "random", "ci", "p_value", "permuted", "p_permuted")
+        skip = ("rank", "random", "ci", "p_value", "permuted", "p_permuted", "p_floor",
+                "p_permuted_floor")  # fmt: skip
         metrics = {k: v for k, v in cd.items() if k not in skip}
         return SwapCondition(
             cname,

@@ -196,7 +196,8 @@ def test_key_attrs_round_trip_and_checks(tmp_path: Path) -> None:
     """Key attributes (rival features a run can control for) are validated, saved and
     loaded; a feature with them on some key spans only, or a --control naming an attribute no
     record has, is refused in one line naming the lines / the attribute."""
-    from qkcov.checks import check_controls, check_key_attrs, parse_controls
+    from qkcov.checks import check_controls, check_key_attrs
+    from qkcov.tasks.records import parse_controls
 
     ok = (
         '{"prompt": "The key near the cabinets is", "positives": [{"text": "key", '

@@ -35,6 +35,7 @@ __all__ = [
     "save_records",
     "parse_records",
     "MAX_ERRORS_SHOWN",
+    "parse_controls",
 ]
 
 TOKEN_CHOICES = ("last", "first")
@@ -154,6 +155,28 @@ def _attrs_errors(attrs: Any) -> list[str]:
                 f"attrs.{k}: must be a non-empty string, an integer or a boolean, got {v!r}"
             )
     return errors
+
+
+CONTROL_NONE = "none"
+
+
+def parse_controls(spec: Any) -> list[str]:
+    """``--control`` → the names to condition on (``"offset,role"``; ``none`` or ``""`` =
+    none: the label nulls then relabel at random, unconditioned)."""
+    if not isinstance(spec, str):
+        raise ValueError(
+            f"--control must be a comma-separated list such as offset,role, got {spec!r}"
+        )
+    names = [x.strip() for x in spec.split(",") if x.strip()]
+    if names == [CONTROL_NONE]:
+        return []
+    bad = [n for n in names if n == CONTROL_NONE or not ATTR_NAME.match(n)]
+    if bad or len(set(names)) != len(names):
+        raise ValueError(
+            f"--control must name distinct controls (offset, or key attributes of the records "
+            f"such as role), or none; got {spec!r}"
+        )
+    return names
 
 
 def _parse_span(obj: Any, prompt: str | None, where: str) -> tuple[Span | None, list[str]]:
