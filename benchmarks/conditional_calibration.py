@@ -1,15 +1,17 @@
 """Calibration of the conditional (stratified) label tests and the verdict on planted heads.
 
-    PYTHONPATH=src python benchmarks/conditional_calibration.py [--seeds 400]
+    PYTHONPATH=src python benchmarks/conditional_calibration.py [--seeds 400] [--only DESIGN:CONTROLS ...] [--out DIR]
 
-Designs (tests/core/planted_conditional.py): a class feature, labels that are a function of
-the offset, labels leaning on the offset without a feature (``tilted``: the false-positive
-rate of the stratified tests, with a dominant shared query direction and a head that reads
-position), coin-flip labels (``null``), and a rival attribute (``role``) that fully explains
-the labels. Defaults of a run: 99 label-permuted draws, 99 random subspaces, 199 null draws.
-Prints per design the share of each verdict, the rejection rates of the label test and of the
-label-permuted swap at α = 0.05 (± binomial standard error) and the effect quantiles behind
-the effect floors.
+Designs (tests/core/planted_conditional.py): a class feature (``feature``), labels that are a
+function of the offset (``offset``), labels leaning on the offset without a feature
+(``tilted``: the false-positive rate of the stratified tests, with a dominant shared query
+direction and a head that reads position), coin-flip labels (``null``) and a rival attribute
+that fully explains the labels (``role``). Each run: 99 label-permuted draws, 99 random
+subspaces, 99 null draws, α = 0.05. ``--only feature:offset tilted:none`` runs some
+design:controls pairs (one JSON each in ``--out``; several processes can share the work);
+the table is printed from every JSON in ``--out``: the share of each verdict, the rejection
+rates of the label test and of the label-permuted swap (± binomial standard error) and the
+effect quantiles behind the effect floors.
 """
 
 from __future__ import annotations
@@ -27,45 +29,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "core"))
 
 from planted_conditional import rates  # noqa: E402
 
+RUNS = (
+    "feature:offset", "offset:offset", "tilted:offset", "tilted:none", "null:offset",
+    "role:offset,role", "role:offset",
+)  # fmt: skip
+
+
+def _q(xs: list[float], p: float) -> float:
+    return float(torch.quantile(torch.tensor(xs, dtype=torch.float64), p))
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=400)
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--only", nargs="*", default=list(RUNS))
+    ap.add_argument("--out", type=Path, default=Path("conditional_calibration"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    seeds = range(args.seeds)
-    kw = dict(n_perm=99, n_random=99, n_null=199)
-    t0 = time.perf_counter()
-    runs = {
-        "feature (offset)": rates(["feature"], seeds, **kw)["feature"],
-        "offset (offset)": rates(["offset"], seeds, **kw)["offset"],
-        "tilted (offset)": rates(["tilted"], seeds, **kw)["tilted"],
-        "tilted (no control)": rates(["tilted"], seeds, control=(), **kw)["tilted"],
-        "null (offset)": rates(["null"], seeds, **kw)["null"],
-        "role (offset,role)": rates(["role"], seeds, control=("offset", "role"), **kw)["role"],
-        "role (offset)": rates(["role"], seeds, **kw)["role"],
-    }
-    secs = time.perf_counter() - t0
-
-    def q(xs: list[float], p: float) -> float:
-        return float(torch.quantile(torch.tensor(xs, dtype=torch.float64), p))
-
-    print(f"{args.seeds} seeds per design, α = 0.05, {secs:.0f} s")
-    print(
-        "| design (controls) | verdicts | label test rejects | permuted swap rejects | "
-        "mixed | label effect − permuted: 1 % / 50 % / 99 % | Δp − random: 1 % / 50 % / 99 % |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for name, r in runs.items():
+    args.out.mkdir(parents=True, exist_ok=True)
+    for run in args.only:
+        design, ctl = run.split(":")
+        control = () if ctl == "none" else tuple(ctl.split(","))
+        t0 = time.perf_counter()
+        r = rates([design], range(args.seeds), control=control, n_perm=99, n_random=99, n_null=99)
+        r = r[design] | {"seconds": time.perf_counter() - t0, "run": run}
+        (args.out / f"{run.replace(':', '_').replace(',', '+')}.json").write_text(json.dumps(r))
+        print(f"{run}: {r['seconds']:.0f} s", flush=True)
+    print("| design : controls | seeds | verdicts | label test rejects | permuted swap rejects | "
+          "mixed | label effect − permuted: 1 % / 50 % / 99 % | Δp − random: 1 % / 50 % / 99 % |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for path in sorted(args.out.glob("*.json")):
+        r = json.loads(path.read_text())
         st = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r["status"].items(), key=lambda x: -x[1]))
         se = math.sqrt(max(r["label_reject"] * (1 - r["label_reject"]), 1e-12) / r["n"])
-        le, se_ = r["label_effect"], r["swap_effect"]
-        print(f"| {name} | {st} | {r['label_reject']:.3f} ± {se:.3f} | {r['permuted_reject']:.3f} | "
-              f"{r['mixed']:.2f} | {q(le, .01):.3f} / {q(le, .5):.3f} / {q(le, .99):.3f} | "
-              f"{q(se_, .01):.3f} / {q(se_, .5):.3f} / {q(se_, .99):.3f} |")  # fmt: skip
-    if args.json:
-        args.json.write_text(json.dumps(runs, indent=1))
+        le, sw = r["label_effect"], r["swap_effect"]
+        print(f"| {r['run']} | {r['n']} | {st} | {r['label_reject']:.3f} ± {se:.3f} | "
+              f"{r['permuted_reject']:.3f} | {r['mixed']:.2f} | {_q(le, .01):.3f} / {_q(le, .5):.3f} / "
+              f"{_q(le, .99):.3f} | {_q(sw, .01):.3f} / {_q(sw, .5):.3f} / {_q(sw, .99):.3f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

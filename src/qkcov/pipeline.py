@@ -1267,8 +1267,9 @@ def _verdict(h: HeadResult, cfg: RunConfig) -> Verdict:
     def f(x: Any) -> str:
         return "–" if x is None else f"{x:.3g}"
 
-    def fp(key: str) -> str:
-        return format_p(ev.get(key), fl.get(key))
+    def fp(key: str) -> str:  # "= 0.023", or "≤ 0.01" at the draws' floor
+        text = format_p(ev.get(key), fl.get(key))
+        return f"≤ {text[1:]}" if text.startswith("≤") else f"= {text}"
 
     on = ev["conditioned_on"]
     given = (
@@ -1279,24 +1280,24 @@ def _verdict(h: HeadResult, cfg: RunConfig) -> Verdict:
     if c is None:
         if no_subspace or (sig.get("available") and not sig.get("significant")):
             return Verdict("no-evidence", f"{name}: no key subspace above the permutation null "
-                           f"(p (null) = {fp('p_null')}, α = {a:g}); nothing to swap.", ev)  # fmt: skip
+                           f"(p (null) {fp('p_null')}, α = {a:g}); nothing to swap.", ev)  # fmt: skip
         return Verdict("not-testable", f"{name}: not testable — {sw.skipped or 'no swap ran'}.", ev)
     if not sig.get("available"):
         return Verdict("not-testable", f"{name}: not testable — {sig.get('reason') or 'no significance test'} "
                        f"(the rank-{c.rank} swap gives Δp {f(ev['delta_p'])} vs {f(ev['random_mean'])} random).", ev)  # fmt: skip
     swap = (f"its rank-{c.rank} key subspace swap moves Δp {f(ev['delta_p'])} vs "
-            f"{f(ev['random_mean'])} for random (p = {fp('p_vs_random')})"
+            f"{f(ev['random_mean'])} for random (p {fp('p_vs_random')})"
             + ("" if c.p_permuted is None else
-               f" and {f(ev['permuted_mean'])} for label-permuted subspaces (p = {fp('p_vs_permuted')})"))  # fmt: skip
+               f" and {f(ev['permuted_mean'])} for label-permuted subspaces (p {fp('p_vs_permuted')})"))  # fmt: skip
     patch = (
         f"moving keys to the other class's centroid inside it shifts Δp by {f(lab.get('effect'))} "
-        f"vs {f((lab.get('permuted') or {}).get('mean'))} with permuted labels (p = {fp('p_label')})"
+        f"vs {f((lab.get('permuted') or {}).get('mean'))} with permuted labels (p {fp('p_label')})"
     )
     status, why = decide(ev, a)
     if why == "no-subspace":
-        text = f"{name}: ΔC is not above its null (p (null) = {fp('p_null')}): no causal evidence."
+        text = f"{name}: ΔC is not above its null (p (null) {fp('p_null')}): no causal evidence."
     elif why == "no-swap-effect":
-        text = f"{name}: ΔC is above its null (p (null) = {fp('p_null')}) but {swap}: no causal evidence."
+        text = f"{name}: ΔC is above its null (p (null) {fp('p_null')}) but {swap}: no causal evidence."
     elif why == "swap-below-floor":
         text = (f"{name}: {swap}, less than the effect floor of {MIN_SWAP_EFFECT:g} beyond "
                 "random subspaces: too small to read.")  # fmt: skip
