@@ -33,17 +33,17 @@ from typing import Any
 
 import torch
 
-from .config import ConfigMixin, check_positive_int, check_range
-from .core.attribution import explain_logits
-from .core.projection import nearest_centroid_accuracy, pca_basis, project
-from .core.subspace import (
+from ..config import ConfigMixin, check_positive_int, check_range
+from ..core.attribution import explain_logits
+from ..core.projection import nearest_centroid_accuracy, pca_basis, project
+from ..core.subspace import (
     energy_ordered_union,
     feature_subspace,
     principal_angles,
     random_orthonormal,
     top_directions,
 )
-from .results import (
+from ..results import (
     POOLED,
     AnalysisResult,
     AttributionResult,
@@ -57,8 +57,8 @@ from .results import (
     Verdict,
     headline_p,
 )
-from .runtime import Timer, sub_seed
-from .tasks.records import ContrastRecord
+from ..runtime import Timer, sub_seed
+from ..tasks.records import ContrastRecord
 
 __all__ = ["RunConfig", "Plan", "plan_records", "analyze", "run", "DEFAULT_FEATURE", "DTYPES"]
 
@@ -159,7 +159,7 @@ class RunConfig(ConfigMixin):
     )
 
     def __post_init__(self) -> None:
-        from .engine.scan import check_heads_spec
+        from ..engine.scan import check_heads_spec
 
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError(f"--model must be a non-empty name or path, got {self.model!r}")
@@ -243,7 +243,7 @@ def provenance(
 
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     param = next(iter(model.parameters()), None)
     out: dict[str, Any] = {
@@ -339,8 +339,8 @@ def _as_records(records: Sequence[ContrastRecord | Mapping[str, Any]]) -> list[C
 def plan_records(records: Sequence[ContrastRecord | Mapping[str, Any]], cfg: RunConfig) -> Plan:
     """Group, split and check records (``ValueError`` naming the problem; no model needed)."""
     recs = _as_records(records)
-    from .checks import check_pins
-    from .naming import check_record_names
+    from ..checks import check_pins
+    from ..naming import check_record_names
 
     check_record_names(recs, DEFAULT_FEATURE)
     check_pins(recs)
@@ -467,7 +467,7 @@ def _significance(
     stability) of one ΔC, from the kept per-record statistics (no recapture)."""
     import warnings
 
-    from .core import statistics as st
+    from ..core import statistics as st
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", st.StatisticsWarning)
@@ -630,7 +630,7 @@ def _swap_conditions(
         if f.union_key is not None and f.union_key.shape[1] > 0:
             bases[f"{name}:groups"] = f.union_key
     if len(features) > 1:
-        from .core.subspace import union_basis
+        from ..core.subspace import union_basis
 
         parts = [f.pooled.key_basis for f in features.values() if f.pooled.rank > 0]
         if len(parts) > 1:
@@ -654,7 +654,7 @@ def _swaps(
     curve (its causal-rank subspace becomes the headline) and the label-sensitive centroid
     patch on the headline, all from the unedited forward every head shares (``swap_base()``,
     :func:`qkcov.engine.swaps.capture_swap_base`; see :func:`_causal_plan`)."""
-    from .engine.swaps import run_swaps
+    from ..engine.swaps import run_swaps
 
     headline_feature = next(iter(features))
     if skip_reason is None and not resolved:
@@ -764,7 +764,7 @@ class _Causal:
     def label_result(self, patches: Mapping[str, Any], cfg: RunConfig) -> dict[str, Any] | None:
         if "label" not in patches:
             return {"available": False, "reason": self.skipped or "label-sensitive test off"}
-        from .core import statistics as st
+        from ..core import statistics as st
 
         eff = patches["label"]["effect"]  # [1+P, n]
         dp = patches["label"]["delta_p"]
@@ -787,7 +787,7 @@ def _quiet_ci(values: torch.Tensor, cfg: RunConfig, purpose: str) -> tuple[float
     """Paired-bootstrap CI over prompts ((nan, nan) with fewer than 10, without a warning)."""
     import warnings
 
-    from .core import statistics as st
+    from ..core import statistics as st
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", st.StatisticsWarning)
@@ -811,8 +811,8 @@ def _causal_plan(
     record statistics), the causal rank curve (``curve:<r>``, ``curve-random:<r>``,
     ``curve-permuted:<r>``, r = 1..R) and, once the curve is known (``late``), the
     causal-rank condition and the centroid patch on the headline subspace."""
-    from .core.causal import causal_rank, class_key_means, relabel_signs, relabelled_deltas
-    from .core.subspace import union_basis
+    from ..core.causal import causal_rank, class_key_means, relabel_signs, relabelled_deltas
+    from ..core.subspace import union_basis
 
     f0 = next(iter(features))
     plan = _Causal(f0, headline)
@@ -958,7 +958,7 @@ def _permuted_baselines(
 ) -> None:
     """Each condition's label-permuted baseline (mean ± std over the permutations) and the
     p of its Δp against it."""
-    from .core import statistics as st
+    from ..core import statistics as st
 
     for name, c in conditions.items():
         fam = offline.get(plan.families.get(name, ""))
@@ -984,7 +984,7 @@ def _token_view(
     """The report's per-prompt view: the swap records' first prompts (same swap pairs and
     the same unedited forward as :func:`_swaps`), attention before/after the headline swap
     and the exact logit split (in the run's frame)."""
-    from .engine.tokenview import collect_token_view
+    from ..engine.tokenview import collect_token_view
 
     if swap_base is None or not resolved:
         return None
@@ -1023,7 +1023,7 @@ def _condition_basis(
 def _swap_statistics(conditions: Mapping[str, SwapCondition], cfg: RunConfig) -> None:
     """Paired bootstrap CIs over prompts and the p-value against the random subspaces."""
     try:
-        from .core import statistics as st
+        from ..core import statistics as st
     except ImportError:  # statistics layer not available
         return
     for c in conditions.values():
@@ -1046,7 +1046,7 @@ def _swap_statistics(conditions: Mapping[str, SwapCondition], cfg: RunConfig) ->
 def _rotary(model: Any, n_layers: int, frame: str) -> tuple[dict[int, Any], str | None]:
     """Rotary specs of every layer and why there are none; ``--frame query`` refuses a model
     without a known rotary layout here, before any heavy work."""
-    from .models.rotary import rotary_specs
+    from ..models.rotary import rotary_specs
 
     try:
         return rotary_specs(model, range(n_layers)), None
@@ -1067,7 +1067,7 @@ def _head_position(
     no_rotary: str | None = None,
 ) -> dict[str, Any]:
     """Rotary-band profiles of the head's subspaces and the position-only control."""
-    from .engine.position import position_controls, rotary_profiles
+    from ..engine.position import position_controls, rotary_profiles
 
     out: dict[str, Any] = {"frame": cfg.frame}
     if spec is None:
@@ -1159,7 +1159,7 @@ def _verdict(h: HeadResult, cfg: RunConfig) -> Verdict:
 
 
 def model_head_dim(model: Any) -> int:
-    from .models.loading import model_info
+    from ..models.loading import model_info
 
     return model_info(model).head_dim
 
@@ -1219,7 +1219,7 @@ def _attribution(
 
 
 def _explicit_heads(spec: str, info: Any) -> list[Head]:
-    from .models.heads import parse_heads
+    from ..models.heads import parse_heads
 
     return list(parse_heads(spec, info.n_layers, info.n_heads))
 
@@ -1274,7 +1274,7 @@ class RunState:
         resume: bool,
         dist: Any = None,
     ) -> None:
-        from .engine.checkpoint import data_hash
+        from ..engine.checkpoint import data_hash
 
         out = Path(out).expanduser().absolute()
         self.dir = out.parent / f".{out.name}.checkpoint"
@@ -1287,7 +1287,7 @@ class RunState:
         self.enabled = cfg.checkpoint_every > 0 or resume
         if not self.enabled:
             return
-        from .artifacts import read_json, write_json
+        from ..artifacts import read_json, write_json
 
         fp = self.dir / "fingerprint.json"
         if resume and not fp.is_file():
@@ -1323,15 +1323,15 @@ class RunState:
         return self.dist is None or self.dist.is_main
 
     def _barrier(self) -> None:
-        from .engine.distributed import barrier
+        from ..engine.distributed import barrier
 
         barrier(self.dist)
 
     def contrast(self, feature: str) -> Any:
         if not self.enabled:
             return None
-        from .engine.checkpoint import Checkpoint
-        from .naming import safe_component
+        from ..engine.checkpoint import Checkpoint
+        from ..naming import safe_component
 
         return Checkpoint(
             self.dir / f"contrast-{safe_component(feature)}.safetensors", self.fingerprint,
@@ -1339,7 +1339,7 @@ class RunState:
         )  # fmt: skip
 
     def load_scan(self) -> list[dict[str, Any]] | None:
-        from .engine.checkpoint import load_checked
+        from ..engine.checkpoint import load_checked
 
         if not (self.resume and (self.dir / "scan.json").is_file()):
             return None
@@ -1347,14 +1347,14 @@ class RunState:
         return data["scan"]
 
     def save_scan(self, scan: list[dict[str, Any]]) -> None:
-        from .engine.checkpoint import save_checked
+        from ..engine.checkpoint import save_checked
 
         if self.enabled and self._main:
             save_checked(self.dir / "scan.json", self.dir / "scan.safetensors", {"scan": scan}, {})
 
     def load_head(self, name: str) -> HeadResult | None:
-        from .engine.checkpoint import load_checked
-        from .results import _head_from_dict
+        from ..engine.checkpoint import load_checked
+        from ..results import _head_from_dict
 
         if not (self.resume and (self.dir / f"head-{name}.json").is_file()):
             return None
@@ -1363,7 +1363,7 @@ class RunState:
         )
 
     def save_head(self, head: HeadResult) -> None:
-        from .engine.checkpoint import save_checked
+        from ..engine.checkpoint import save_checked
 
         if self.enabled and self._main:
             save_checked(
@@ -1405,7 +1405,7 @@ def analyze(
     ``records``: :class:`ContrastRecord` objects or dicts in the JSONL schema. ``overrides``
     are :class:`RunConfig` fields (``heads``, ``n_random``, ``seed``, ...).
     """
-    from .checks import check_notebook_inputs
+    from ..checks import check_notebook_inputs
 
     records = check_notebook_inputs(model, tokenizer, records, config, overrides)
     cfg = dataclasses.replace(config, **overrides) if config is not None else RunConfig(**overrides)
@@ -1423,7 +1423,7 @@ def _scan_step(
 ) -> list[dict[str, Any]] | None:  # fmt: skip
     """The all-head scan over the scan subset (``--heads auto`` only; explicit heads get no
     scan forward at all: the swaps' own base pass finds each head's most-attended key)."""
-    from .engine.scan import attention_rows, scan_heads
+    from ..engine.scan import attention_rows, scan_heads
 
     saved = state.load_scan() if state is not None else None
     if saved is not None:
@@ -1448,7 +1448,7 @@ def _contrast_step(
     """One forward per build record: every feature's ΔC (and record statistics), and the
     centroid records' vectors in ``cent`` order (``None`` when a pass resumed from a
     checkpoint: the collection pass then forwards them)."""
-    from .engine.contrast import HeadVectors, run_contrast
+    from ..engine.contrast import HeadVectors, run_contrast
 
     contrasts, stats, parts = {}, {}, []
     mine = set(cent)
@@ -1482,7 +1482,7 @@ def _collect_step(
     """ONE forward over the held-out records (and the centroid records when the ΔC pass did
     not keep them): the projections' vectors (centroid records first, in ``cent`` order,
     then ``held``) and the attribution's full keys (attribution records are held-out)."""
-    from .engine.contrast import HeadVectors, collect_qk
+    from ..engine.contrast import HeadVectors, collect_qk
 
     pre = [] if cent_vecs is not None else cent
     coll = pre + held + [i for i in attr_idx if i not in set(held)]
@@ -1511,21 +1511,21 @@ def _analyze(
     state: RunState | None = None,
     dist: Any = None,
 ) -> AnalysisResult:
-    from .engine.contrast import resolve_records
-    from .engine.scan import select_heads
-    from .models.loading import model_info
+    from ..engine.contrast import resolve_records
+    from ..engine.scan import select_heads
+    from ..models.loading import model_info
 
     progress = not timer.quiet
     info = model_info(model)
     specs, no_rotary = _rotary(model, info.n_layers, cfg.frame)
     if not cfg.heads.strip().lower().startswith("auto"):
-        from .models.heads import parse_heads
+        from ..models.heads import parse_heads
 
         parse_heads(cfg.heads, info.n_layers, info.n_heads)
     with timer.phase("resolve"):
         resolved = resolve_records(tokenizer, plan.records, chat=cfg.chat)
-        from .engine.contrast import check_lengths
-        from .models.loading import max_positions
+        from ..engine.contrast import check_lengths
+        from ..models.loading import max_positions
 
         limit = cfg.max_tokens or max_positions(model)
         if limit:
@@ -1538,7 +1538,7 @@ def _analyze(
     heads = select_heads(cfg.heads, scan, info.n_layers, info.n_heads, k=cfg.n_heads)
     timer.log(f"heads: {', '.join(f'L{l}H{h}' for l, h in heads)}")
 
-    from .engine.position import offset_diagnostics
+    from ..engine.position import offset_diagnostics
 
     offsets, offset_warnings = offset_diagnostics(
         {f: [resolved[i] for i in plan.indices("build", f)] for f in plan.features}
@@ -1570,7 +1570,7 @@ def _analyze(
     def swap_base() -> Any:
         """The swaps' unedited forward, once for all heads still to do (on first use)."""
         if "base" not in shared:
-            from .engine.swaps import capture_swap_base
+            from ..engine.swaps import capture_swap_base
 
             todo = [h for h in heads if h not in done_heads]
             shared["base"] = capture_swap_base(
@@ -1714,10 +1714,10 @@ def run(
     ``section`` overrides the report section's title/key/text and ``extras(model, tokenizer,
     records, cfg)`` adds task-specific tables to it (the built-in tasks use both).
     """
-    from .artifacts import RunFolder
-    from .engine.distributed import Dist
-    from .models.loading import resolve_device
-    from .tasks.records import load_records
+    from ..artifacts import RunFolder
+    from ..engine.distributed import Dist
+    from ..models.loading import resolve_device
+    from ..tasks.records import load_records
 
     timer = Timer("run", quiet=quiet)
     recs = load_records(records) if isinstance(records, (str, Path)) else list(records)
@@ -1736,13 +1736,13 @@ def run(
     try:
         state = RunState(out_dir, cfg, recs, resume=resume, dist=dist)
         if loaded is None and cfg.frame == "query":
-            from .models.rotary import check_frame_config
+            from ..models.rotary import check_frame_config
 
             check_frame_config(cfg.model, cfg.trust_remote_code)  # before the weights load
         if auto:  # said once every input (--out, --resume, --frame) has been checked
             timer.log(f"device: {cfg.device} (--device auto)")
         if loaded is None:
-            from .models.loading import load_model
+            from ..models.loading import load_model
 
             with timer.phase("load"):
                 timer.log(f"loading {cfg.model}")
@@ -1760,8 +1760,8 @@ def run(
             with timer.phase("extras"):
                 section["extra_tables"] = extras(model, tokenizer, plan.records, cfg)
         if folder is not None:
-            from .report import build_report
-            from .report.run import write_run_section
+            from ..report import build_report
+            from ..report.run import write_run_section
 
             with folder as staging:
                 result.timings = dict(timer.seconds)
