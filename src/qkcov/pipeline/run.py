@@ -13,19 +13,21 @@ from typing import Any
 
 import torch
 
-from ..results import AnalysisResult, HeadResult
+from ..results import AnalysisResult
 from ..runtime import Timer
 from ..tasks.records import ContrastRecord
-from .config import Head, RunConfig, _load_kwargs, auto_device, provenance
+from .config import RunConfig, auto_device, provenance
 from .plan import Plan, plan_records, record_subsets
 from .state import RunState
 from .steps.collect import _collect_step
-from .steps.contrast import _contrast_step, _duplicate_notes
+from .steps.contrast import _contrast_step, _duplicate_notes, _feature_info
 from .steps.head import HeadInputs, _head_step
+from .steps.load import _load_step
 from .steps.position import _rotary
 from .steps.resolve import _resolve_step
-from .steps.scan import _scan_step
+from .steps.scan import _explicit_heads, _scan_step
 from .steps.swaps import SwapBase
+from .steps.write import _write_step
 
 
 def analyze(
@@ -58,15 +60,9 @@ def analyze(
 
 
 def _analyze(
-    model: Any,
-    tokenizer: Any,
-    plan: Plan,
-    cfg: RunConfig,
-    timer: Timer,
-    model_name: str | None,
-    state: RunState | None = None,
-    dist: Any = None,
-) -> AnalysisResult:
+    model: Any, tokenizer: Any, plan: Plan, cfg: RunConfig, timer: Timer,
+    model_name: str | None, state: RunState | None = None, dist: Any = None,
+) -> AnalysisResult:  # fmt: skip
     """The steps of a run on a loaded model, in order (see the module docstring)."""
     from ..engine.position import offset_diagnostics
     from ..engine.scan import select_heads
@@ -75,9 +71,7 @@ def _analyze(
     info = model_info(model)
     specs, no_rotary = _rotary(model, info.n_layers, cfg.frame)
     if not cfg.heads.strip().lower().startswith("auto"):
-        from ..models.heads import parse_heads
-
-        parse_heads(cfg.heads, info.n_layers, info.n_heads)
+        _explicit_heads(cfg.heads, info)  # a head the model lacks: refused before any pass
     with timer.phase("resolve"):
         resolved = _resolve_step(model, tokenizer, plan, cfg)
     subsets = record_subsets(plan, cfg)
@@ -102,10 +96,7 @@ def _analyze(
             model, tokenizer, resolved, heads, cent, held, subsets["attribution"],
             contrast.cent_vecs, cfg, timer, dist,
         )  # fmt: skip
-    done: dict[Head, HeadResult] = {}
-    for head in heads if state is not None else []:
-        if (r := state.load_head(f"L{head[0]}H{head[1]}")) is not None:
-            done[head] = r
+    done = state.load_heads(heads) if state is not None else {}
     swap_records = [resolved[i] for i in subsets["swaps"]]
     swap_base = SwapBase(
         model, tokenizer, swap_records, [h for h in heads if h not in done], cfg, specs,
@@ -126,21 +117,11 @@ def _analyze(
             state.save_head(head_results[-1])
     swap_base.clear()  # the swap base's hidden states
     plan.notes.extend(_duplicate_notes(head_results))
-    feature_info = [
-        {
-            "name": f,
-            "groups": contrast.contrasts[f].groups,
-            "n_build": len(plan.indices("build", f)),
-            "n_heldout": len(plan.indices("heldout", f)),
-            "n_two_sided": len(plan.indices(None, f, True)),
-        }
-        for f in plan.features
-    ]
     return AnalysisResult(
         config=cfg.to_dict(),
         model=model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__,
         model_info=dataclasses.asdict(info),
-        features=feature_info,
+        features=_feature_info(plan, contrast),
         n_records=len(plan.records),
         heads=head_results,
         scan=scan,
@@ -203,14 +184,7 @@ def run(
             check_frame_config(cfg.model, cfg.trust_remote_code)  # before the weights load
         if auto:  # said once every input (--out, --resume, --frame) has been checked
             timer.log(f"device: {cfg.device} (--device auto)")
-        if loaded is None:
-            from ..models.loading import load_model
-
-            with timer.phase("load"):
-                timer.log(f"loading {cfg.model}")
-                lm = load_model(cfg.model, **_load_kwargs(cfg, dist))
-                loaded = (lm.model, lm.tokenizer)
-        model, tokenizer = loaded
+        model, tokenizer = loaded if loaded is not None else _load_step(cfg, dist, timer)
         result = _analyze(
             model, tokenizer, plan, cfg, timer, cfg.model, state, dist if dist.enabled else None
         )
@@ -222,15 +196,7 @@ def run(
             with timer.phase("extras"):
                 section["extra_tables"] = extras(model, tokenizer, plan.records, cfg)
         if folder is not None:
-            from ..report import build_report
-            from ..report.run import write_run_section
-
-            with folder as staging:
-                result.timings = dict(timer.seconds)
-                result.seconds = timer.total()
-                result.write_artifacts(staging)
-                write_run_section(staging, **section)
-                build_report(staging)
+            _write_step(folder, result, section, timer)
         state.finish()
     except BaseException:
         if state is not None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..results import HeadResult
 from ..tasks.records import ContrastRecord
-from .config import RunConfig
+from .config import Head, RunConfig
 
 
 class RunState:
@@ -113,6 +113,15 @@ class RunState:
         return _head_from_dict(
             *load_checked(self.dir / f"head-{name}.json", self.dir / f"head-{name}.safetensors")
         )
+
+    def load_heads(self, heads: Sequence[Head]) -> dict[Head, HeadResult]:
+        """The heads a resumed run finished before (none without ``resume``)."""
+        done = {}
+        for head in heads:
+            result = self.load_head(f"L{head[0]}H{head[1]}")
+            if result is not None:
+                done[head] = result
+        return done
 
     def save_head(self, head: HeadResult) -> None:
         from ..engine.checkpoint import save_checked

@@ -67,6 +67,20 @@ def _contrast_step(
     return Contrasts(contrasts, stats, cent_vecs)
 
 
+def _feature_info(plan: Plan, contrast: Contrasts) -> list[dict[str, Any]]:
+    """``run.json``'s ``features``: each feature's groups and record counts."""
+    return [
+        {
+            "name": f,
+            "groups": contrast.contrasts[f].groups,
+            "n_build": len(plan.indices("build", f)),
+            "n_heldout": len(plan.indices("heldout", f)),
+            "n_two_sided": len(plan.indices(None, f, True)),
+        }
+        for f in plan.features
+    ]
+
+
 def _subspace_results(
     contrast: Any, head: Head, feature: str, cfg: RunConfig, stats: Any = None
 ) -> FeatureResult:
