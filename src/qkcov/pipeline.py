@@ -1526,6 +1526,10 @@ def _analyze(
         from .models.heads import parse_heads
 
         parse_heads(cfg.heads, info.n_layers, info.n_heads)
+    else:  # auto:K beyond the model's heads: refused before the scan
+        from .engine.scan import check_auto_count
+
+        check_auto_count(cfg.heads, info.n_layers, info.n_heads)
     with timer.phase("resolve"):
         resolved = resolve_records(tokenizer, plan.records, chat=cfg.chat)
         from .engine.contrast import check_lengths
