@@ -278,7 +278,7 @@ def test_subspace_changed_in_place_is_refused_before_any_forward():
     ]:
         s = _subspace(model_info={})
         change(s)
-        for edit in (lambda: swap(model, s, 1, 2), lambda: ablate(model, s)):
+        for edit in (lambda s=s: swap(model, s, 1, 2), lambda s=s: ablate(model, s)):
             with pytest.raises(ValueError, match=message), edit():
                 model(input_ids=ids)
     assert not calls and sub.rank == 3
