@@ -327,3 +327,36 @@ def test_json_depth_and_type_are_one_line(tmp_path):
     write_json(tmp_path / "list.json", [1, 2])
     with pytest.raises(ValueError, match="expected a JSON object, got a JSON list"):
         read_json(tmp_path / "list.json", expect=dict)
+
+
+def test_delta_of_pure_rounding_noise_is_zero_with_no_rank():
+    from qkcov.core.covariance import ContrastiveCovariance
+    from qkcov.core.subspace import feature_subspace
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
+    order = torch.randperm(64, generator=g)
+    acc = ContrastiveCovariance(16, 16)
+    acc.update(q, k, None)
+    acc.update(q[order], None, k[order])  # the same pairs summed in another order
+    pos, neg = acc.second_moments()
+    noise = float((pos - neg).abs().max())
+    assert 0 < noise <= 2.5e-15  # the rounding the issue saw as "rank (energy) 6"
+    assert feature_subspace(pos - neg).rank > 0
+    delta = acc.delta()
+    assert not bool(delta.any()) and feature_subspace(delta).rank == 0
+    acc2 = ContrastiveCovariance(16, 16)
+    acc2.update(q, k, k + 1e-6)  # a small but real difference stays
+    assert bool(acc2.delta().any())
+
+
+def test_zero_delta_is_said_in_the_run_notes():
+    from types import SimpleNamespace
+
+    from qkcov.pipeline import _zero_delta_notes
+
+    zero = SimpleNamespace(pooled=SimpleNamespace(delta=torch.zeros(4, 4)))
+    real = SimpleNamespace(pooled=SimpleNamespace(delta=torch.eye(4)))
+    heads = [SimpleNamespace(name="L0H1", features={"a": zero, "b": real})]
+    (note,) = _zero_delta_notes(heads)
+    assert note.startswith("L0H1 a: ΔC is numerically zero") and "no rank" in note

@@ -530,6 +530,17 @@ def _significance(
     return out
 
 
+def _zero_delta_notes(heads: Sequence[HeadResult]) -> list[str]:
+    """One run note per head and feature whose pooled ΔC is numerically zero (no rank)."""
+    return [
+        f"{h.name} {f}: ΔC is numerically zero (the positive and negative keys give the same "
+        "q–k covariance to rounding): no subspace, so no rank"
+        for h in heads
+        for f, fr in h.features.items()
+        if fr.pooled.delta.numel() and not bool(fr.pooled.delta.any())
+    ]
+
+
 def _duplicate_notes(heads: Sequence[HeadResult]) -> list[str]:
     """One run note per feature and group whose build records hold exact duplicates."""
     notes: dict[str, None] = {}
@@ -1312,7 +1323,9 @@ class RunState:
                     )
             from .artifacts import dir_owner, mark_owned_dir
 
-            if self._main and dir_owner(self.dir) is None:  # an older qkcov's (its fingerprint matched)
+            if (
+                self._main and dir_owner(self.dir) is None
+            ):  # an older qkcov's (its fingerprint matched)
                 mark_owned_dir(self.dir)
         elif self._main:
             from .artifacts import make_owned_dir, remove_owned_dir
@@ -1671,6 +1684,7 @@ def _analyze(
             state.save_head(head_results[-1])
     shared.clear()  # the swap base's hidden states
     plan.notes.extend(_duplicate_notes(head_results))
+    plan.notes.extend(_zero_delta_notes(head_results))
 
     feature_info = [
         {
