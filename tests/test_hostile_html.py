@@ -227,3 +227,24 @@ def test_report_renders_only_sections_the_manifest_lists(run, tmp_path, capsys):
     write_json(project / "section.json", sec)
     assert main(["report", str(project)]) == 2
     assert "modified after the run" in capsys.readouterr().err
+
+
+def test_build_report_never_overwrites_a_users_page(run, tmp_path):
+    from qkcov.report import build_report
+
+    out, _ = run
+    root = tmp_path / "r"
+    shutil.copytree(out, root, ignore=shutil.ignore_patterns("manifest.json", "report*"))
+    mine = tmp_path / "mine.html"
+    mine.write_text("<p>my page</p>")
+    with pytest.raises(ValueError, match="was not written by qkcov"):
+        build_report(root, out=mine)
+    assert mine.read_text() == "<p>my page</p>"
+    (root / "report.html").write_text("my report")
+    with pytest.raises(ValueError, match="was not written by qkcov"):
+        build_report(root)
+    assert (root / "report.html").read_text() == "my report"
+    (root / "report.html").unlink()
+    page = build_report(root)
+    build_report(root)  # its own sealed page: replaced
+    assert page.read_text().rstrip().endswith("-->")

@@ -264,16 +264,18 @@ def read_regular_bytes(path: str | Path, *, cap: int = MAX_JSON_BYTES, what: str
         os.close(fd)
 
 
-def parse_json(data: bytes | str, where: str | Path, *, expect: type | None = None) -> Any:
+def parse_json(
+    data: bytes | str, where: str | Path, *, expect: type | None = None, what: str = "JSON artifact"
+) -> Any:
     """Decode a JSON artifact's bytes; every problem is one ``ValueError`` naming ``where``
     (bad UTF-8 or JSON, nesting too deep for the parser, not an ``expect``)."""
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
         obj = json.loads(text)
     except RecursionError:
-        raise ValueError(f"{where}: not a valid JSON artifact (nested too deeply)") from None
+        raise ValueError(f"{where}: not a valid {what} (nested too deeply)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{where}: not a valid JSON artifact ({err})") from None
+        raise ValueError(f"{where}: not a valid {what} ({err})") from None
     if expect is not None and not isinstance(obj, expect):
         want = {dict: "a JSON object", list: "a JSON list"}.get(expect, expect.__name__)
         raise ValueError(f"{where}: expected {want}, got a JSON {type(obj).__name__}")

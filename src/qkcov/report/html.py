@@ -22,6 +22,7 @@ and attributes, percent-quoted relative URLs); nothing from an artifact is inser
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -33,9 +34,11 @@ from .. import htmlsafe as esc
 from ..artifacts import (
     add_to_manifest,
     atomic_write_bytes,
+    check_replaceable,
     lock_run_folder,
     parse_json,
     read_regular_bytes,
+    seal_html,
     verify_run_folder,
     write_json,
 )
@@ -124,7 +127,7 @@ def _read_checked(root: Path, path: Path, listed: Listed, what: str) -> bytes:
 
 def _load_section(root: Path, path: Path, listed: Listed = None) -> dict[str, Any]:
     """Read and validate one ``section.json``; every problem is one line naming the file."""
-    sec = parse_json(_read_checked(root, path, listed, "section file"), path)
+    sec = parse_json(_read_checked(root, path, listed, "section file"), path, what="section file")
     if not isinstance(sec, dict) or not isinstance(sec.get("title"), str):
         raise ValueError(f"{path}: not a valid section file (expected an object with a 'title')")
     key = sec.get("key", path.parent.name)
@@ -377,12 +380,16 @@ def build_report(
         for f, s in sections
     )
     target = Path(out) if out is not None else root / "report.html"
+    for path in (target, root / "report_index.json"):  # before any write
+        _may_replace(path, root, listed)
     needs_plotly = any(s.get("interactive") for _, s in sections)
     plotly_js = ""
     if needs_plotly:
         import plotly.offline
 
-        atomic_write_bytes(target.parent / PLOTLY_FILE, plotly.offline.get_plotlyjs().encode())
+        js = plotly.offline.get_plotlyjs().encode()
+        _may_replace(target.parent / PLOTLY_FILE, root, listed, same=js)
+        atomic_write_bytes(target.parent / PLOTLY_FILE, js)
         plotly_js = f'<script src="{PLOTLY_FILE}"></script>'
     ids = _Ids(target.parent, embed_figures)
     body = "\n".join(_section_html(f, s, root, ids) for f, s in sections)
@@ -392,7 +399,7 @@ def build_report(
         f"<nav>{nav}</nav><p class='src'>{esc.text(METHOD_NOTE)}</p>{body}"
         f"<script>{VIEW_JS}</script></body></html>"
     )
-    atomic_write_bytes(target, page.encode())
+    atomic_write_bytes(target, seal_html(page).encode())
     write_json(
         root / "report_index.json",
         {
@@ -402,8 +409,25 @@ def build_report(
                 {"key": s.get("key"), "folder": str(f.relative_to(root))} for f, s in sections
             ],
         },
+        seal=True,
     )
     return target
+
+
+def _may_replace(path: Path, root: Path, listed: Listed, same: bytes | None = None) -> None:
+    """The overwrite rule for the report's own files: a missing file, one qkcov sealed and
+    nobody changed, one the verified manifest lists with its current hash, or one already
+    holding exactly ``same``; anything else is refused in one line."""
+    if not os.path.lexists(path):
+        return
+    with contextlib.suppress(ValueError, OSError):
+        data = read_regular_bytes(path, cap=64 << 20)
+        if same is not None and data == same:
+            return
+        rel = path.resolve().relative_to(root.resolve()).as_posix()
+        if listed is not None and listed.get(rel) == hashlib.sha256(data).hexdigest():
+            return
+    check_replaceable(path)
 
 
 def report_run_folder(root: str | Path, title: str = "qkcov report") -> Path:
