@@ -62,15 +62,10 @@ def _r(x: float | None, nd: int = 3) -> str:
 
 
 def html_table(columns: list[str], rows: list[list[Any]]) -> str:
-    """A small escaped HTML table (notebook ``_repr_html_``)."""
-    import html
+    """A small escaped HTML table (notebook ``_repr_html_``; :mod:`qkcov.htmlsafe`)."""
+    from .htmlsafe import table
 
-    def cell(v: Any) -> str:
-        return html.escape(_r(v) if isinstance(v, float) else str(v))
-
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return table(columns, rows, lambda v: _r(v) if isinstance(v, float) else str(v))
 
 
 @dataclass
