@@ -248,3 +248,25 @@ def test_build_report_never_overwrites_a_users_page(run, tmp_path):
     page = build_report(root)
     build_report(root)  # its own sealed page: replaced
     assert page.read_text().rstrip().endswith("-->")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"tables": [{"caption": "t", "columns": ["a"], "rows": 5}]},
+        {"heads": [{"name": "L0H0", "verdict": "not a dict", "figures": []}]},
+        {"key": ["not", "a", "string"]},
+        {"interactive": [{"file": "section.json"}]},
+    ],
+)
+def test_section_of_the_wrong_shape_is_one_line(tmp_path, capsys, change):
+    from qkcov.report import build_report
+
+    sec = {"key": "k", "title": "t", "text": ["x"], **change}
+    write_json(tmp_path / "section.json", sec)
+    try:
+        build_report(tmp_path)
+    except ValueError as err:
+        assert "section.json" in str(err) and "\n" not in str(err)
+    else:  # rendered: the odd value shows as text
+        assert "<h1>" in (tmp_path / "report.html").read_text()

@@ -100,23 +100,7 @@ def _load(run: Any, i: int) -> tuple[str, Any]:
 
 
 def _check_ranks(result: Any, where: str) -> None:
-    """Every saved subspace's ranks in ``[0, D]`` and bases finite (a tampered run.json
-    would otherwise slice ``[:, :-3]``), one line naming the run, head and field."""
-    for h in result.heads:
-        for fname, fr in h.features.items():
-            for g, s in fr.groups.items():
-                d = int(s.delta.shape[1]) if s.delta.ndim == 2 else 0
-                for field_name in ("rank", "rank_energy"):
-                    v = getattr(s, field_name)
-                    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= d:
-                        raise ValueError(
-                            f"{where}: heads[{h.name}].features[{fname}].groups[{g}].{field_name}"
-                            f": expected an integer in [0, {d}], got {v!r}"
-                        )
-                if not bool(torch.isfinite(s.delta).all()):
-                    raise ValueError(
-                        f"{where}: {h.name} {fname}/{g}: ΔC holds NaN or infinite values"
-                    )
+    result.check_ranges(where)
 
 
 def _frame(result: Any) -> str:

@@ -33,6 +33,7 @@ from typing import Any
 from .. import htmlsafe as esc
 from ..artifacts import (
     add_to_manifest,
+    artifact_errors,
     atomic_write_bytes,
     check_replaceable,
     lock_run_folder,
@@ -323,7 +324,11 @@ def _section_html(folder: Path, sec: dict[str, Any], root: Path, ids: _Ids) -> s
     figs += "".join(_scatter(root, folder, f, ids) for f in sec.get("scatter", []))
     for fig in sec.get("interactive", []):
         spec = _inside(root, folder / fig["file"], "figure")
-        pfig = pio.from_json(read_regular_bytes(spec, what="figure spec").decode("utf-8"))
+        try:
+            pfig = pio.from_json(read_regular_bytes(spec, what="figure spec").decode("utf-8"))
+        except (ValueError, TypeError, KeyError, UnicodeDecodeError) as err:
+            first = str(err).strip().split("\n")[0]
+            raise ValueError(f"{spec}: not a valid plotly figure ({first})") from None
         div = pio.to_html(pfig, full_html=False, include_plotlyjs=False)
         figs += f"<figure>{div}<figcaption>{esc.text(fig.get('caption', ''))}</figcaption></figure>"
     parts.append(figs)
@@ -392,7 +397,11 @@ def build_report(
         atomic_write_bytes(target.parent / PLOTLY_FILE, js)
         plotly_js = f'<script src="{PLOTLY_FILE}"></script>'
     ids = _Ids(target.parent, embed_figures)
-    body = "\n".join(_section_html(f, s, root, ids) for f, s in sections)
+    parts = []
+    for f, s in sections:  # a section of the wrong shape: one line naming it
+        with artifact_errors(f / SECTION_FILE, "section file"):
+            parts.append(_section_html(f, s, root, ids))
+    body = "\n".join(parts)
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{esc.text(title)}</title>"
         f"<style>{_CSS}{VIEW_CSS}</style>{plotly_js}</head><body><h1>{esc.text(title)}</h1>"
