@@ -194,14 +194,15 @@ def check_replaceable(path: str | Path, *, force: bool = False, flag: str = "--o
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
+    shown = f"{flag} {path}" if flag else str(path)
     if stat.S_ISLNK(mode) and not force:
-        raise ValueError(f"{flag} {path}: is a symbolic link; not replacing it (add --force)")
+        raise ValueError(f"{shown}: is a symbolic link; not replacing it (add --force)")
     if stat.S_ISDIR(mode) or (not stat.S_ISLNK(mode) and not stat.S_ISREG(mode)):
-        raise ValueError(f"{flag} {path}: is {file_kind(mode)}, expected a file path")
+        raise ValueError(f"{shown}: is {file_kind(mode)}, expected a file path")
     if force or is_sealed(path):
         return
     raise ValueError(
-        f"{flag} {path}: exists and was not written by qkcov (or was changed since); not "
+        f"{shown}: exists and was not written by qkcov (or was changed since); not "
         "overwriting it: pick another path, or add --force to replace it"
     )
 

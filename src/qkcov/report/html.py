@@ -427,8 +427,8 @@ def _may_replace(path: Path, root: Path, listed: Listed, same: bytes | None = No
     """The overwrite rule for the report's own files: a missing file, one qkcov sealed and
     nobody changed, one the verified manifest lists with its current hash, or one already
     holding exactly ``same``; anything else is refused in one line."""
-    if not os.path.lexists(path):
-        return
+    if not os.path.lexists(path) or os.path.isdir(path):
+        return  # a folder in the way: the write itself fails naming it
     with contextlib.suppress(ValueError, OSError):
         data = read_regular_bytes(path, cap=64 << 20)
         if same is not None and data == same:
@@ -436,7 +436,7 @@ def _may_replace(path: Path, root: Path, listed: Listed, same: bytes | None = No
         rel = path.resolve().relative_to(root.resolve()).as_posix()
         if listed is not None and listed.get(rel) == hashlib.sha256(data).hexdigest():
             return
-    check_replaceable(path)
+    check_replaceable(path, flag="")
 
 
 def report_run_folder(root: str | Path, title: str = "qkcov report") -> Path:
