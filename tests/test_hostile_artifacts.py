@@ -360,3 +360,16 @@ def test_zero_delta_is_said_in_the_run_notes():
     heads = [SimpleNamespace(name="L0H1", features={"a": zero, "b": real})]
     (note,) = _zero_delta_notes(heads)
     assert note.startswith("L0H1 a: ΔC is numerically zero") and "no rank" in note
+
+
+@pytest.mark.parametrize("field,value", [("head", -1), ("layer", 99), ("head", "2")])
+def test_head_numbers_of_run_json_are_range_checked_on_load(run, tmp_path, capsys, field, value):
+    def edit(d):
+        d["heads"][0][field] = value
+        return d
+
+    bad = _tampered(run, tmp_path / "bad", info=edit)
+    out = tmp_path / "s.safetensors"
+    assert main(["export", str(bad), "--head", "L1H2", "--out", str(out)]) == 2
+    _one_line(capsys, str(bad), f".{field}: expected an integer", repr(value))
+    assert not out.exists()

@@ -754,7 +754,21 @@ class AnalysisResult:
         ``run.json`` would otherwise slice ``[:, :-3]`` or feed NaN to an SVD)."""
         import torch
 
+        mi = self.model_info if isinstance(self.model_info, dict) else {}
         for h in self.heads:
+            for field_name, bound in (("layer", mi.get("n_layers")), ("head", mi.get("n_heads"))):
+                v = getattr(h, field_name)
+                top = bound if isinstance(bound, int) and not isinstance(bound, bool) else None
+                if (
+                    isinstance(v, bool)
+                    or not isinstance(v, int)
+                    or v < 0
+                    or (top is not None and v >= top)
+                ):
+                    span = f"[0, {top - 1}]" if top is not None else ">= 0"
+                    raise ValueError(
+                        f"{where}: heads[{h.name}].{field_name}: expected an integer {span}, got {v!r}"
+                    )
             for fname, fr in h.features.items():
                 for g, s in fr.groups.items():
                     d = int(s.delta.shape[1]) if s.delta.ndim == 2 else 0
