@@ -353,7 +353,7 @@ def test_delta_of_pure_rounding_noise_is_zero_with_no_rank():
 def test_zero_delta_is_said_in_the_run_notes():
     from types import SimpleNamespace
 
-    from qkcov.pipeline import _zero_delta_notes
+    from qkcov.pipeline.steps.contrast import _zero_delta_notes
 
     zero = SimpleNamespace(pooled=SimpleNamespace(delta=torch.zeros(4, 4)))
     real = SimpleNamespace(pooled=SimpleNamespace(delta=torch.eye(4)))
