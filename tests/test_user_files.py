@@ -218,25 +218,36 @@ def test_commit_is_one_exchange_and_a_killed_two_rename_commit_is_put_back(tmp_p
         atomic_write_bytes(stage / "a.json", b"first")
     # a commit killed between its two renames: only the hidden old copy is left
     dead = tmp_path / ".run.old-999999999-abc"
-    dead.mkdir()
+    _dead_run_dir(dead, "abc")
     os.replace(out, dead / "run")
-    (tmp_path / ".run.staging-999999999-def").mkdir()
+    _dead_run_dir(tmp_path / ".run.staging-999999999-def", "def")
     (tmp_path / ".run.lock").write_text("999999999\n")
     RunFolder(out, command="next").close()
     assert verify_run_folder(out)["command"] == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "run"]
 
 
-def test_stale_leftovers_of_a_killed_run_are_cleaned(tmp_path):
+def _dead_run_dir(path, token):
+    """A leftover folder as a killed qkcov run leaves it: its marker names a gone pid."""
+    artifacts.make_owned_dir(path, token)
+    marker = path / artifacts.OWNER_FILE
+    marker.write_text(marker.read_text().replace(f'"pid": {os.getpid()}', '"pid": 999999999'))
+
+
+def test_stale_leftovers_of_a_killed_run_are_cleaned(tmp_path, capsys):
     out = tmp_path / "run"
-    for name in (".run.staging-999999999-x", ".run.staging-oldformat", ".run.old-999999999-y"):
+    for name in (".run.staging-999999999-x", ".run.old-999999999-y"):
+        _dead_run_dir(tmp_path / name, name.rsplit("-", 1)[1])
         (tmp_path / name / "sub").mkdir(parents=True)
         (tmp_path / name / "sub" / "f").write_text("stale")
+    (tmp_path / ".run.staging-oldformat").mkdir()  # no marker: the user's, left alone
     (tmp_path / ".run.lock").write_text("999999999\n")
     (tmp_path / ".other.staging-1-x").mkdir()  # another folder's: not ours to touch
     with RunFolder(out, command="x") as stage:
         atomic_write_bytes(stage / "a.json", b"1")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.staging-1-x", "run"]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".other.staging-1-x", ".run.staging-oldformat", "run"]
+    assert ".run.staging-oldformat was not made by qkcov" in capsys.readouterr().err
 
 
 def test_a_reader_never_mixes_two_runs(tmp_path, monkeypatch):

@@ -86,16 +86,36 @@ def _deg(x: float | None) -> str:
 
 
 def _load(run: Any, i: int) -> tuple[str, Any]:
+    from .artifacts import artifact_errors
     from .results import AnalysisResult
 
     if isinstance(run, AnalysisResult):
+        _check_ranks(run, f"run{i}")
         return f"run{i}", run
-    return str(run), AnalysisResult.load(run)
+    where = Path(run) / "run.json"
+    with artifact_errors(where, "run folder"):
+        result = AnalysisResult.load(run)
+        _check_ranks(result, str(where))
+    return str(run), result
+
+
+def _check_ranks(result: Any, where: str) -> None:
+    result.check_ranges(where)
+
+
+def _frame(result: Any) -> str:
+    return "query" if (result.config or {}).get("frame") == "query" else "post-rope"
 
 
 def _model_key(result: Any) -> tuple[Any, ...]:
     mi = result.model_info or {}
     return (result.model, *(mi.get(k) for k in _GEOMETRY))
+
+
+def _model_text(result: Any, show: Sequence[str]) -> str:
+    mi = result.model_info or {}
+    extra = ", ".join(f"{k} {mi.get(k)}" for k in show)
+    return f"{result.model}" + (f" ({extra})" if extra else "")
 
 
 def _angles(a: torch.Tensor, b: torch.Tensor) -> list[float] | None:
@@ -170,10 +190,27 @@ def compare(runs: Sequence[str | Path | Any], *, labels: Sequence[str] | None = 
         raise ValueError(f"got {len(names)} labels for {len(loaded)} runs")
     keys = {_model_key(r) for _, r in loaded}
     if len(keys) > 1:
-        models = ", ".join(f"{n}: {r.model}" for n, (_, r) in zip(names, loaded, strict=True))
+        # name what differs: the model, or (same name) the head geometry the runs record
+        differ = [k for i, k in enumerate(_GEOMETRY) if len({key[i + 1] for key in keys}) > 1]
+        same_name = len({r.model for _, r in loaded}) == 1
+        models = "; ".join(
+            f"{n}: {_model_text(r, differ if same_name else ())}"
+            for n, (_, r) in zip(names, loaded, strict=True)
+        )
+        what = (
+            "the same model name with different head geometry" if same_name else "different models"
+        )
         raise ValueError(
-            f"the runs are on different models ({models}); subspaces of different models "
+            f"the runs are on {what} ({models}); subspaces of different models "
             "are in different coordinates, so nothing was compared"
+        )
+    frames = {_frame(r) for _, r in loaded}
+    if len(frames) > 1:
+        shown = "; ".join(f"{n}: {_frame(r)}" for n, (_, r) in zip(names, loaded, strict=True))
+        raise ValueError(
+            f"the runs' subspaces are in different frames ({shown}): post-RoPE keys and keys "
+            "in their query's rotary frame (--frame query) are different coordinates, so "
+            "nothing was compared; compare runs made with the same --frame"
         )
     cmp = Comparison(names, loaded[0][1].model)
     found: dict[tuple[str, str], list[tuple[str, Any, Any]]] = {}

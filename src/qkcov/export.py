@@ -17,6 +17,7 @@ Applying it to a model: :mod:`qkcov.models.apply` (plain PyTorch / Hugging Face)
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,23 @@ import torch
 __all__ = ["Subspace", "load_subspace", "FRAME", "FORMAT"]
 
 FRAME = "post-rope"
+FRAMES = (FRAME, "query")
 FORMAT = "qkcov-subspace/1"
 _TENSORS = ("query_directions", "key_directions", "singular_values")
+ORTHO_TOL = 1e-4
+"""Largest entry of ``|BᵀB − I|`` accepted for a basis ``B`` (float32 bases reach ~1e-6)."""
+
+
+def _int(value: Any, what: str, lo: int, hi: int | None = None) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < lo
+        or (hi is not None and value > hi)
+    ):
+        span = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{what}: expected an integer {span}, got {value!r}")
+    return value
 
 
 @dataclass
@@ -62,6 +78,56 @@ class Subspace:
     model_info: dict[str, Any] = field(default_factory=dict)
     frame: str = FRAME
     source: dict[str, Any] = field(default_factory=dict)  # run folder, seed, n_build, ...
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, where: str | None = None) -> None:
+        """One ``ValueError`` naming the field when the subspace is not usable as it is:
+        bases not ``[D, K]`` (``K ≤ D``), not finite, or not orthonormal within
+        :data:`ORTHO_TOL`; singular values not ``[K]`` finite ≥ 0; ``rank`` (and ``ranks``)
+        outside ``[0, K]``; ``layer``/``head`` negative; an unknown ``frame``."""
+        w = f"subspace {where or f'L{self.layer}H{self.head} {self.feature!r}'}"
+        _int(self.layer, f"{w}: layer", 0)
+        _int(self.head, f"{w}: head", 0)
+        if self.frame not in FRAMES:
+            raise ValueError(f"{w}: frame: expected one of {', '.join(FRAMES)}, got {self.frame!r}")
+        shape = None
+        for field_name in ("query_directions", "key_directions"):
+            t = getattr(self, field_name)
+            if not isinstance(t, torch.Tensor) or t.ndim != 2 or not t.is_floating_point():
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{w}: {field_name}: expected a float [D, K] tensor, got {got}")
+            if shape is not None and tuple(t.shape) != shape:
+                raise ValueError(
+                    f"{w}: {field_name}: shape {tuple(t.shape)} differs from query_directions {shape}"
+                )
+            shape = tuple(t.shape)
+            D, K = shape
+            if not 0 < K <= D:
+                raise ValueError(f"{w}: {field_name}: expected [D, K] with 0 < K <= D, got {shape}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{w}: {field_name}: holds NaN or infinite values")
+            t64 = t.detach().double()
+            err = float((t64.T @ t64 - torch.eye(K, dtype=torch.float64)).abs().max())
+            if not err <= ORTHO_TOL:
+                raise ValueError(
+                    f"{w}: {field_name}: columns are not orthonormal (max |BᵀB − I| = {err:.3g}, "
+                    f"tolerance {ORTHO_TOL})"
+                )
+        D, K = shape  # type: ignore[misc]
+        sv = self.singular_values
+        if not isinstance(sv, torch.Tensor) or tuple(sv.shape) != (K,):
+            got = tuple(sv.shape) if isinstance(sv, torch.Tensor) else type(sv).__name__
+            raise ValueError(f"{w}: singular_values: expected [{K}], got {got}")
+        if not bool(torch.isfinite(sv).all()) or bool((sv < 0).any()):
+            raise ValueError(f"{w}: singular_values: expected finite values >= 0")
+        _int(self.rank, f"{w}: rank", 0, K)
+        if not isinstance(self.ranks, dict):
+            raise ValueError(f"{w}: ranks: expected a dict, got {type(self.ranks).__name__}")
+        for k, v in self.ranks.items():
+            if v is not None:
+                _int(v, f"{w}: ranks[{k!r}]", 0, K)
 
     # ------------------------------------------------------------------ views
     @property
@@ -102,7 +168,9 @@ class Subspace:
     def check_model(self, model: Any) -> None:
         """One clear ``ValueError`` when ``model`` (an HF model or a ``model_info`` dict) is
         not shaped like the model the subspace came from (layers, heads, head dimension), or
-        when the subspace is not in post-RoPE coordinates (the hooks edit post-RoPE keys)."""
+        when the subspace is not in post-RoPE coordinates (the hooks edit post-RoPE keys).
+        The subspace itself is validated again first (it may have been changed in place)."""
+        self.validate()
         if self.frame != FRAME:
             raise ValueError(
                 f"subspace {self.name} is in the {self.frame!r} frame (a --frame query run): its "
@@ -171,68 +239,94 @@ class Subspace:
             "source": self.source,
         }
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, *, force: bool = False) -> Path:
         """``path`` (safetensors; the JSON fields in its metadata) and ``path`` with suffix
-        ``.json`` beside it. Refuses to overwrite a file that is not a qkcov subspace."""
-        from .artifacts import atomic_write_bytes, save_tensors, to_jsonable
+        ``.json`` beside it (sealed, holding the safetensors file's sha256). Refuses to
+        overwrite a file qkcov did not write, or one it wrote that was changed since, unless
+        ``force``."""
+        import hashlib
+
+        from .artifacts import atomic_write_bytes, check_replaceable, seal_json, to_jsonable
 
         path = Path(path)
         sidecar = path.with_suffix(".json")
         if sidecar == path:
             raise ValueError(f"{path}: the subspace file needs a suffix such as .safetensors")
-        for p in (path, sidecar):
-            if p.exists() and not _is_ours(p):
-                raise ValueError(f"{p} exists and is not a qkcov subspace; not overwriting it")
+        check_replaceable(sidecar, force=force)
+        if not force and os.path.lexists(path) and not _is_ours(path):
+            raise ValueError(
+                f"--out {path}: exists and is not a qkcov subspace file qkcov wrote (or was "
+                "changed since); not overwriting it: pick another path, or add --force"
+            )
+        self.validate(str(path))
         meta = self.to_json()
         tensors = {k: getattr(self, k).double().contiguous() for k in _TENSORS}
-        save_tensors(path, tensors, {"qkcov_subspace": meta})
-        text = json.dumps(to_jsonable(meta), indent=1, ensure_ascii=False) + "\n"
+        from safetensors.torch import save as save_bytes
+
+        data = save_bytes(tensors, metadata={"qkcov_subspace": json.dumps(to_jsonable(meta))})
+        atomic_write_bytes(path, data)
+        side = seal_json({**meta, "file_sha256": hashlib.sha256(data).hexdigest()})
+        text = json.dumps(to_jsonable(side), indent=1, ensure_ascii=False) + "\n"
         atomic_write_bytes(sidecar, text.encode())
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Subspace:
-        """Read a file written by :meth:`save` (only its safetensors file is needed)."""
-        from .artifacts import load_tensors, read_tensor_metadata
+        """Read a file written by :meth:`save` (only its safetensors file is needed); every
+        problem, a bad tensor or field included, is one ``ValueError`` naming the file."""
+        from .artifacts import artifact_errors, load_tensors, read_tensor_metadata
 
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"subspace file not found: {path}")
         try:
             meta = read_tensor_metadata(path).get("qkcov_subspace")
-        except Exception:  # not a safetensors file
+        except ValueError:  # not a safetensors file
             meta = None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError(f"{path}: not a qkcov subspace file (qkcov export writes them)")
         t = load_tensors(path)
-        return cls(
-            layer=int(meta["layer"]),
-            head=int(meta["head_index"]),
-            feature=meta["feature"],
-            group=meta["group"],
-            query_directions=t["query_directions"],
-            key_directions=t["key_directions"],
-            singular_values=t["singular_values"],
-            rank=int(meta["rank"]),
-            rank_rule=meta["rank_rule"],
-            ranks=dict(meta["ranks"]),
-            model=meta["model"],
-            revision=meta.get("revision"),
-            model_info=dict(meta.get("model_info") or {}),
-            frame=meta.get("frame", FRAME),
-            source=dict(meta.get("source") or {}),
-        )
+        with artifact_errors(path, "qkcov subspace file"):
+            for k in _TENSORS:
+                if k not in t:
+                    raise ValueError(f"{path}: not a valid qkcov subspace file (no tensor {k!r})")
+            try:
+                return cls(
+                    layer=meta["layer"],
+                    head=meta["head_index"],
+                    feature=str(meta["feature"]),
+                    group=str(meta["group"]),
+                    query_directions=t["query_directions"],
+                    key_directions=t["key_directions"],
+                    singular_values=t["singular_values"],
+                    rank=meta["rank"],
+                    rank_rule=str(meta["rank_rule"]),
+                    ranks=dict(meta["ranks"]),
+                    model=str(meta["model"]),
+                    revision=meta.get("revision"),
+                    model_info=dict(meta.get("model_info") or {}),
+                    frame=meta.get("frame", FRAME),
+                    source=dict(meta.get("source") or {}),
+                )
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}") from None
 
 
 def _is_ours(path: Path) -> bool:
-    from .artifacts import read_tensor_metadata
+    """Whether ``path`` is a subspace file qkcov wrote and nobody changed: its sealed
+    sidecar holds the file's sha256."""
+    import hashlib
 
+    from .artifacts import is_sealed, read_regular_bytes
+
+    sidecar = path.with_suffix(".json")
     try:
-        if path.suffix == ".json":
-            return json.loads(path.read_text()).get("format") == FORMAT
-        meta = read_tensor_metadata(path).get("qkcov_subspace")
-        return isinstance(meta, dict) and meta.get("format") == FORMAT
-    except Exception:
+        if not is_sealed(sidecar) or path.is_symlink():
+            return False
+        want = json.loads(sidecar.read_text(encoding="utf-8")).get("file_sha256")
+        data = read_regular_bytes(path, cap=1 << 30, what="subspace file")
+        return hashlib.sha256(data).hexdigest() == want
+    except (OSError, ValueError):
         return False
 
 
@@ -303,14 +397,21 @@ def load_subspace(
 ) -> Subspace:
     """:class:`Subspace` of ``head`` / ``feature`` (default: the run's first feature) from a
     saved run folder (checked against its manifest)."""
-    from .artifacts import read_json
+    from .artifacts import artifact_errors, read_json
     from .results import RUN_JSON, AnalysisResult
 
-    result = AnalysisResult.load(run_dir)
-    data = read_json(Path(run_dir) / RUN_JSON)
-    if feature is None:
-        feature = result.features[0]["name"] if result.features else "feature"
-    causal = next((h.get("causal_rank") for h in data["heads"] if h.get("name") == head), None)
-    sub = subspace_from_result(result, head, feature, group, causal=causal)
+    where = Path(run_dir) / RUN_JSON
+    with artifact_errors(where, "run folder"):
+        result = AnalysisResult.load(run_dir)
+        data = read_json(where, expect=dict)
+        if feature is None:
+            feature = result.features[0]["name"] if result.features else "feature"
+        causal = next((h.get("causal_rank") for h in data["heads"] if h.get("name") == head), None)
+        try:
+            sub = subspace_from_result(result, head, feature, group, causal=causal)
+        except ValueError as err:
+            if "is not in the run" in str(err):
+                raise
+            raise ValueError(f"{where}: {err}") from None
     sub.source["run"] = str(Path(run_dir))
     return sub

@@ -84,15 +84,10 @@ def format_p(p: float | None, floor: float | None = None, nd: int = 3) -> str:
 
 
 def html_table(columns: list[str], rows: list[list[Any]]) -> str:
-    """A small escaped HTML table (notebook ``_repr_html_``)."""
-    import html
+    """A small escaped HTML table (notebook ``_repr_html_``; :mod:`qkcov.htmlsafe`)."""
+    from .htmlsafe import table
 
-    def cell(v: Any) -> str:
-        return html.escape(_r(v) if isinstance(v, float) else str(v))
-
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return table(columns, rows, lambda v: _r(v) if isinstance(v, float) else str(v))
 
 
 @dataclass
@@ -749,19 +744,26 @@ class AnalysisResult:
     def load(cls, out_dir: str | Path) -> AnalysisResult:
         """Read a saved run back into typed results (tensors included); the folder's
         manifest is checked first, so a partial or mixed folder is refused."""
-        import json
 
         from safetensors.torch import load as load_safetensors
 
-        from .artifacts import read_run_files
+        from .artifacts import artifact_errors, parse_json, read_run_files
 
         out = Path(out_dir)
         if not (out / RUN_JSON).is_file():
             raise FileNotFoundError(f"{out}: no {RUN_JSON} (not a qkcov run folder)")
         raw = read_run_files(out, [RUN_JSON, RUN_TENSORS])  # both from one run, verified
-        data = json.loads(raw[RUN_JSON].decode("utf-8"))
-        tensors = load_safetensors(raw[RUN_TENSORS])
-        heads = [_head_from_dict(h, tensors) for h in data["heads"]]
+        # a tampered file (bad tensors, missing keys, wrong types): one line naming the run
+        with artifact_errors(out, "run folder (run.json + run.safetensors)"):
+            data = parse_json(raw[RUN_JSON], out / RUN_JSON, expect=dict)
+            tensors = load_safetensors(raw[RUN_TENSORS])
+            heads = [_head_from_dict(h, tensors) for h in data["heads"]]
+            result = cls._from_saved(data, heads)
+            result.check_ranges(str(out / RUN_JSON))
+        return result
+
+    @classmethod
+    def _from_saved(cls, data: dict[str, Any], heads: list[HeadResult]) -> AnalysisResult:
         return cls(
             config=data["config"],
             model=data["model"],
@@ -776,6 +778,42 @@ class AnalysisResult:
             provenance=data.get("provenance") or {},
             position=data.get("position"),
         )
+
+    def check_ranges(self, where: str = "run") -> None:
+        """``ValueError`` (one line naming ``where``, the head and the field) unless every
+        saved subspace's ranks are integers in ``[0, D]`` and its ΔC is finite (a tampered
+        ``run.json`` would otherwise slice ``[:, :-3]`` or feed NaN to an SVD)."""
+        import torch
+
+        mi = self.model_info if isinstance(self.model_info, dict) else {}
+        for h in self.heads:
+            for field_name, bound in (("layer", mi.get("n_layers")), ("head", mi.get("n_heads"))):
+                v = getattr(h, field_name)
+                top = bound if isinstance(bound, int) and not isinstance(bound, bool) else None
+                if (
+                    isinstance(v, bool)
+                    or not isinstance(v, int)
+                    or v < 0
+                    or (top is not None and v >= top)
+                ):
+                    span = f"[0, {top - 1}]" if top is not None else ">= 0"
+                    raise ValueError(
+                        f"{where}: heads[{h.name}].{field_name}: expected an integer {span}, got {v!r}"
+                    )
+            for fname, fr in h.features.items():
+                for g, s in fr.groups.items():
+                    d = int(s.delta.shape[1]) if s.delta.ndim == 2 else 0
+                    for field_name in ("rank", "rank_energy"):
+                        v = getattr(s, field_name)
+                        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= d:
+                            raise ValueError(
+                                f"{where}: heads[{h.name}].features[{fname}].groups[{g}]."
+                                f"{field_name}: expected an integer in [0, {d}], got {v!r}"
+                            )
+                    if not bool(torch.isfinite(s.delta).all()):
+                        raise ValueError(
+                            f"{where}: {h.name} {fname}/{g}: ΔC holds NaN or infinite values"
+                        )
 
     def report(self, out_dir: str | Path) -> Path:
         """Save the run to ``out_dir`` (see :meth:`save`) and return its ``report.html``."""

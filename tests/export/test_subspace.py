@@ -84,6 +84,7 @@ def test_model_shape_mismatch_before_forward(tiny_run, tiny_llama):
         sub,
         key_directions=torch.eye(8, dtype=torch.float64),
         query_directions=torch.eye(8, dtype=torch.float64),
+        singular_values=sub.singular_values[:8],
     )
     model, _ = tiny_llama
     model.register_forward_pre_hook(lambda *a: calls.append(1))

@@ -70,12 +70,49 @@ def _describe(err: BaseException) -> str:
     return " ".join(str(err).split("\n")[:1]) if isinstance(err, OSError) else str(err)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so every ``finally`` (the run lock, the staging
+    folder) cleans up as it does for Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _artifact_error(err: BaseException) -> str | None:
+    """One line for an error a tampered artifact raises past the loading boundaries (which
+    name the file themselves), or ``None`` for any other exception."""
+    name = type(err).__name__
+    if name in ("SafetensorError", "LinAlgError") or isinstance(err, RecursionError):
+        what = {"SafetensorError": "a safetensors file is not valid",
+                "LinAlgError": "linear algebra failed on an artifact's numbers"}.get(
+            name, "a JSON artifact is nested too deeply")  # fmt: skip
+        return f"{what} ({' '.join(str(err).split())[:200]})"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; errors become one line on stderr (exit 2), Ctrl-C exit 130.
+    """Run one command; errors become one line on stderr (exit 2), Ctrl-C exit 130,
+    SIGTERM exit 143 (both after the run's lock and staging folder are cleaned up).
 
     The handling is in place before any command module (torch, transformers) is imported.
     """
+    import signal
+    import threading
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    else:
+        previous = None
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str]) -> int:
     name = next((a for a in argv if not a.startswith("-")), "")
     prog = f"qkcov {name}" if name in COMMAND_MODULES else "qkcov"
     try:
@@ -87,9 +124,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.command_line = shlex.join(["qkcov", *argv])
         prog = f"qkcov {args.command}"
         return int(args.func(args) or 0)
+    except Terminated:
+        print(f"{prog}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except (OSError, ValueError) as err:  # incl. FileNotFoundError, UnicodeDecodeError, JSON
         print(f"{prog}: error: {_describe(err)}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        line = _artifact_error(err)
+        if line is None:
+            raise
+        print(f"{prog}: error: {line}", file=sys.stderr)
         return 2

@@ -25,14 +25,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--feature", default=None, help="feature name (default: the run's first)")
     p.add_argument("--group", default="pooled", help="group of the feature (default: pooled)")
     p.add_argument("--out", required=True, type=Path, help="file to write (.safetensors)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --out file qkcov did not write (or that was changed since)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..artifacts import check_replaceable
     from ..export import load_subspace
 
+    check_replaceable(args.out.with_suffix(".json"), force=args.force)  # before any work
     sub = load_subspace(args.run_dir, args.head, args.feature, args.group)
-    path = sub.save(args.out)
+    path = sub.save(args.out, force=args.force)
     print(repr(sub))
     print(path)
     return 0

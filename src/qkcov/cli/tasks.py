@@ -60,6 +60,12 @@ def register(subparsers: Any) -> None:
     for name, spec in TASKS.items():
         e = esub.add_parser(name, help=spec.help)
         e.add_argument("--out", type=Path, required=True, help="JSONL file to write")
+        e.add_argument(
+            "--force",
+            action="store_true",
+            help="replace an existing --out file (without it an existing file is refused "
+            "unless it already holds exactly these records)",
+        )
         add_config_flags(e, RunConfig, only=("seed", "chat"))
         _task_flags(e, name)
         e.set_defaults(func=export)
@@ -124,14 +130,24 @@ def run_task(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
+    from ..artifacts import check_replaceable, read_regular_bytes
     from ..tasks.builtin import build_task_records
-    from ..tasks.records import save_records
+    from ..tasks.records import records_jsonl, save_records
 
-    if args.out.exists() and args.out.is_dir():
+    if args.out.is_dir():
         raise ValueError(f"--out {args.out}: is a folder, expected a .jsonl file path")
     records = build_task_records(
         args.task, seed=args.seed, chat=args.chat, **_task_options(args.task, args)
     )
+    same = False
+    if args.out.is_file() and not args.out.is_symlink() and not args.force:
+        # a JSONL file carries no seal: only a file holding exactly these records is "ours"
+        try:
+            same = read_regular_bytes(args.out) == records_jsonl(records)
+        except ValueError:
+            same = False
+    if not same:
+        check_replaceable(args.out, force=args.force)
     save_records(args.out, records)
     print(f"{len(records)} records -> {args.out}")
     return 0

@@ -20,6 +20,19 @@ __all__ = ["ContrastiveCovariance"]
 _SUM_KEYS = ("qk_pos", "qk_neg", "q_pos", "q_neg", "k_pos", "k_neg", "n_pos", "n_neg")
 
 
+ZERO_RTOL = 1024 * torch.finfo(torch.float64).eps
+"""ΔC entries at most this × the largest entry of C⁺/C⁻ are rounding (about 2.3e-13)."""
+
+
+def zero_if_rounding(c_pos: torch.Tensor, c_neg: torch.Tensor) -> torch.Tensor:
+    """``c_pos − c_neg``, or exact zeros when the difference is numerically zero."""
+    delta = c_pos - c_neg
+    scale = max(float(c_pos.abs().max()), float(c_neg.abs().max())) if delta.numel() else 0.0
+    if delta.numel() and float(delta.abs().max()) <= ZERO_RTOL * scale:
+        return torch.zeros_like(delta)
+    return delta
+
+
 class ContrastiveCovariance:
     """Accumulates ``Σ q k⁺ᵀ``, ``Σ q k⁻ᵀ`` (and first moments, for centring) per group.
 
@@ -199,9 +212,13 @@ class ContrastiveCovariance:
         return out[0], out[1]
 
     def delta(self, group: int | str | None = None, center: bool | None = None) -> torch.Tensor:
-        """ΔC ``[d_q, d_k]`` (float64) for ``group``; ``None`` pools every group's pairs."""
+        """ΔC ``[d_q, d_k]`` (float64) for ``group``; ``None`` pools every group's pairs.
+
+        A difference no larger than rounding (every entry ≤ :data:`ZERO_RTOL` × the largest
+        entry of C⁺ or C⁻) is returned as exact zeros: its "directions" would be noise, so
+        its rank is 0, not whatever the noise's energy spectrum gives."""
         c_pos, c_neg = self.second_moments(group, center)
-        return c_pos - c_neg
+        return zero_if_rounding(c_pos, c_neg)
 
     def deltas(self, center: bool | None = None) -> torch.Tensor:
         """Per-group ΔC stacked ``[G, d_q, d_k]``."""

@@ -217,6 +217,18 @@ def check_heads_spec(spec: object) -> None:
         ) from None
 
 
+def check_auto_count(spec: str, n_layers: int, n_heads: int) -> None:
+    """``auto:K`` asking for more heads than the model has: one line (not all of them)."""
+    text = str(spec).strip().lower()
+    if text.startswith("auto:") and text[5:].strip().isdigit():
+        k, total = int(text[5:]), n_layers * n_heads
+        if k > total:
+            raise ValueError(
+                f"--heads {spec}: the model has {total} heads ({n_layers} layers × {n_heads}); "
+                f"use auto:K with K <= {total}"
+            )
+
+
 def select_heads(
     spec: str | Sequence[str],
     scan: Sequence[dict[str, Any]] | None,
@@ -228,6 +240,7 @@ def select_heads(
     head list such as ``"L20H26,L16H19"`` (validated against the model's shape)."""
     check_heads_spec(spec)
     if spec.strip().lower().startswith("auto"):
+        check_auto_count(spec, n_layers, n_heads)
         if ":" in spec:
             k = int(spec.split(":")[1])
         if not scan:

@@ -9,6 +9,17 @@ import torch
 from ..core.intervention import swap_in_subspace
 
 
+def checked(subspace, model=None) -> None:
+    """The subspace validated before any hook is built (orthonormal finite bases, ranks,
+    head in range, post-RoPE frame), against ``model`` (an HF module) or else the
+    ``model_info`` it records; rank 0 refused. One ``ValueError`` naming the field."""
+    subspace.check_model(model if model is not None else dict(subspace.model_info))
+    if subspace.rank == 0:
+        raise ValueError(
+            f"subspace {subspace.name} {subspace.feature!r} has rank 0: nothing to edit"
+        )
+
+
 def kv_head(subspace) -> int:
     """The kv head holding the subspace's query head's keys (GQA: ``head // group``)."""
     n_heads = subspace.model_info.get("n_heads")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._edits import kv_head, project_out, swap_rows
+from ._edits import checked, kv_head, project_out, swap_rows
 
 __all__ = ["attention", "swap", "ablate"]
 
@@ -38,6 +38,7 @@ def _site(nn_model: Any, subspace) -> Any:
 
 def swap(nn_model: Any, subspace, pos_a, pos_b) -> None:
     """Swap the keys at ``pos_a``/``pos_b`` inside the key subspace (in a trace)."""
+    checked(subspace, nn_model._module)
     site = _site(nn_model, subspace)
     q, k = site.output
     k = k.clone()
@@ -48,6 +49,7 @@ def swap(nn_model: Any, subspace, pos_a, pos_b) -> None:
 
 def ablate(nn_model: Any, subspace, side: str = "key") -> None:
     """Project the key (or query) subspace out at every position (in a trace)."""
+    checked(subspace, nn_model._module)
     site = _site(nn_model, subspace)
     q, k = site.output
     if side == "key":

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._edits import kv_head, project_out, swap_rows
+from ._edits import checked, kv_head, project_out, swap_rows
 
 __all__ = ["swap_hooks", "ablate_hooks", "hook_name"]
 
@@ -29,6 +29,7 @@ def hook_name(subspace, side: str = "key") -> str:
 
 def swap_hooks(subspace, pos_a, pos_b) -> list[Hook]:
     """``fwd_hooks`` swapping the keys at ``pos_a``/``pos_b`` inside the key subspace."""
+    checked(subspace)
     kv = kv_head(subspace)
 
     def fn(k: torch.Tensor, hook) -> torch.Tensor:  # [B, S, H_kv, D]
@@ -41,6 +42,7 @@ def swap_hooks(subspace, pos_a, pos_b) -> list[Hook]:
 
 def ablate_hooks(subspace, side: str = "key") -> list[Hook]:
     """``fwd_hooks`` projecting the key (or query) subspace out at every position."""
+    checked(subspace)
     idx = kv_head(subspace) if side == "key" else subspace.head
     basis = subspace.key_basis if side == "key" else subspace.query_basis
 

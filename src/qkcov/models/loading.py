@@ -369,10 +369,18 @@ def _load_cached(
             **kwargs,
         )
     except OSError as err:
+        first = " ".join(str(err).strip().split("\n")[0].split())
+        if os.path.isdir(location):  # a local folder: transformers' text points at the hub
+            missing = [n for n in ("config.json",) if not os.path.isfile(os.path.join(location, n))]
+            why = f"no {missing[0]} in it" if missing else first.split(". ")[0]
+            raise ValueError(
+                f"could not load model {display!r}: the folder {location} is not a complete "
+                f"Hugging Face model ({why})"
+            ) from None
         raise ValueError(
-            f"could not load model {display!r} from {location!r}: {err}. "
+            f"could not load model {display!r} from {location!r}: {first} "
             f"Presets: {', '.join(sorted(PRESETS))}"
-        ) from err
+        ) from None
     attn = attn_implementation or _default_attn(model.config, model.config._attn_implementation)
     if model.config._attn_implementation != attn:
         model.set_attn_implementation(attn)

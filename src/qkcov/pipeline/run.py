@@ -20,7 +20,7 @@ from .config import RunConfig, auto_device, provenance
 from .plan import Plan, plan_records, record_subsets
 from .state import RunState
 from .steps.collect import _collect_step
-from .steps.contrast import _contrast_step, _duplicate_notes, _feature_info
+from .steps.contrast import _contrast_step, _duplicate_notes, _feature_info, _zero_delta_notes
 from .steps.head import HeadInputs, _head_step
 from .steps.load import _load_step
 from .steps.position import _rotary
@@ -72,6 +72,10 @@ def _analyze(
     specs, no_rotary = _rotary(model, info.n_layers, cfg.frame)
     if not cfg.heads.strip().lower().startswith("auto"):
         _explicit_heads(cfg.heads, info)  # a head the model lacks: refused before any pass
+    else:  # auto:K beyond the model's heads: refused before the scan
+        from ..engine.scan import check_auto_count
+
+        check_auto_count(cfg.heads, info.n_layers, info.n_heads)
     with timer.phase("resolve"):
         resolved = _resolve_step(model, tokenizer, plan, cfg)
     subsets = record_subsets(plan, cfg)
@@ -117,6 +121,7 @@ def _analyze(
             state.save_head(head_results[-1])
     swap_base.clear()  # the swap base's hidden states
     plan.notes.extend(_duplicate_notes(head_results))
+    plan.notes.extend(_zero_delta_notes(head_results))
     return AnalysisResult(
         config=cfg.to_dict(),
         model=model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__,

@@ -62,11 +62,17 @@ class RunState:
                         f"--resume: checkpoint in {self.dir} was made with different settings or "
                         f"data: {'the records differ' if diff == 'records' else f'--{diff.replace(chr(95), chr(45))} differs'}"
                     )
-        elif self._main:
-            import shutil
+            from ..artifacts import dir_owner, mark_owned_dir
 
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir.mkdir(parents=True)
+            if (
+                self._main and dir_owner(self.dir) is None
+            ):  # an older qkcov's (its fingerprint matched)
+                mark_owned_dir(self.dir)
+        elif self._main:
+            from ..artifacts import make_owned_dir, remove_owned_dir
+
+            remove_owned_dir(self.dir, refuse=True)  # only a checkpoint qkcov made
+            make_owned_dir(self.dir)
             write_json(fp, self.fingerprint)
         self._barrier()
 
@@ -134,15 +140,15 @@ class RunState:
 
     def discard_if_empty(self) -> None:
         """Delete a checkpoint that holds nothing but its fingerprint (no work to resume)."""
-        import shutil
+        from ..artifacts import OWNER_FILE, remove_owned_dir
 
-        empty = self.dir.is_dir() and {p.name for p in self.dir.iterdir()} <= {"fingerprint.json"}
-        if self.enabled and self._main and empty:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        names = {p.name for p in self.dir.iterdir()} if self.dir.is_dir() else set()
+        if self.enabled and self._main and names <= {"fingerprint.json", OWNER_FILE}:
+            remove_owned_dir(self.dir)
 
     def finish(self) -> None:
-        import shutil
+        from ..artifacts import remove_owned_dir
 
         self._barrier()
         if self.enabled and self._main:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            remove_owned_dir(self.dir)

@@ -3,9 +3,10 @@ the index page of ``qkcov report DIR`` over a folder of run folders."""
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 from typing import Any
+
+from .. import htmlsafe as esc
 
 __all__ = ["comparison_html", "write_comparison_page", "run_folders", "write_index"]
 
@@ -28,26 +29,30 @@ def _cell(v: Any) -> str:
         return ", ".join(_cell(x) if not isinstance(x, float) else f"{x:.1f}" for x in v[:8]) + (
             " …" if len(v) > 8 else ""
         )
-    return html.escape(str(v))
+    return esc.text(str(v))
 
 
 def _table(cols: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    head = "".join(f"<th>{esc.text(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _page(title: str, body: str) -> str:
-    return (
+    """A whole page, sealed (:func:`qkcov.artifacts.seal_html`): qkcov later replaces only
+    a page of its own that nobody changed."""
+    from ..artifacts import seal_html
+
+    return seal_html(
         f"<!doctype html><html><head><meta charset='utf-8'><meta name='generator' "
-        f"content='{GENERATOR}'><title>{html.escape(title)}</title><style>{_CSS}</style>"
-        f"</head><body><h1>{html.escape(title)}</h1>{body}</body></html>"
+        f"content='{GENERATOR}'><title>{esc.text(title)}</title><style>{_CSS}</style>"
+        f"</head><body><h1>{esc.text(title)}</h1>{body}</body></html>"
     )
 
 
 def comparison_html(cmp: Any, *, full_page: bool = True) -> str:
     """The comparison as HTML: principal angles per pair of runs, ranks and swaps per run."""
-    runs = "".join(f"<li>{html.escape(r)}</li>" for r in cmp.runs)
+    runs = "".join(f"<li>{esc.text(r)}</li>" for r in cmp.runs)
     angles = _table(
         ["head", "feature", "run a", "run b", "rank a/b", "k", "key angles @k (°)",
          "query angles @k (°)", "random max @k (°)", "top-1 key°", "top-1 query°",
@@ -65,12 +70,12 @@ def comparison_html(cmp: Any, *, full_page: bool = True) -> str:
           r["delta_p_random"]] for r in cmp.ranks],
     )  # fmt: skip
     only = (
-        f"<p class='note'>In one run only, not compared: {html.escape(', '.join(cmp.only_in_one))}</p>"
+        f"<p class='note'>In one run only, not compared: {esc.text(', '.join(cmp.only_in_one))}</p>"
         if cmp.only_in_one
         else ""
     )
     body = (
-        f"<p>Model <b>{html.escape(cmp.model)}</b>; runs:</p><ul>{runs}</ul>"
+        f"<p>Model <b>{esc.text(cmp.model)}</b>; runs:</p><ul>{runs}</ul>"
         "<h2>Principal angles between the subspaces</h2><p class='note'>0° = the same "
         "direction; 90° = orthogonal. Angles are between the first k = min(rank a, rank b) "
         "directions of each run (a bigger subspace covers more of the head, so its angles to "
@@ -81,22 +86,13 @@ def comparison_html(cmp: Any, *, full_page: bool = True) -> str:
     return _page("qkcov compare", body) if full_page else body
 
 
-def _check_ours(path: Path) -> None:
-    if path.exists():
-        try:
-            ours = GENERATOR in path.read_text(encoding="utf-8", errors="replace")[:400]
-        except OSError:
-            ours = False
-        if not ours:
-            raise ValueError(f"{path} exists and was not written by qkcov; not overwriting it")
-
-
-def write_comparison_page(cmp: Any, out: str | Path) -> Path:
-    """``out`` (an HTML file; never overwrites a file qkcov did not write)."""
-    from ..artifacts import atomic_write_bytes
+def write_comparison_page(cmp: Any, out: str | Path, *, force: bool = False) -> Path:
+    """``out`` (an HTML file): never replaces a file qkcov did not write, or one it wrote
+    that was changed since (unless ``force``)."""
+    from ..artifacts import atomic_write_bytes, check_replaceable
 
     out = Path(out)
-    _check_ours(out)
+    check_replaceable(out, force=force)
     atomic_write_bytes(out, comparison_html(cmp).encode())
     return out
 
@@ -121,44 +117,52 @@ def write_index(root: str | Path, title: str = "qkcov runs") -> Path:
     Each run folder is checked against its manifest first: a partial or mixed run is refused
     (``ValueError`` naming it) and nothing is written.
     """
-    from ..artifacts import atomic_write_bytes, read_json, verify_run_folder
+    from ..artifacts import (
+        artifact_errors,
+        atomic_write_bytes,
+        check_replaceable,
+        read_json,
+        verify_run_folder,
+    )
     from ..results import RUN_JSON, headline_p
 
     root = Path(root)
     folders = run_folders(root)
     if not folders:
         raise FileNotFoundError(f"{root}: no run folders (with {RUN_JSON}) under it")
+    target = root / INDEX_FILE
+    check_replaceable(target)
     rows = []
     for f in folders:
         verify_run_folder(f)  # refuses a partial or mixed run
         rel = f.relative_to(root).as_posix()
         report = f / "report.html"
         link = (
-            f"<a href='{html.escape(rel)}/report.html'>{html.escape(rel)}</a>"
+            f"<a href='{esc.url(rel + '/report.html')}'>{esc.text(rel)}</a>"
             if report.is_file()
-            else html.escape(rel)
+            else esc.text(rel)
         )
         if not (f / RUN_JSON).is_file():
             rows.append([link, "", "", "", "", "", ""])
             continue
-        d = read_json(f / RUN_JSON)
-        best = next((h for h in d.get("heads", []) if h.get("name") == d.get("best_head")), None)
-        prov = d.get("provenance") or {}
-        rows.append(
-            [link, d.get("model"), d.get("n_records"), prov.get("dtype"),
-             None if best is None else best["name"], None if best is None else best.get("rank"),
-             None if best is None else headline_p(best)]
-        )  # fmt: skip
+        with artifact_errors(f / RUN_JSON, "run.json"):
+            d = read_json(f / RUN_JSON, expect=dict)
+            heads = [x for x in d.get("heads") or [] if isinstance(x, dict)]
+            best = next((x for x in heads if x.get("name") == d.get("best_head")), None)
+            prov = d.get("provenance") if isinstance(d.get("provenance"), dict) else {}
+            rows.append(
+                [link, d.get("model"), d.get("n_records"), prov.get("dtype"),
+                 None if best is None else best.get("name"), None if best is None else best.get("rank"),
+                 None if best is None else headline_p(best)]
+            )  # fmt: skip
     cells = "".join(
         "<tr>" + "".join(f"<td>{v if i == 0 else _cell(v)}</td>" for i, v in enumerate(r)) + "</tr>"
         for r in rows
     )
     cols = ["run", "model", "records", "dtype", "best head", "rank", "p"]
     table = (
-        "<table><thead><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr></thead>"
+        "<table><thead><tr>" + "".join(f"<th>{esc.text(c)}</th>" for c in cols) + "</tr></thead>"
         f"<tbody>{cells}</tbody></table>"
     )
-    target = root / INDEX_FILE
-    _check_ours(target)
     atomic_write_bytes(target, _page(title, table).encode())
     return target

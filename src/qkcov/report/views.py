@@ -10,31 +10,22 @@ Data travel as JSON in ``<script type="application/json">`` blocks with ``<``, `
 
 from __future__ import annotations
 
-import html
-import json
 from typing import Any
+
+from .. import htmlsafe as esc
+from ..htmlsafe import json_block
 
 __all__ = ["json_block", "token_view_html", "scatter_html", "verdict_html", "VIEW_CSS", "VIEW_JS"]
 
 
-def json_block(data: Any, ident: str) -> str:
-    """``data`` as an inert JSON script block whose text cannot close the element."""
-    text = json.dumps(data, ensure_ascii=False, allow_nan=False)
-    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
-    return f'<script type="application/json" id="{html.escape(ident)}">{text}</script>'
-
-
 def token_view_html(data: dict[str, Any], ident: str) -> str:
     """Container + data of one head's token view (drawn by :data:`VIEW_JS`)."""
-    return f'<div class="tokenview" data-src="{html.escape(ident)}"></div>' + json_block(
-        data, ident
-    )
+    return f'<div class="tokenview" data-src="{esc.attr(ident)}"></div>' + json_block(data, ident)
 
 
 def scatter_html(spec: dict[str, Any], ident: str) -> str:
     """Container + data of one scatter spec (drawn as SVG by :data:`VIEW_JS`)."""
-    return f'<div class="scatter" data-src="{html.escape(ident)}"></div>' + json_block(spec, ident)
+    return f'<div class="scatter" data-src="{esc.attr(ident)}"></div>' + json_block(spec, ident)
 
 
 def _num(v: Any) -> str:
@@ -60,7 +51,7 @@ def _evidence(ev: Any) -> str:
         items = [str(ev)]
     return (
         '<details class="evidence"><summary>the numbers it rests on</summary><p>'
-        + html.escape(" · ".join(items))
+        + esc.text(" · ".join(items))
         + "</p></details>"
     )
 
@@ -71,12 +62,12 @@ def verdict_html(verdict: dict[str, Any] | None, lead: str) -> str:
         status = str(verdict.get("status") or "")
         slug = "".join(c if c.isalnum() else "-" for c in status.lower())
         return (
-            f'<p class="verdict st-{html.escape(slug)}"><span class="status">{html.escape(status)}</span> '
-            f"{html.escape(str(verdict.get('sentence') or ''))}</p>"
+            f'<p class="verdict st-{esc.text(slug)}"><span class="status">{esc.text(status)}</span> '
+            f"{esc.text(str(verdict.get('sentence') or ''))}</p>"
             + _evidence(verdict.get("evidence"))
-            + (f'<p class="lead">{html.escape(lead)}</p>' if lead else "")
+            + (f'<p class="lead">{esc.text(lead)}</p>' if lead else "")
         )
-    return f'<p class="verdict neutral">{html.escape(lead)}</p>'
+    return f'<p class="verdict neutral">{esc.text(lead)}</p>'
 
 
 VIEW_CSS = """

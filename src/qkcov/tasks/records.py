@@ -33,6 +33,7 @@ __all__ = [
     "find_spans",
     "load_records",
     "save_records",
+    "records_jsonl",
     "parse_records",
     "MAX_ERRORS_SHOWN",
     "parse_controls",
@@ -508,9 +509,11 @@ def load_records(path: str | Path) -> list[ContrastRecord]:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path}: is a folder, expected a JSONL file of contrast records")
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"records file not found: {path}")
-    data = path.read_bytes()
+    from ..artifacts import read_regular_bytes  # a FIFO or device: one line, never a blocked read
+
+    data = read_regular_bytes(path, cap=4 << 30, what="JSONL file of contrast records")
     try:
         text = data.decode("utf-8-sig")  # a leading BOM is tolerated
     except UnicodeDecodeError as err:
@@ -524,15 +527,20 @@ def load_records(path: str | Path) -> list[ContrastRecord]:
     return parse_records(text.split("\n"), source=str(path))
 
 
+def records_jsonl(records: list[ContrastRecord]) -> bytes:
+    """The bytes :func:`save_records` writes for ``records``."""
+    lines = [
+        json.dumps(to_jsonable(r.to_dict()), ensure_ascii=False, allow_nan=False) for r in records
+    ]
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
 def save_records(path: str | Path, records: list[ContrastRecord]) -> Path:
     """Write records atomically as JSONL, one canonical object per line."""
     records = list(records)
     if not records:
         raise ValueError("save_records: no records to save")
-    lines = [
-        json.dumps(to_jsonable(r.to_dict()), ensure_ascii=False, allow_nan=False) for r in records
-    ]
-    return atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    return atomic_write_bytes(path, records_jsonl(records))
 
 
 def coin_flip(records: list[ContrastRecord], seed: int = 0) -> list[ContrastRecord]:

@@ -223,6 +223,17 @@ def _significance(
     return out
 
 
+def _zero_delta_notes(heads: Sequence[HeadResult]) -> list[str]:
+    """One run note per head and feature whose pooled ΔC is numerically zero (no rank)."""
+    return [
+        f"{h.name} {f}: ΔC is numerically zero (the positive and negative keys give the same "
+        "q–k covariance to rounding): no subspace, so no rank"
+        for h in heads
+        for f, fr in h.features.items()
+        if fr.pooled.delta.numel() and not bool(fr.pooled.delta.any())
+    ]
+
+
 def _duplicate_notes(heads: Sequence[HeadResult]) -> list[str]:
     """One run note per feature and group whose build records hold exact duplicates."""
     notes: dict[str, None] = {}
