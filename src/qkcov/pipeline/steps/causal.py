@@ -192,6 +192,13 @@ def _causal_plan(
                     for j in range(P + 1)
                 ]  # fmt: skip
                 real_groups[f], perm_groups[f] = unions[0], unions[1:]
+            elif f"{f}:groups" in bases and groups:
+                missing = [g for g in groups if g not in fam.group_deltas]
+                plan.skipped = (
+                    f"no conditional label null for {f}:groups: group(s) "
+                    f"{', '.join(map(repr, missing))} hold one label among the centroid records "
+                    "(raise --n-centroid, 0 = all build records)"
+                )
         plan.n_permuted = P
     plan.conditioning = _conditioning_info(
         cond if P else "label-permuted baselines off (--n-permuted 0)", list(features)
