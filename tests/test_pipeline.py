@@ -20,7 +20,7 @@ from qkcov.results import VERDICTS, AnalysisResult
 from qkcov.tasks.builtin import build_task_records
 from qkcov.tasks.records import ContrastRecord, Span, save_records
 
-FAST = dict(n_random=10, n_permutations=50, n_bootstrap=20, batch_size=16)
+FAST = dict(n_random=19, n_permutations=50, n_bootstrap=20, batch_size=16)
 SMALL_TASKS = {
     "filter": [
         "--n-build",
@@ -96,7 +96,8 @@ def test_attribution_is_exact_and_swaps_have_baselines(agreement_run):
         assert all(p["delta_p"] < 0.9 * best for p in cr["curve"][: c.rank - 1])
         # both baselines beside every condition: random and label-permuted subspaces
         for cond in h.swaps.conditions.values():
-            assert len(cond.permuted["delta_p"]["draws"]) == 20 and 0 < cond.p_permuted <= 1
+            assert len(cond.permuted["delta_p"]["draws"]) == RunConfig().n_permuted
+            assert 0 < cond.p_permuted <= 1
 
 
 def test_save_load_round_trip(agreement_run):
@@ -145,7 +146,7 @@ def _strip(info: dict) -> dict:
 @pytest.mark.parametrize("task", ["filter", "binding"])
 def test_task_command_equals_export_plus_run(task, tiny_dir, tmp_path):
     common = ["--model", str(tiny_dir), "--seed", "3", "--heads", "auto:1", "--quiet",
-              "--n-random", "10", "--n-permutations", "40", "--n-bootstrap", "20"]  # fmt: skip
+              "--n-random", "19", "--n-permutations", "40", "--n-bootstrap", "20"]  # fmt: skip
     assert main([task, *common, *SMALL_TASKS[task], "--out", str(tmp_path / "a")]) == 0
     data = tmp_path / "records.jsonl"
     assert (
@@ -194,6 +195,13 @@ def test_one_sided_records_skip_swaps_with_a_reason():
         (["--holdout", "1.5"], "--holdout"),
         (["--holdout", "0"], "--holdout"),
         (["--heads", "L1"], "heads"),
+        # p floors above α: refused before the model loads
+        (["--n-permuted", "10"], "--n-permuted 10 gives p-values no smaller than 1/11"),
+        (["--n-random", "10"], "--n-random 10 gives p-values no smaller than 1/11"),
+        (["--n-permutations", "15"], "--n-permutations 15"),
+        (["--alpha", "0.01", "--n-random", "50"], "use --n-random 499 or more"),
+        (["--control", "number"], "--control 'number': no key span of the records has"),
+        (["--control", "offset,offset"], "--control must name distinct controls"),
     ],
 )
 def test_bad_flags_exit_2_and_write_nothing(argv, message, tmp_path, capsys):
@@ -294,7 +302,9 @@ def test_summary_prints_a_table(agreement_run):
         assert d["verdict"]["status"] in VERDICTS and d["verdict"] == h.verdict.to_dict()
         assert any(d["verdict"]["sentence"] in line for line in lines)
         assert d["causal_rank"]["rank"] == int(
-            next(r for r in result.summary_rows() if r[0].rstrip("*") == h.name)[2]
+            next(r for r in result.summary_rows() if r[0].rstrip("*") == h.name)[
+                result.SUMMARY_COLUMNS.index("rank (causal)")
+            ]
         )
     assert info["best_head"] == result.best.name
     assert any("(* best head)" in line for line in lines)
@@ -371,3 +381,79 @@ def test_batch_size_larger_than_the_records_is_one_batch_with_the_same_numbers()
         assert a.attribution.explained_fraction == pytest.approx(
             b.attribution.explained_fraction, abs=1e-6
         )
+
+
+def _with_roles(records: list[ContrastRecord]) -> list[ContrastRecord]:
+    """Agreement records whose key spans name their role (the subject is always positive)."""
+
+    def tag(spans, role):
+        return tuple(dataclasses.replace(sp, attrs={"role": role}) for sp in spans)
+
+    return [
+        dataclasses.replace(r, positives=tag(r.positives, "subject"),
+                            negatives=tag(r.negatives, "attractor"))
+        for r in records
+    ]  # fmt: skip
+
+
+def test_verdict_is_conditioned_on_the_offset(agreement_run):
+    """Agreement records put the subject (positive) always further from the verb than the
+    attractor: within offset strata the labels are fixed (mixed fraction 0), so every
+    conditional relabelling is the real one, the label test cannot reject and the verdict is
+    never reads-feature (confounded once the swap beats random); what it was conditioned on,
+    the mixed fraction and every p's floor are in the evidence and the sentence."""
+    result, out = agreement_run
+    info = read_json(out / "run.json")
+    for h, d in zip(result.heads, info["heads"], strict=True):
+        ev = d["verdict"]["evidence"]
+        assert ev["conditioned_on"] == ["offset"] and ev["mixed_fraction"] == 0.0
+        assert ev["confounded"] and ev["fixed_by"] == ["offset"]
+        assert ev["p_floors"]["p_vs_permuted"] == pytest.approx(1 / 100)
+        assert ev["p_floors"]["p_vs_random"] == pytest.approx(1 / 20)
+        assert h.verdict.status != "reads-feature"
+        lab = h.swaps.label_test
+        if lab["available"]:
+            assert lab["p_value"] == 1.0 and lab["p_floor"] == pytest.approx(0.01)
+        if (
+            ev.get("p_vs_random") is not None
+            and ev["p_vs_random"] < 0.05
+            and (ev["delta_p"] - ev["random_mean"] >= ev["min_swap_effect"])
+        ):
+            assert h.verdict.status == "confounded"
+            assert "the labels are a function of the offset" in h.verdict.sentence
+            assert "vary where the positives sit" in h.verdict.sentence
+        assert "[labels permuted within offset strata, mixed fraction 0]" in h.verdict.sentence
+    row = result.summary_rows()[0]
+    assert row[result.SUMMARY_COLUMNS.index("conditioned on (mixed)")] == "offset (0.00)"
+
+
+def test_control_names_a_rival_attribute_and_none_turns_conditioning_off():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    records = _with_roles(build_task_records("agreement", n=48))
+    kw = dict(heads="L0H1", progress=False, causal_max_rank=4, **FAST)
+    res = analyze(model, tok, records, control="offset,role", **kw)
+    ev = res.heads[0].verdict.evidence
+    assert ev["conditioned_on"] == ["offset", "role"] and ev["mixed_fraction"] == 0.0
+    assert ev["mixed_by_control"] == {"offset": 0.0, "role": 0.0}
+    assert ev["fixed_by"] == ["offset", "role"] and res.heads[0].verdict.status != "reads-feature"
+    plain = analyze(model, tok, records, control="none", **kw)
+    ev = plain.heads[0].verdict.evidence
+    assert ev["conditioned_on"] == [] and ev["mixed_fraction"] is None and not ev["confounded"]
+    assert ev["conditioning_note"] == "unconditioned (--control none)"
+    # unconditioned, the permuted draws differ from the real labels' subspace
+    c = plain.heads[0].swaps.conditions[plain.heads[0].swaps.headline]
+    assert len(set(c.permuted["delta_p"]["draws"])) > 1
+
+
+def test_key_attrs_on_some_keys_only_is_one_line_before_the_model(tmp_path, capsys):
+    recs = _with_roles(build_task_records("agreement", n=12))
+    recs[5] = dataclasses.replace(recs[5], negatives=tuple(
+        dataclasses.replace(sp, attrs={}) for sp in recs[5].negatives))  # fmt: skip
+    data = tmp_path / "r.jsonl"
+    save_records(data, recs)
+    rc = main(["run", "--data", str(data), "--out", str(tmp_path / "out"),
+               "--model", "/nonexistent/model", "--control", "offset,role"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "key attribute 'role' is on some key spans but not on every key span of line 6" in err
+    assert not (tmp_path / "out").exists()

@@ -118,7 +118,7 @@ def test_scaled_checkpoint_sums_are_refused(tmp_path):
 
 def test_resumed_head_checkpoint_is_verified(tmp_path):
     """RunState's finished-head checkpoint: edited on disk → refused on resume."""
-    cfg = RunConfig(checkpoint_every=1, heads="L0H1", n_random=10, n_permutations=0,
+    cfg = RunConfig(checkpoint_every=1, heads="L0H1", n_random=19, n_permutations=0,
                     n_bootstrap=0)  # fmt: skip
     recs = _records(16)
     state = RunState(tmp_path / "out", cfg, recs, resume=False)
@@ -160,7 +160,7 @@ def test_analyze_records_none_and_ignored_device_are_refused(tmp_path):
         tok,
         path,
         heads="L0H1",
-        n_random=10,
+        n_random=19,
         n_permutations=0,
         n_bootstrap=0,
         steps="",

@@ -13,7 +13,13 @@ from .config import InputError
 from .naming import lines_of, where_of
 from .tasks.records import ContrastRecord
 
-__all__ = ["check_pins", "check_notebook_inputs", "LOAD_FIELDS"]
+__all__ = [
+    "check_pins",
+    "check_key_attrs",
+    "check_controls",
+    "check_notebook_inputs",
+    "LOAD_FIELDS",
+]
 
 
 def check_pins(recs: Sequence[ContrastRecord]) -> None:
@@ -33,6 +39,48 @@ def check_pins(recs: Sequence[ContrastRecord]) -> None:
             f"records: meta.split pins {len(recs) - len(unpinned)} of {len(recs)} records but not "
             f"{lines_of(unpinned)}; pin every record or none (then --holdout splits them)"
         )
+
+
+def check_key_attrs(recs: Sequence[ContrastRecord], default_feature: str = "feature") -> None:
+    """Key attributes (``"attrs"`` on a span) are on every key span of a feature or on none:
+    a stratum of keys without the attribute would silently be one more value."""
+    names: dict[str, set[str]] = {}
+    for r in recs:
+        for s in (*r.positives, *r.negatives):
+            names.setdefault(r.feature or default_feature, set()).update(s.attributes)
+    for f, want in names.items():
+        for a in sorted(want):
+            lacking = [
+                where_of(r, i)
+                for i, r in enumerate(recs)
+                if (r.feature or default_feature) == f
+                and any(a not in s.attributes for s in (*r.positives, *r.negatives))
+            ]
+            if lacking:
+                of = "" if f == default_feature else f" of feature {f!r}"
+                raise ValueError(
+                    f"records: key attribute {a!r} is on some key spans{of} but not on every key "
+                    f"span of {lines_of(lacking)}; give every key span of a feature the same "
+                    'attributes ("attrs": {...}), or none'
+                )
+
+
+def check_controls(recs: Sequence[ContrastRecord], spec: Any) -> list[str]:
+    """The controls of ``--control`` that the records can hold: ``offset`` always, any other
+    name an attribute some key span carries (else one line naming what is there)."""
+    from .tasks.records import parse_controls
+
+    names = parse_controls(spec)
+    have = sorted({a for r in recs for s in (*r.positives, *r.negatives) for a in s.attributes})
+    missing = [n for n in names if n != "offset" and n not in have]
+    if missing:
+        there = ", ".join(repr(a) for a in have) if have else "none"
+        raise ValueError(
+            f"--control {missing[0]!r}: no key span of the records has an attribute {missing[0]!r} "
+            f'(key attributes present: {there}); add "attrs": {{"{missing[0]}": ...}} to every '
+            "key span, or drop it from --control"
+        )
+    return names
 
 
 LOAD_FIELDS = ("device", "dtype", "device_map", "trust_remote_code")  # used when qkcov loads

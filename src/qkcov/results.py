@@ -25,6 +25,7 @@ from .naming import safe_component, tensor_prefix
 from .run_tensors import delta_tensors, read_delta
 
 __all__ = [
+    "format_p",
     "SubspaceResult",
     "FeatureResult",
     "ProjectionResult",
@@ -44,7 +45,9 @@ RUN_JSON = "run.json"
 RUN_TENSORS = "run.safetensors"
 POOLED = "pooled"
 SWAP_METRICS = ("delta_p", "flip_items", "flip_all", "logprob_shift")
-VERDICTS = ("reads-feature", "separates-keys-not-feature", "no-evidence", "not-testable")
+VERDICTS = (
+    "reads-feature", "separates-keys-not-feature", "confounded", "no-evidence", "not-testable",
+)  # fmt: skip
 """Verdict statuses, best first (see :class:`Verdict`)."""
 
 
@@ -68,6 +71,16 @@ def headline_p(head: dict[str, Any]) -> float | None:
 
 def _r(x: float | None, nd: int = 3) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def format_p(p: float | None, floor: float | None = None, nd: int = 3) -> str:
+    """A p-value as text; at (or below) its draw floor ``1/(n+1)`` it reads ``≤floor`` (the
+    smallest p the draws can give, not an effect size)."""
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "–"
+    if floor is not None and p <= floor * (1 + 1e-9):
+        return f"≤{floor:.2g}"
+    return f"{p:.{nd}g}" if p < 0.001 else f"{p:.{nd}f}"
 
 
 def html_table(columns: list[str], rows: list[list[Any]]) -> str:
@@ -229,9 +242,17 @@ class SwapCondition:
             "random": self.random,
             "ci": self.ci,
             "p_value": self.p_value,
+            "p_floor": _floor(self.random),
             "permuted": self.permuted,
             "p_permuted": self.p_permuted,
+            "p_permuted_floor": _floor(self.permuted),
         }
+
+
+def _floor(baseline: dict[str, dict[str, Any]] | None) -> float | None:
+    """Smallest p the baseline's Δp draws can give, ``1/(draws + 1)`` (None without draws)."""
+    draws = ((baseline or {}).get("delta_p") or {}).get("draws")
+    return None if not draws else 1.0 / (len(draws) + 1)
 
 
 @dataclass
@@ -295,8 +316,11 @@ class Verdict:
     random subspaces and the label-sensitive centroid patch beats permuted labels),
     ``separates-keys-not-feature`` (significant, swap beats random and label-permuted
     subspaces, but the patch is not above permuted labels: no fixed class coordinate),
-    ``no-evidence`` (no subspace above the permutation null, its swap does not beat random, or
-    neither label-sensitive comparison passes) or
+    ``confounded`` (the swap moves attention, but within the strata of the controls — the
+    query–key offset, named rival attributes — the labels are (almost) fixed, so nothing
+    beyond the controls can be tested; the sentence names the control and the way out),
+    ``no-evidence`` (no subspace above the permutation null, its swap does not beat random or
+    falls below the effect floor, or neither label-sensitive comparison passes) or
     ``not-testable`` (a test could not run; the sentence says why). ``sentence``: one line
     a reader can quote. ``evidence``: the numbers it rests on.
     """
@@ -559,23 +583,28 @@ class AnalysisResult:
             lab = h.swaps.label_test or {}
             lab = lab if lab.get("available") else {}
             prm = (c.permuted or {}).get("delta_p") if c is not None else None
+            ev = h.verdict.evidence if h.verdict else {}
+            fl = ev.get("p_floors") or {}
+            on = ev.get("conditioned_on") or []
+            mixed = ev.get("mixed_fraction")
             rows.append(
                 [
                     h.name + ("*" if h.name == best else ""),
                     h.verdict.status if h.verdict else "–",
+                    ("+".join(on) + ("" if mixed is None else f" ({mixed:.2f})")) if on else "–",
                     "–" if c is None else str(c.rank),
                     str(sig["rank_null"]) if sig.get("available") else "–",
                     str(h.headline.rank_energy),
-                    _r(headline_p(d)) if sig.get("available") else "–",
+                    format_p(headline_p(d), fl.get("p_null")) if sig.get("available") else "–",
                     "–" if swap is None else _r(swap["delta_p"]),
                     "–"
                     if rnd is None
                     else f"{rnd['delta_p']['mean']:.3f} ± {rnd['delta_p']['std']:.3f}",
-                    "–" if c is None else _r(c.p_value),
+                    "–" if c is None else format_p(c.p_value, fl.get("p_vs_random")),
                     "–" if prm is None else f"{prm['mean']:.3f} ± {prm['std']:.3f}",
-                    "–" if c is None else _r(c.p_permuted),
+                    "–" if c is None else format_p(c.p_permuted, fl.get("p_vs_permuted")),
                     _r(lab.get("effect")),
-                    _r(lab.get("p_value")),
+                    format_p(lab.get("p_value"), lab.get("p_floor")),
                     "–" if d["ceiling"] is None else _r(d["ceiling"]["delta_p"]),
                     _r(d["attribution"]["explained_fraction"])
                     if not d["attribution"]["skipped"]
@@ -585,7 +614,7 @@ class AnalysisResult:
         return rows
 
     SUMMARY_COLUMNS = (
-        "head", "verdict", "rank (causal)", "rank (null)", "rank (energy)", "p (null)",
+        "head", "verdict", "conditioned on (mixed)", "rank (causal)", "rank (null)", "rank (energy)", "p (null)",
         "Δp swap", "Δp random", "p vs random", "Δp permuted", "p vs permuted", "label effect",
         "p (label)", "Δp full key", "explained",
     )  # fmt: skip
@@ -617,7 +646,9 @@ class AnalysisResult:
         lines.append(
             "p (null): ΔC's top singular value vs the permutation null; p vs random / p vs "
             "permuted: the swap's Δp vs equal-rank random / label-permuted subspaces; p (label): "
-            "the centroid patch vs permuted labels"
+            "the centroid patch vs permuted labels; ≤x: p at its draw floor 1/(draws+1); "
+            "conditioned on: labels permuted only within those strata (mixed: share of keys in "
+            "strata holding both labels)"
         )
         return lines
 
@@ -831,7 +862,8 @@ def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult
             return None
         prefix = f"{name}.swap.{safe_component(cname)}."
         per = {k[len(prefix) :]: v.tolist() for k, v in t.items() if k.startswith(prefix)}
-        skip = ("rank", "random", "ci", "p_value", "permuted", "p_permuted")
+        skip = ("rank", "random", "ci", "p_value", "permuted", "p_permuted", "p_floor",
+                "p_permuted_floor")  # fmt: skip
         metrics = {k: v for k, v in cd.items() if k not in skip}
         return SwapCondition(
             cname,

@@ -190,3 +190,41 @@ def test_documented_example_parses() -> None:
         ["Mary"],
     ]
     assert recs[-1].answer == " Mary" and recs[0].answer is None
+
+
+def test_key_attrs_round_trip_and_checks(tmp_path: Path) -> None:
+    """Key attributes (rival features a run can control for) are validated, saved and
+    loaded; a feature with them on some key spans only, or a --control naming an attribute no
+    record has, is refused in one line naming the lines / the attribute."""
+    from qkcov.checks import check_controls, check_key_attrs
+    from qkcov.tasks.records import parse_controls
+
+    ok = (
+        '{"prompt": "The key near the cabinets is", "positives": [{"text": "key", '
+        '"attrs": {"role": "subject"}}], "negatives": [{"text": "cabinets", '
+        '"attrs": {"role": "attractor"}}]}'
+    )
+    partial = (
+        '{"prompt": "The keys near the cabinet are", "positives": [{"text": "keys", '
+        '"attrs": {"role": "subject"}}], "negatives": [{"text": "cabinet"}]}'
+    )
+    recs = parse_records([ok, ok])
+    assert recs[0].positives[0].attributes == {"role": "subject"}
+    save_records(tmp_path / "r.jsonl", recs)
+    assert load_records(tmp_path / "r.jsonl") == recs
+    check_key_attrs(recs)
+    assert check_controls(recs, "offset,role") == ["offset", "role"]
+    assert parse_controls("none") == [] and parse_controls("offset") == ["offset"]
+    with pytest.raises(
+        ValueError, match=r"'role' is on some key spans but not on every key span of line 3;"
+    ):
+        check_key_attrs(parse_records([ok, ok, partial]))
+    with pytest.raises(ValueError, match=r"--control 'number': no key span .* present: 'role'"):
+        check_controls(recs, "offset,number")
+    with pytest.raises(ValueError, match="--control"):
+        parse_controls("offset,offset")
+    for bad, msg in (('{"role": ""}', "non-empty"), ('{"offset": "x"}', "computed by qkcov"),
+                     ('{"a b": "x"}', "name"), ('[1]', "object")):  # fmt: skip
+        line = '{"prompt": "a b", "positives": [{"text": "a", "attrs": ' + bad + "}]}"
+        with pytest.raises(ValueError, match=msg):
+            parse_records([line])

@@ -1006,8 +1006,13 @@ def paired_bootstrap_ci(
 
 
 def random_p_value(effect: float, random_effects: torch.Tensor | Sequence[float]) -> float:
-    """One-sided p of ``effect`` against effects of random swaps: ``(1 + #random ≥ effect)/(1 + m)``."""
+    """One-sided p of ``effect`` against effects of random swaps: ``(1 + #random ≥ effect)/(1 + m)``.
+
+    Draws within ``1e-9·max(1, |effect|)`` of the effect count as ties (≥): a relabelling that
+    reproduces the real labels (a conditional null whose strata fix them) gives the real
+    effect up to float rounding, and must not look smaller."""
     if not math.isfinite(float(effect)):
         raise ValueError(f"effect must be a finite number, got {effect!r}")
     r = _values("random_effects", random_effects)
-    return (1 + int((r >= float(effect)).sum())) / (1 + r.numel())
+    tol = 1e-9 * max(1.0, abs(float(effect)))
+    return (1 + int((r >= float(effect) - tol).sum())) / (1 + r.numel())

@@ -73,8 +73,15 @@ class RunConfig(ConfigMixin):
     n_swap: int = _help("held-out records used for swaps (0 = all)", default=64)
     n_permuted: int = _help(
         "label-permuted subspaces per swap condition and label-permuted centroids of the "
-        "label-sensitive centroid patch (the permutation null's relabelling; 0 = off)",
-        default=20,
+        "label-sensitive centroid patch (relabelled within the --control strata; 0 = off; "
+        "the smallest p is 1/(n+1): 99 gives 0.01 ≤ α/5)",
+        default=99,
+    )
+    control: str = _help(
+        "what the label-sensitive nulls condition on: labels are permuted only among keys of "
+        "the same query–key offset ('offset') and the same values of the named key attributes "
+        "(e.g. offset,role; 'none' = unconditioned)",
+        default="offset",
     )
     causal_max_rank: int = _help(
         "largest rank R of the causal rank curve Δp(1..R) (raised to the null rank, at most "
@@ -166,6 +173,17 @@ class RunConfig(ConfigMixin):
             )
         if self.max_tokens is not None:
             check_positive_int("--max-tokens", self.max_tokens, 1)
+        from ..core.conditional import floor_errors
+        from ..tasks.records import parse_controls
+
+        parse_controls(self.control)
+        floors = floor_errors(
+            float(self.alpha),
+            {"--n-permutations": self.n_permutations, "--n-random": self.n_random,
+             "--n-permuted": self.n_permuted},
+        )  # fmt: skip
+        if floors:
+            raise ValueError(floors[0])
         if self.frame not in FRAMES:
             raise ValueError(f"--frame must be one of {', '.join(FRAMES)}, got {self.frame!r}")
         unknown = set(self.step_list()) - set(STEPS)

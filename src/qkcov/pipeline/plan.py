@@ -26,6 +26,7 @@ class Plan:
     features: list[str]
     split: list[str]
     notes: list[str] = field(default_factory=list)
+    controls: list[str] = field(default_factory=list)  # what the label nulls condition on
 
     def feature_of(self, i: int) -> str:
         return self.records[i].feature or DEFAULT_FEATURE
@@ -72,6 +73,10 @@ def plan_records(records: Sequence[ContrastRecord | Mapping[str, Any]], cfg: Run
 
     check_record_names(recs, DEFAULT_FEATURE)
     check_pins(recs)
+    from ..checks import check_controls, check_key_attrs
+
+    check_key_attrs(recs, DEFAULT_FEATURE)
+    controls = check_controls(recs, cfg.control)
     features: list[str] = []
     for r in recs:
         f = r.feature or DEFAULT_FEATURE
@@ -90,7 +95,7 @@ def plan_records(records: Sequence[ContrastRecord | Mapping[str, Any]], cfg: Run
             n_held = min(len(idx) - 1, max(1, round(cfg.holdout * len(idx)))) if len(idx) > 1 else 0
             for j in torch.randperm(len(idx), generator=gen)[:n_held].tolist():
                 split[idx[j]] = "heldout"
-    plan = Plan(recs, features, split)
+    plan = Plan(recs, features, split, controls=controls)
     for f in features:
         build = plan.indices("build", f)
         n_pos = sum(1 for i in build if recs[i].positives)

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..results import HeadResult, Verdict, headline_p
+from ..core.conditional import MIN_LABEL_EFFECT, MIN_SWAP_EFFECT, decide, p_floor
+from ..results import HeadResult, Verdict, format_p, headline_p
 from .config import RunConfig
 
 
 def _verdict(h: HeadResult, cfg: RunConfig) -> Verdict:
     """One verdict per head from the significance test, the swap against random and
-    label-permuted subspaces and the label-sensitive centroid patch (see :class:`Verdict`)."""
+    label-permuted subspaces and the label-sensitive centroid patch, the label nulls
+    conditioned on ``--control`` (see :class:`Verdict`; the decision order and the effect
+    floors are :func:`qkcov.core.conditional.decide`)."""
     a = cfg.alpha
     d = h.to_dict()
     sig = d["significance"] or {}
     sw = h.swaps
     c = sw.conditions.get(sw.headline or "")
     lab = sw.label_test or {}
+    cond = lab.get("conditioning") or {}
     p_null = headline_p(d) if sig.get("available") else None
     ev: dict[str, Any] = {
         "p_null": p_null,
@@ -26,6 +30,20 @@ def _verdict(h: HeadResult, cfg: RunConfig) -> Verdict:
         "causal_rank": (sw.causal_rank or {}).get("rank"),
         "condition": sw.headline,
         "alpha": a,
+        "conditioned_on": list(cond.get("conditioned_on") or []),
+        "mixed_fraction": cond.get("mixed_fraction"),
+        "mixed_by_control": cond.get("by_control"),
+        "confounded": bool(cond.get("confounded")),
+        "fixed_by": list(cond.get("fixed_by") or []),
+        "conditioning_note": cond.get("note") or "",
+        "min_swap_effect": MIN_SWAP_EFFECT,
+        "min_label_effect": MIN_LABEL_EFFECT,
+        "p_floors": {
+            "p_null": p_floor(cfg.n_permutations) if cfg.n_permutations else None,
+            "p_vs_random": p_floor(sw.n_random) if sw.n_random else None,
+            "p_vs_permuted": p_floor(sw.n_permuted) if sw.n_permuted else None,
+            "p_label": lab.get("p_floor"),
+        },
     }
     if c is not None:
         ev.update(
@@ -39,40 +57,71 @@ def _verdict(h: HeadResult, cfg: RunConfig) -> Verdict:
         ev.update(label_effect=lab["effect"], label_ci=lab["ci"],
                   label_permuted_mean=lab["permuted"]["mean"], p_label=lab["p_value"])  # fmt: skip
     name = h.name
+    fl = ev["p_floors"]
 
     def f(x: Any) -> str:
         return "–" if x is None else f"{x:.3g}"
 
+    def fp(key: str) -> str:  # "= 0.023", or "≤ 0.01" at the draws' floor
+        text = format_p(ev.get(key), fl.get(key))
+        return f"≤ {text[1:]}" if text.startswith("≤") else f"= {text}"
+
+    on = ev["conditioned_on"]
+    given = (
+        f"labels permuted within {' × '.join(on)} strata, mixed fraction "
+        f"{f(ev['mixed_fraction'])}" if on else (ev["conditioning_note"] or "unconditioned")
+    )  # fmt: skip
     no_subspace = sig.get("available") and not (p_null is not None and p_null < a)
     if c is None:
         if no_subspace or (sig.get("available") and not sig.get("significant")):
             return Verdict("no-evidence", f"{name}: no key subspace above the permutation null "
-                           f"(p (null) = {f(p_null)}, α = {a:g}); nothing to swap.", ev)  # fmt: skip
+                           f"(p (null) {fp('p_null')}, α = {a:g}); nothing to swap.", ev)  # fmt: skip
         return Verdict("not-testable", f"{name}: not testable — {sw.skipped or 'no swap ran'}.", ev)
     if not sig.get("available"):
         return Verdict("not-testable", f"{name}: not testable — {sig.get('reason') or 'no significance test'} "
                        f"(the rank-{c.rank} swap gives Δp {f(ev['delta_p'])} vs {f(ev['random_mean'])} random).", ev)  # fmt: skip
     swap = (f"its rank-{c.rank} key subspace swap moves Δp {f(ev['delta_p'])} vs "
-            f"{f(ev['random_mean'])} for random (p = {f(c.p_value)})"
+            f"{f(ev['random_mean'])} for random (p {fp('p_vs_random')})"
             + ("" if c.p_permuted is None else
-               f" and {f(ev['permuted_mean'])} for label-permuted subspaces (p = {f(c.p_permuted)})"))  # fmt: skip
-    if no_subspace or c.p_value is None or c.p_value >= a:
-        return Verdict("no-evidence", f"{name}: ΔC is above its null (p (null) = {f(p_null)}) "
-                       f"but {swap}: no causal evidence.", ev)  # fmt: skip
-    if not lab.get("available"):
-        return Verdict("not-testable", f"{name}: {swap}, but the label-sensitive test did not run "
-                       f"({lab.get('reason') or 'off'}), so whether the labels live in it is untested.", ev)  # fmt: skip
+               f" and {f(ev['permuted_mean'])} for label-permuted subspaces (p {fp('p_vs_permuted')})"))  # fmt: skip
     patch = (
-        f"moving keys to the other class's centroid inside it shifts Δp by {f(lab['effect'])} "
-        f"vs {f(lab['permuted']['mean'])} with permuted labels (p = {f(lab['p_value'])})"
+        f"moving keys to the other class's centroid inside it shifts Δp by {f(lab.get('effect'))} "
+        f"vs {f((lab.get('permuted') or {}).get('mean'))} with permuted labels (p {fp('p_label')})"
     )
-    if lab["p_value"] < a and lab["effect"] > 0:
-        return Verdict("reads-feature", f"{name} reads the feature: {patch}; {swap}.", ev)
-    if c.p_permuted is not None and c.p_permuted < a:
-        return Verdict("separates-keys-not-feature", f"{name} separates the keys but not by the "
-                       f"feature: {swap}, yet {patch}.", ev)  # fmt: skip
-    # neither label-sensitive test passes: a subspace of Σ ±q(k⁺−k⁻)ᵀ with any labels would
-    # move attention as far (the swap touches the key difference, whatever the labels)
-    return Verdict("no-evidence", f"{name}: {swap}, no further than label-permuted subspaces, "
-                   f"and {patch}: the swap touches the key difference whatever the labels, so "
-                   "nothing says the labels live in it.", ev)  # fmt: skip
+    status, why = decide(ev, a)
+    if why == "no-subspace":
+        text = f"{name}: ΔC is not above its null (p (null) {fp('p_null')}): no causal evidence."
+    elif why == "no-swap-effect":
+        text = f"{name}: ΔC is above its null (p (null) {fp('p_null')}) but {swap}: no causal evidence."
+    elif why == "swap-below-floor":
+        text = (f"{name}: {swap}, less than the effect floor of {MIN_SWAP_EFFECT:g} beyond "
+                "random subspaces: too small to read.")  # fmt: skip
+    elif why == "confounded":
+        fixed = ev["fixed_by"]
+        what = ("the offset" if fixed == ["offset"] else
+                " × ".join("the offset" if x == "offset" else f"the key attribute {x!r}" for x in fixed))  # fmt: skip
+        out = ("vary where the positives sit (balance their offsets against the negatives')"
+               if fixed == ["offset"] else
+               "give positives and negatives every value of " + " and of ".join(
+                   "the offset" if x == "offset" else repr(x) for x in fixed))  # fmt: skip
+        text = (f"{name}: {swap}, but the labels are a function of {what} in these records "
+                f"(mixed fraction {f(ev['mixed_fraction'])}: the share of keys in strata of "
+                f"{' × '.join(on)} holding both labels), so nothing beyond {what} can be "
+                f"tested: {out}.")  # fmt: skip
+    elif why == "no-label-test":
+        text = (f"{name}: {swap}, but the label-sensitive test did not run "
+                f"({lab.get('reason') or 'off'}), so whether the labels live in it is untested.")  # fmt: skip
+    elif why == "label":
+        text = f"{name} reads the feature: {patch}; {swap}."
+    elif why == "separates":
+        text = f"{name} separates the keys but not by the feature: {swap}, yet {patch}."
+    elif why == "label-below-floor":
+        text = (f"{name}: {swap}, and {patch}, less than the effect floor of "
+                f"{MIN_LABEL_EFFECT:g} beyond permuted labels: too small to read.")  # fmt: skip
+    else:
+        # neither label-sensitive test passes: a subspace of Σ ±q(k⁺−k⁻)ᵀ with any labels
+        # would move attention as far (the swap touches the key difference, whatever the labels)
+        text = (f"{name}: {swap}, no further than label-permuted subspaces, and {patch}: the "
+                "swap touches the key difference whatever the labels, so nothing says the "
+                "labels live in it.")  # fmt: skip
+    return Verdict(status, f"{text} [{given}]", ev)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import read_json
-from ..results import headline_p
+from ..results import format_p, headline_p
 from .html import write_section
 
 __all__ = ["write_run_section", "head_rows"]
@@ -60,9 +60,9 @@ def head_rows(info: dict[str, Any]) -> list[list[Any]]:
                 "skipped" if c is None else _f(c["delta_p"]),
                 _ci(c, "delta_p"),
                 "–" if c is None else _pm(c["random"]["delta_p"]),
-                "–" if c is None else _f(c.get("p_value")),
+                "–" if c is None else format_p(c.get("p_value"), c.get("p_floor")),
                 "–" if c is None else _pm((c.get("permuted") or {}).get("delta_p")),
-                "–" if c is None else _f(c.get("p_permuted")),
+                "–" if c is None else format_p(c.get("p_permuted"), c.get("p_permuted_floor")),
                 "–" if sw["ceiling"] is None else _f(sw["ceiling"]["delta_p"]),
                 "–" if c is None else _f(c["flip_items"]),
                 "–" if c is None or c.get("logprob_shift") is None else _f(c["logprob_shift"]),
@@ -86,7 +86,8 @@ def _condition_rows(info: dict[str, Any]) -> list[list[Any]]:
         for name, c in sw["conditions"].items():
             rows.append(
                 [h["name"], name, c["rank"], _f(c["delta_p"]), _ci(c, "delta_p"), _pm(c["random"]["delta_p"]),
-                 _f(c.get("p_value")), _pm((c.get("permuted") or {}).get("delta_p")), _f(c.get("p_permuted")),
+                 format_p(c.get("p_value"), c.get("p_floor")), _pm((c.get("permuted") or {}).get("delta_p")),
+                 format_p(c.get("p_permuted"), c.get("p_permuted_floor")),
                  _f(c["flip_items"]), _f(c.get("logprob_shift")), _ci(c, "logprob_shift")]
             )  # fmt: skip
         if sw["ceiling"]:

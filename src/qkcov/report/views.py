@@ -74,6 +74,7 @@ VIEW_CSS = """
 .verdict{font-size:1.05em;padding:.4em .6em;border-left:4px solid #777;background:#f7f7f7}
 .verdict .status{font-weight:700;text-transform:uppercase;font-size:.85em;margin-right:.4em}
 .st-supported,.st-confirmed,.st-yes{border-color:#1b7837}.st-not-supported,.st-rejected,.st-no{border-color:#b2182b}
+.st-reads-feature{border-color:#1b7837}.st-confounded{border-color:#e08214;background:#fff7ec}
 .evidence{font-size:.85em;color:#444;margin:.2em 0 .6em}.lead{font-size:.9em;color:#444}
 article.head{border-top:1px solid #ddd;margin-top:1.5em;padding-top:.3em}
 .figs{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}.figs figure{flex:1 1 440px;max-width:540px}

@@ -36,11 +36,14 @@ __all__ = [
     "records_jsonl",
     "parse_records",
     "MAX_ERRORS_SHOWN",
+    "parse_controls",
 ]
 
 TOKEN_CHOICES = ("last", "first")
 MAX_ERRORS_SHOWN = 20
-_SPAN_KEYS = {"text", "occurrence", "start", "end", "token", "label"}
+_SPAN_KEYS = {"text", "occurrence", "start", "end", "token", "label", "attrs"}
+ATTR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+RESERVED_ATTRS = ("offset", "none")  # controls qkcov computes itself
 _RECORD_KEYS = {
     "prompt", "positives", "negatives", "query", "group", "system", "meta", "feature", "answer",
 }  # fmt: skip
@@ -73,18 +76,31 @@ class Span:
     """A ``[start, end)`` character span of the record's prompt text.
 
     ``token`` says which token of the span is the position (``"last"`` or ``"first"``);
-    ``label`` is a display name (e.g. the item word).
+    ``label`` is a display name (e.g. the item word). ``attrs`` are the key's named
+    attributes (``{"role": "subject"}``): rival features a run can condition its label
+    tests on (``--control offset,role``); stored as sorted ``(name, value)`` pairs.
     """
 
     start: int
     end: int
     token: str = "last"
     label: str | None = None
+    attrs: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
+        attrs = self.attrs
+        if isinstance(attrs, dict):
+            attrs = tuple(sorted(attrs.items()))
         errors = _span_field_errors(self.start, self.end, self.token, self.label)
+        errors += _attrs_errors(dict(attrs) if isinstance(attrs, tuple) else attrs)
         if errors:
             raise ValueError("Span: " + "; ".join(errors))
+        object.__setattr__(self, "attrs", tuple(sorted(dict(attrs).items())))
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        """``attrs`` as a dict."""
+        return dict(self.attrs)
 
     def text(self, prompt: str) -> str:
         """The covered text of ``prompt``."""
@@ -97,6 +113,8 @@ class Span:
         d: dict[str, Any] = {"start": self.start, "end": self.end, "token": self.token}
         if self.label is not None:
             d["label"] = self.label
+        if self.attrs:
+            d["attrs"] = dict(self.attrs)
         return d
 
     @classmethod
@@ -121,6 +139,47 @@ def _span_field_errors(start: Any, end: Any, token: Any, label: Any) -> list[str
     return errors
 
 
+def _attrs_errors(attrs: Any) -> list[str]:
+    """``attrs``: an object of short names to strings, integers or booleans."""
+    if not isinstance(attrs, dict):
+        return [f"attrs must be an object of name: value, got {type(attrs).__name__}"]
+    errors = []
+    for k, v in attrs.items():
+        if not isinstance(k, str) or not ATTR_NAME.match(k):
+            errors.append(f"attrs: name {k!r} must be a letter or _ then letters, digits, _ . -")
+        elif k in RESERVED_ATTRS:
+            errors.append(
+                f"attrs: {k!r} is computed by qkcov (--control {k}); rename the attribute"
+            )
+        if not isinstance(v, (str, int, bool)) or (isinstance(v, str) and not v):
+            errors.append(
+                f"attrs.{k}: must be a non-empty string, an integer or a boolean, got {v!r}"
+            )
+    return errors
+
+
+CONTROL_NONE = "none"
+
+
+def parse_controls(spec: Any) -> list[str]:
+    """``--control`` → the names to condition on (``"offset,role"``; ``none`` or ``""`` =
+    none: the label nulls then relabel at random, unconditioned)."""
+    if not isinstance(spec, str):
+        raise ValueError(
+            f"--control must be a comma-separated list such as offset,role, got {spec!r}"
+        )
+    names = [x.strip() for x in spec.split(",") if x.strip()]
+    if names == [CONTROL_NONE]:
+        return []
+    bad = [n for n in names if n == CONTROL_NONE or not ATTR_NAME.match(n)]
+    if bad or len(set(names)) != len(names):
+        raise ValueError(
+            f"--control must name distinct controls (offset, or key attributes of the records "
+            f"such as role), or none; got {spec!r}"
+        )
+    return names
+
+
 def _parse_span(obj: Any, prompt: str | None, where: str) -> tuple[Span | None, list[str]]:
     """Parse one span entry; return ``(span, errors)`` with errors prefixed by ``where``."""
     if isinstance(obj, Span):
@@ -133,6 +192,12 @@ def _parse_span(obj: Any, prompt: str | None, where: str) -> tuple[Span | None, 
         errors.append(f"{where}: unknown key(s) {unknown}; allowed {sorted(_SPAN_KEYS)}")
     token = obj.get("token", "last")
     label = obj.get("label")
+    attrs = obj.get("attrs", {})
+    if attrs is None:
+        attrs = {}
+    bad = _attrs_errors(attrs)
+    if bad:
+        return None, errors + [f"{where}: {e}" for e in bad]
     has_text = "text" in obj
     has_pos = "start" in obj or "end" in obj
     if has_text and has_pos:
@@ -173,7 +238,7 @@ def _parse_span(obj: Any, prompt: str | None, where: str) -> tuple[Span | None, 
         errors.append(f"{where}: [{start}, {end}) exceeds the prompt length {len(prompt)}")
     if errors:
         return None, errors
-    return Span(start, end, token, label), []
+    return Span(start, end, token, label, tuple(sorted(attrs.items()))), []
 
 
 def _record_errors(

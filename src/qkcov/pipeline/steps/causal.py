@@ -14,6 +14,7 @@ from ...core.subspace import energy_ordered_union, feature_subspace, random_orth
 from ...results import POOLED, FeatureResult
 from ...runtime import sub_seed
 from ..config import CAUSAL_FRACTION, CAUSAL_MAX, CURVE_RANDOM, RunConfig
+from ..plan import Plan
 
 
 @dataclass
@@ -34,6 +35,7 @@ class _Causal:
     label_condition: str | None = None
     rank: int = 0
     late: Any = None
+    conditioning: dict[str, Any] = field(default_factory=dict)  # what the label nulls condition on
 
     def curve_result(self, offline: Mapping[str, Any], cfg: RunConfig) -> dict[str, Any] | None:
         if not self.R:
@@ -58,8 +60,11 @@ class _Causal:
         }  # fmt: skip
 
     def label_result(self, patches: Mapping[str, Any], cfg: RunConfig) -> dict[str, Any] | None:
+        from ...core.conditional import p_floor
+
         if "label" not in patches:
-            return {"available": False, "reason": self.skipped or "label-sensitive test off"}
+            return {"available": False, "reason": self.skipped or "label-sensitive test off",
+                    "conditioning": self.conditioning}  # fmt: skip
         from ...core import statistics as st
 
         eff = patches["label"]["effect"]  # [1+P, n]
@@ -71,6 +76,7 @@ class _Causal:
             "effect": float(real.mean()), "ci": _finite(ci), "delta_p": float(dp[0].mean()),
             "permuted": {"mean": float(perm.mean()), "std": float(perm.std()), "draws": perm.tolist()},
             "p_value": st.random_p_value(float(real.mean()), perm), "n_permuted": int(perm.numel()),
+            "p_floor": p_floor(int(perm.numel())), "conditioning": self.conditioning,
         }  # fmt: skip
 
 
@@ -92,6 +98,49 @@ def _quiet_ci(values: torch.Tensor, cfg: RunConfig, purpose: str) -> tuple[float
         )
 
 
+def _conditional(
+    vecs: Any, resolved: Sequence[Any], cent: list[int], plan: Plan, cfg: RunConfig, name: str
+) -> dict[str, Any] | str:
+    """Each feature's conditional null family on one head (:mod:`qkcov.engine.conditional`)
+    from the centroid (build) records' vectors, or why the label nulls run unconditioned."""
+    if not plan.controls:
+        return "unconditioned (--control none)"
+    if not cfg.n_permuted:
+        return "label-permuted baselines off (--n-permuted 0)"
+    if vecs is None or not cent:
+        return (
+            "unconditioned: the conditional nulls need the build records' key vectors, which "
+            "the projections step collects (--steps with projections and held-out records)"
+        )
+    from ...engine.conditional import conditional_families
+
+    return conditional_families(
+        vecs.select(list(range(len(cent)))), [resolved[i] for i in cent],
+        [plan.feature_of(i) for i in cent], plan.controls, cfg.n_permuted,
+        sub_seed(cfg.seed, f"conditional:{name}"),
+    )  # fmt: skip
+
+
+def _conditioning_info(
+    cond: Mapping[str, Any] | str | None, features: Sequence[str]
+) -> dict[str, Any]:
+    """What the label nulls were conditioned on (the headline feature's confounding, from
+    :func:`qkcov.core.conditional.confounding`, and what it was estimated from) when every
+    feature has its conditional family, else the note saying why they ran unconditioned."""
+    from ...engine.conditional import ConditionalFamily
+
+    fams = cond if isinstance(cond, Mapping) else {}
+    if features and all(isinstance(fams.get(f), ConditionalFamily) for f in features):
+        fam = fams[features[0]]
+        return {**fam.confounding, "n_records": fam.n_records, "n_keys": fam.n_keys, "note": ""}
+    if isinstance(cond, Mapping):
+        why = next((f"unconditioned: feature {f!r}: {v}" for f, v in cond.items()
+                    if isinstance(v, str)), "unconditioned")  # fmt: skip
+    else:
+        why = cond or "unconditioned"
+    return {"conditioned_on": [], "note": why}
+
+
 def _causal_plan(
     features: Mapping[str, FeatureResult],
     bases: Mapping[str, torch.Tensor],
@@ -101,6 +150,7 @@ def _causal_plan(
     D: int,
     head_name: str,
     record_groups: Sequence[str | None] = (),
+    cond: Mapping[str, Any] | str | None = None,
 ) -> _Causal:
     """Offline families for the swap engine: label-permuted subspaces of every condition
     (``permuted:<condition>``, the null's relabellings of the build records, from the kept
@@ -116,7 +166,44 @@ def _causal_plan(
     perm_key: dict[str, list[torch.Tensor]] = {}  # feature -> full key bases per permutation
     perm_groups: dict[str, list[torch.Tensor]] = {}  # feature -> energy-ordered group unions
     signs0 = None
-    if P and all(stats.get(f) is not None for f in features):
+    from ...engine.conditional import ConditionalFamily
+
+    fams = cond if isinstance(cond, Mapping) else {}
+    real_key: dict[
+        str, torch.Tensor
+    ] = {}  # conditional: the real labels through the same estimator
+    real_groups: dict[str, torch.Tensor] = {}
+    conditioned = (
+        bool(P) and bool(fams) and all(isinstance(fams.get(f), ConditionalFamily) for f in features)
+    )
+    if conditioned:
+        for f, feat in features.items():
+            fam = fams[f]
+            vk = torch.linalg.svd(fam.deltas).Vh.transpose(1, 2)  # [1+P, D, D]
+            real_key[f], perm_key[f] = vk[0], list(vk[1:])
+            groups = [g for g, sr in feat.groups.items() if g != POOLED and sr.rank > 0]
+            if (f"{f}:groups" in bases and groups
+                    and all(g in fam.group_deltas for g in groups)):  # fmt: skip
+                unions = [
+                    energy_ordered_union(
+                        [feature_subspace(fam.group_deltas[g][j], cfg.energy, rank=feat.groups[g].rank)
+                         for g in groups]
+                    )
+                    for j in range(P + 1)
+                ]  # fmt: skip
+                real_groups[f], perm_groups[f] = unions[0], unions[1:]
+            elif f"{f}:groups" in bases and groups:
+                missing = [g for g in groups if g not in fam.group_deltas]
+                plan.skipped = (
+                    f"no conditional label null for {f}:groups: group(s) "
+                    f"{', '.join(map(repr, missing))} hold one label among the centroid records "
+                    "(raise --n-centroid, 0 = all build records)"
+                )
+        plan.n_permuted = P
+    plan.conditioning = _conditioning_info(
+        cond if P else "label-permuted baselines off (--n-permuted 0)", list(features)
+    )
+    if not conditioned and P and all(stats.get(f) is not None for f in features):
         for f, feat in features.items():
             st_f = stats[f]
             signs = relabel_signs(st_f, P, seed=sub_seed(cfg.seed, f"permuted:{head_name}:{f}"))
@@ -135,7 +222,7 @@ def _causal_plan(
                     for j in range(P)
                 ]  # fmt: skip
         plan.n_permuted = P
-    else:
+    elif not conditioned:
         plan.skipped = (
             "label-permuted baselines off (--n-permuted 0)"
             if not P
@@ -157,6 +244,17 @@ def _causal_plan(
             src = perm_groups.get(base[: -len(":groups")])
             return None if src is None else [u[:, :r] for u in src]
         return [v[:, :r] for v in perm_key[base]]
+
+    def real_bases(name: str, r: int) -> torch.Tensor | None:
+        """Conditional nulls: the real labels' basis of ``name`` through the nulls' estimator."""
+        base = name.split("@")[0]
+        if name == "all":
+            return union_basis([real_key[f][:, : features[f].pooled.rank]
+                                for f in features if features[f].pooled.rank > 0])[:, :r]  # fmt: skip
+        if base.endswith(":groups"):
+            src = real_groups.get(base[: -len(":groups")])
+            return None if src is None else src[:, :r]
+        return real_key[base][:, :r] if base in real_key else None
 
     for name, b in bases.items():
         pb = permuted_bases(name, int(b.shape[1]))
@@ -196,7 +294,13 @@ def _causal_plan(
                 plan.offline[f"curve-permuted:{r}"] = [
                     u[:, :r] for u in perm_src if u.shape[1] >= r
                 ]
-    if signs0 is not None and record_groups:
+    if conditioned and record_groups:
+        # the same estimator's centroids: each held-out record's group where the family has
+        # both sides in it, else pooled; row 0 the real labels, rows 1.. the permutations
+        fm = fams[f0].means
+        per = [fm.get(g, fm[None]) if g is not None else fm[None] for g in record_groups]
+        plan.means = (torch.stack([m[0] for m in per], 1), torch.stack([m[1] for m in per], 1))
+    elif signs0 is not None and record_groups:
         # centroids of each held-out record's group (the query's feature value in categorical
         # designs, where pooled means would average the matching values away); pooled for
         # records without a group that has both sides among the build records
@@ -239,9 +343,10 @@ def _causal_plan(
         # the centroid patch: real labels in the real subspace, each permutation's labels in
         # its own subspace (the same estimator on relabelled records)
         pbl = permuted_bases(chosen, int(basis.shape[1]))
-        if plan.means is not None and pbl:
+        row0 = real_bases(chosen, int(basis.shape[1])) if conditioned else basis
+        if plan.means is not None and pbl and row0 is not None:
             plan.label_condition = chosen
-            stack = torch.stack([basis, *[b.double() for b in pbl]])
+            stack = torch.stack([row0.double(), *[b.double() for b in pbl]])
             more["patches"]["label"] = (stack, *plan.means)
         return more
 

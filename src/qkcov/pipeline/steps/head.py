@@ -14,6 +14,7 @@ from ..config import Head, RunConfig
 from ..plan import Plan
 from ..verdict import _verdict
 from .attribution import _attribution
+from .causal import _conditional
 from .collect import Collected
 from .contrast import Contrasts, _subspace_results
 from .position import _head_position
@@ -76,10 +77,11 @@ def _head_step(x: HeadInputs, head: Head) -> HeadResult:
                 _name_points(projections[f], tokenizer, [resolved[held[j - n_cent]] for j in te])
     with timer.phase("swaps"):
         timer.log(f"{name}: swaps")
+        cond = _conditional(vecs.get(head), resolved, cent, plan, cfg, name)
         swaps = _swaps(
             model, tokenizer, swap_records, x.swap_base, head, features, cfg, progress,
             None if "swaps" in steps else "step off (--steps)",
-            {f: (stats[f] or {}).get(head) for f in plan.features},
+            {f: (stats[f] or {}).get(head) for f in plan.features}, cond,
         )  # fmt: skip
     with timer.phase("token_view"):
         token_view = _token_view(

@@ -13,7 +13,7 @@ from ...core.subspace import feature_subspace
 from ...results import FeatureResult, SwapCondition, SwapResult
 from ...runtime import sub_seed
 from ..config import CAUSAL_MAX, Head, RunConfig
-from .causal import _Causal, _causal_plan
+from .causal import _Causal, _causal_plan, _conditioning_info
 
 
 def _swap_conditions(
@@ -52,6 +52,7 @@ def _swaps(
     progress: bool,
     skip_reason: str | None,
     stats: Mapping[str, Any] | None = None,
+    cond: Mapping[str, Any] | str | None = None,
 ) -> SwapResult:
     """Swaps of every condition against random and label-permuted subspaces, the causal rank
     curve (its causal-rank subspace becomes the headline) and the label-sensitive centroid
@@ -75,13 +76,15 @@ def _swaps(
         sig = features[headline_feature].pooled.significance or {}
         skip_reason = sig.get("reason") or f"feature {headline_feature!r} has rank 0"
     if skip_reason is not None:
-        return SwapResult(0, None, {}, None, None, cfg.n_random, skipped=skip_reason)
+        return SwapResult(0, None, {}, None, None, cfg.n_random, skipped=skip_reason,
+                          label_test={"available": False, "reason": skip_reason,
+                                      "conditioning": _conditioning_info(cond, list(features))})  # fmt: skip
     base = swap_base()
     pairs = base.pairs[head]
     D = next(iter(bases.values())).shape[0]
     causal = _causal_plan(
         features, bases, headline, stats or {}, cfg, D, f"L{head[0]}H{head[1]}",
-        [r.record.group for r in resolved],
+        [r.record.group for r in resolved], cond,
     )  # fmt: skip
     sw = run_swaps(
         model, tokenizer, resolved, head[0], head[1], pairs, {k: v.float() for k, v in bases.items()},
