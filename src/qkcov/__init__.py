@@ -36,6 +36,10 @@ _LAZY = {
     "permutation_null": "core.statistics",
     "significance": "core.statistics",
     "bootstrap": "core.statistics",
+    "explain": "explainer",
+    "ExplainConfig": "explainer",
+    "ExplainResult": "explainer",
+    "Hypothesis": "tasks.hypotheses",
 }
 
 __version__ = "0.1.0"
@@ -51,6 +55,10 @@ __all__ = [
     "analyze",
     "bootstrap",
     "explain_logits",
+    "explain",
+    "ExplainConfig",
+    "ExplainResult",
+    "Hypothesis",
     "permutation_null",
     "significance",
     "Attribution",
