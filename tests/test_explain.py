@@ -337,3 +337,22 @@ def test_cli_explain_end_to_end(tiny_dir, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert rc == 2 and needle in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "bad").exists()
+
+
+def test_verify_top_runs_the_whole_method_on_the_top_hypothesis():
+    import qkcov
+    from qkcov.models.tiny import tiny_model, tiny_tokenizer
+    from qkcov.results import VERDICTS
+    from qkcov.tasks.corpus import default_corpus
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    texts = default_corpus(16)
+    res = qkcov.explain(model, tok, texts, heads="L1H0,L0H3", progress=False, max_len=64,
+                        hypotheses=["previous-token", "same-token", "delimiter"],
+                        verify_top=1, verify_records=24)  # fmt: skip
+    first, second = res.heads
+    assert first.top.verdict in VERDICTS, first.top.verdict_reason
+    assert first.top.verdict_reason
+    assert all(x.verdict == "untested" for x in first.hypotheses[1:])
+    assert all(x.verdict == "untested" and "not verified" in x.verdict_reason
+               for x in second.hypotheses)  # fmt: skip

@@ -12,9 +12,12 @@ adds every selected head's post-RoPE q/k to running sums (:mod:`qkcov.engine.exp
 of the head's centred attention-logit variance (exact attribution, greedy order) with the
 unexplained rest. Memory of the sums: ``heads × (hypotheses + 1) × D² × 8`` bytes.
 
-Verdicts: each hypothesis carries ``verdict`` = ``"untested"`` and the reason; the causal
-tests of ``qkcov run`` (swaps, label test) are not run from here yet — build contrast
-records for a head's top hypothesis and run ``qkcov run`` on them for a verdict.
+Verdicts: with ``verify_top=K`` the top hypothesis of the first K heads (by share) becomes
+contrast records (:func:`qkcov.tasks.hypotheses.contrast_records`: a document prefix ending at
+a query token, its keys satisfying the hypothesis as positives, offset-nearest keys that
+don't as negatives) and runs through :func:`qkcov.pipeline.analyze` on that head — ΔC
+significance, swaps against random and label-permuted subspaces, the label test, the verdict.
+Every other hypothesis keeps ``verdict = "untested"`` with the reason.
 """
 
 from __future__ import annotations
@@ -115,11 +118,20 @@ class ExplainConfig(ConfigMixin):
     n_documents: int = _help("documents of the default corpus", default=360)
     energy: float = _help("energy of each hypothesis' subspace rank (SVD of ΔC)", default=0.9)
     max_rank: int = _help("largest subspace rank per hypothesis", default=8)
+    verify_top: int = _help(
+        "heads (the first K by share) whose top hypothesis gets a verdict: contrast records "
+        "built from it run through qkcov run's whole method on that head (0 = none; each "
+        "costs a qkcov run of --verify-records records)",
+        default=0,
+    )
+    verify_records: int = _help("records per verified hypothesis", default=96)
 
     def __post_init__(self) -> None:
         from .tasks.hypotheses import resolve_hypotheses
 
         check_explain_heads(self.heads)
+        check_positive_int("--verify-top", self.verify_top, 0)
+        check_positive_int("--verify-records", self.verify_records, 8)
         for name in ("batch_size", "max_len", "n_documents", "max_rank"):
             check_positive_int(
                 f"--{name.replace('_', '-')}", getattr(self, name), 2 if name == "max_len" else 1
@@ -362,6 +374,15 @@ def explain(
     m = _AUTO.match(cfg.heads.strip())
     if m is not None:
         explained = explained[: int(m.group(1) or AUTO_DEFAULT)]
+    if cfg.verify_top:
+        with timer.phase("verify"):
+            _verify(model, tokenizer, texts, plan, explained[: cfg.verify_top], cfg, timer)
+    for h in explained[cfg.verify_top :]:
+        for x in h.hypotheses:
+            x.verdict_reason = (
+                f"not verified: --verify-top {cfg.verify_top} verifies the top hypothesis of the "
+                "first heads by share only"
+            )
     with timer.phase("example"):
         ex_seq = next((s for s in seqs if len(s) >= 16), seqs[0])
         rows = attention_example(model, ex_seq, [(h.layer, h.head) for h in explained])
@@ -404,6 +425,43 @@ def explain(
         config=cfg.to_dict(),
         example=example,
     )
+
+
+def _verify(
+    model: Any, tokenizer: Any, texts: Sequence[str], plan: Any, heads: Sequence[Any],
+    cfg: ExplainConfig, timer: Timer,
+) -> None:  # fmt: skip
+    """The top hypothesis of each of ``heads``: contrast records from it, ``analyze`` (the
+    whole method of ``qkcov run``) on that head; its verdict status and sentence."""
+    from .pipeline import analyze
+    from .tasks.hypotheses import contrast_records
+
+    for h in heads:
+        top = h.top
+        if top is None:
+            continue
+        i = plan.names.index(top.name)
+        recs = contrast_records(
+            texts, plan.seqs, plan.masks, i, positional=plan.hypotheses[i].positional,
+            n=cfg.verify_records, seed=cfg.seed,
+        )  # fmt: skip
+        for x in h.hypotheses[1:]:
+            x.verdict_reason = "not verified: only each verified head's top hypothesis is"
+        if len(recs) < 16:
+            top.verdict_reason = f"untested: only {len(recs)} contrast records could be built"
+            continue
+        timer.log(f"verifying {h.name}: {top.name} on {len(recs)} records")
+        try:
+            res = analyze(model, tokenizer, recs, heads=h.name, seed=cfg.seed,
+                          batch_size=cfg.batch_size, progress=False)  # fmt: skip
+        except ValueError as err:
+            top.verdict_reason = f"untested: {str(err).splitlines()[0]}"
+            continue
+        v = res.heads[0].verdict
+        if v is None:
+            top.verdict_reason = "untested: the run gave no verdict"
+            continue
+        top.verdict, top.verdict_reason = v.status, v.sentence
 
 
 def _load_kwargs(cfg: ExplainConfig) -> dict[str, Any]:

@@ -347,7 +347,7 @@ def explain_head(
                 query_basis=bases[i].float(),
                 key_basis=(sub.key_basis if sub is not None else bases[i]).float(),
                 verdict="untested",
-                verdict_reason="not among the heads verified (--verify-top)",
+                verdict_reason="not verified (--verify-top)",
             )
         )
     hyps.sort(key=lambda h: h.share, reverse=True)

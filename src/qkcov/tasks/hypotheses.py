@@ -56,6 +56,7 @@ __all__ = [
     "parse_hypothesis_spec",
     "check_hypothesis_names",
     "word_categories",
+    "contrast_records",
 ]
 
 DEFAULT_HYPOTHESES = (
@@ -437,4 +438,58 @@ def resolve_hypotheses(
         seen.add(h.name)
     if not out:
         raise ValueError("no hypotheses to test; give at least one name")
+    return out
+
+
+# --------------------------------------------------------------------------- records
+def contrast_records(
+    texts: Sequence[str],
+    seqs: Sequence[TokenSeq],
+    masks: Sequence[torch.Tensor],
+    index: int,
+    *,
+    positional: bool,
+    n: int = 120,
+    n_negatives: int = 3,
+    seed: int = 0,
+) -> list[Any]:
+    """Contrast records for hypothesis ``index`` of ``masks`` (``[N, S, S]`` per sequence):
+    the prompt is the document up to a query token that has a positive key; positives are its
+    keys satisfying the hypothesis, negatives up to ``n_negatives`` keys that don't — the ones
+    nearest in offset to a positive unless the hypothesis is positional (then drawn at random).
+    Only sequences that start their document are used (the spans index the document text)."""
+    import random
+
+    from .records import ContrastRecord, Span
+
+    rng = random.Random(seed)
+    cands = []
+    for s, m in zip(seqs, masks, strict=True):
+        if s.start != 0 or not s.offsets:
+            continue
+        pos = m[index]
+        real = [b > a for a, b in s.offsets]  # special tokens have no characters
+        for q in range(2, len(s)):
+            keys = [k for k in pos[q, :q].nonzero().flatten().tolist() if k >= 1 and real[k]]
+            others = [k for k in range(1, q) if k not in keys and real[k]]
+            if keys and others:
+                cands.append((s, q, keys, others))
+    rng.shuffle(cands)
+    out: list[Any] = []
+    for s, q, keys, others in cands[:n]:
+        if positional:
+            neg = rng.sample(others, min(n_negatives, len(others)))
+        else:
+            near = sorted(others, key=lambda k: min(abs(k - p) for p in keys))
+            neg = near[:n_negatives]
+        text = texts[s.doc]
+        span = lambda i, s=s: Span(s.offsets[i][0], s.offsets[i][1])  # noqa: E731
+        out.append(
+            ContrastRecord(
+                prompt=text[: s.offsets[q][1]],
+                positives=tuple(span(k) for k in sorted(keys)),
+                negatives=tuple(span(k) for k in sorted(neg)),
+                meta={"document": s.doc, "query": q},
+            )
+        )
     return out
