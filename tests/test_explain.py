@@ -175,6 +175,7 @@ def test_sums_match_explicit_capture_and_attribution():
     delta = torch.zeros(len(hyps), 16, 16, dtype=torch.float64)
     gram = torch.zeros(16, 16, dtype=torch.float64)
     qs, ks = [], []
+    wkey = torch.zeros(len(hyps), 16, dtype=torch.float64)
     for i, s in enumerate(plan.seqs):
         n = len(s)
         ids = torch.tensor([s.ids])
@@ -183,6 +184,7 @@ def test_sums_match_explicit_capture_and_attribution():
         q, k = cap.q[:, 0].double(), cap.k[:, 0].double()
         w = plan.batch([i])["weights"][0].double()  # [N, n, n]
         delta += torch.einsum("qd,nqk,ke->nde", q, w, k)
+        wkey += torch.einsum("nqk,ke->ne", w, k)
         causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
         dots = (q @ k.T).masked_fill(~causal, 0)
         c = (dots - dots.sum(1, keepdim=True) / causal.sum(1, keepdim=True)) * causal
@@ -191,6 +193,11 @@ def test_sums_match_explicit_capture_and_attribution():
         ks.append(k)
     assert torch.allclose(acc.delta[:, 0], delta, atol=1e-4 * float(delta.abs().max()))
     assert torch.allclose(acc.gram[0], gram, atol=1e-4 * float(gram.abs().max()))
+    # the query-centred ΔC of relational hypotheses: Σ w (q − q̄) kᵀ
+    qbar = torch.cat(qs).mean(0)
+    centred = delta - torch.einsum("d,ne->nde", qbar, wkey)
+    got = acc.delta[:, 0] - torch.einsum("d,ne->nde", acc.qsum[0] / acc.n_rows, acc.wkey[:, 0])
+    assert torch.allclose(got, centred, atol=1e-4 * float(centred.abs().max()))
     # greedy shares == core.attribution.attribute on every row's centred logits
     e = out[0]
     order = sorted(e.hypotheses, key=lambda h: h.order)

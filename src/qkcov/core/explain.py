@@ -8,6 +8,10 @@ For one sequence batch and one layer, given each selected head's post-RoPE queri
 - ``delta [N, H, D, D]``: ``Σ w_nqk q kᵀ`` with the signed pair weights of
   :func:`pair_weights` (``+1/N⁺`` on each positive pair, ``−`` the offset-matched negative
   weight on each negative pair), so after the corpus ``delta = E[q k⁺ᵀ] − E[q k⁻ᵀ]``;
+- ``wkey [N, H, D]`` = ``Σ w_nqk k`` and ``qsum [H, D]`` = ``Σ_q q``: a *relational* hypothesis
+  (a match between query and key: same-token, induction, same-word) gets the ΔC of centred
+  queries ``Σ w (q − q̄) kᵀ = delta − q̄ wkeyᵀ`` — a match has no key direction shared by every
+  query (issue "relational features"), so the head's shared query direction is taken out;
 - ``gram [H, D, D]``: ``G = Σ_q q v_qᵀ`` with ``v_q = Σ_k c_qk k_k`` and ``c_qk`` the query
   row's raw dot products centred over its allowed keys (softmax ignores a shift shared by the
   row). For any symmetric projector ``P`` on the query side, ``tr(P G)`` is exactly
@@ -146,6 +150,9 @@ class LayerSums:
     n_hyp: int
     head_dim: int
     delta: torch.Tensor = field(init=False)  # [N, H, D, D] float64
+    wkey: torch.Tensor = field(init=False)  # [N, H, D] Σ w k (for query-centred ΔC)
+    qsum: torch.Tensor = field(init=False)  # [H, D] Σ q over query rows
+    n_rows: torch.Tensor = field(init=False)  # [] query rows
     gram: torch.Tensor = field(init=False)  # [H, D, D] float64
     attn_pos: torch.Tensor = field(init=False)  # [N, H] Σ attention mass on positives
     base_pos: torch.Tensor = field(init=False)  # [N] Σ share of positive keys per row
@@ -157,6 +164,9 @@ class LayerSums:
         H, N, D = len(self.heads), self.n_hyp, self.head_dim
         f64 = torch.float64
         self.delta = torch.zeros(N, H, D, D, dtype=f64)
+        self.wkey = torch.zeros(N, H, D, dtype=f64)
+        self.qsum = torch.zeros(H, D, dtype=f64)
+        self.n_rows = torch.zeros((), dtype=f64)
         self.gram = torch.zeros(H, D, D, dtype=f64)
         self.attn_pos = torch.zeros(N, H, dtype=f64)
         self.base_pos = torch.zeros(N, dtype=f64)
@@ -183,6 +193,10 @@ class LayerSums:
         w = weights.to(dev)
         wk = torch.einsum("bnqk,bhkd->bnhqd", w, k)
         self.delta += torch.einsum("bhqd,bnhqe->nhde", q, wk).double().cpu()
+        self.wkey += wk.sum((0, 3)).double().cpu()  # [N, H, D]
+        rows = allowed.any(-1)  # [B, S] real query rows
+        self.qsum += (q * rows[:, None, :, None]).sum((0, 2)).double().cpu()
+        self.n_rows += float(rows.sum())
         dots = q @ k.transpose(-1, -2)  # [B, H, S, S]
         am = allowed[:, None].float()
         cnt = am.sum(-1, keepdim=True).clamp_min(1.0)
@@ -241,7 +255,8 @@ class HypothesisExplanation:
 
 @dataclass
 class HeadExplanation:
-    """One head: hypotheses sorted by share, the unexplained rest, a one-line sentence."""
+    """One head: hypotheses sorted by share, the unexplained rest, a one-line sentence;
+    ``logit_std``: √(Σ centred logit² ÷ query rows), the scale of what the shares split."""
 
     layer: int
     head: int
@@ -284,6 +299,7 @@ def explain_head(
     energy: float = 0.9,
     max_rank: int = 8,
     side: str = "key",
+    relational: Sequence[str] = (),
 ) -> HeadExplanation:
     """Subspaces and greedy shares of head ``sums.heads[index]`` (see the module doc);
     ``name`` is its name (``qkcov.models.heads.format_head``)."""
@@ -294,8 +310,12 @@ def explain_head(
     g = (g + g.T) / 2
     total = float(torch.trace(g))
     bases, infos = [], []
+    qbar = sums.qsum[index] / max(float(sums.n_rows), 1.0)
+    centred = set(relational or ())
     for n, _hyp in enumerate(names):
         delta = sums.delta[n, index]
+        if _hyp in centred:  # Σ w (q − q̄) kᵀ: the relation, not the shared query direction
+            delta = delta - torch.outer(qbar, sums.wkey[n, index])
         has_pairs = float(sums.n_pos[n]) > 0 and bool(torch.isfinite(delta).all())
         if has_pairs and float(delta.abs().max()) > 0:
             s = torch.linalg.svdvals(delta)

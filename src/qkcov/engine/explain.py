@@ -191,6 +191,7 @@ def explain_heads(
                 name=format_head(layer, head),
                 energy=energy,
                 max_rank=max_rank,
+                relational=[h.name for h in plan.hypotheses if h.relational],
             )  # fmt: skip
         )
     return out, sums

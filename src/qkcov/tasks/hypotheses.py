@@ -188,6 +188,7 @@ class Hypothesis:
     positional: bool = False
     description: str = ""
     first_key: bool = False  # may the first position be a key (positive or negative)?
+    relational: bool = False  # a match between query and key (ΔC of centred queries)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -212,10 +213,15 @@ class Hypothesis:
 
     @classmethod
     def from_predicate(
-        cls, name: str, fn: Callable[[TokenRef, TokenRef], bool], description: str = ""
+        cls,
+        name: str,
+        fn: Callable[[TokenRef, TokenRef], bool],
+        description: str = "",
+        relational: bool = False,
     ) -> Hypothesis:
         """A hypothesis from ``fn(query, key) -> bool`` over :class:`TokenRef` pairs
-        (called for every causal pair, key ≤ query)."""
+        (called for every causal pair, key ≤ query); ``relational=True`` when it matches the
+        key to the query (its ΔC then uses centred queries)."""
         if not callable(fn):
             raise ValueError(f"hypothesis {name!r}: the predicate must be callable")
 
@@ -232,7 +238,7 @@ class Hypothesis:
                         out[qi, ki] = True
             return out
 
-        return cls(name, mask, False, description or "user predicate")
+        return cls(name, mask, False, description or "user predicate", relational=relational)
 
     def check(self) -> None:
         """Run the hypothesis on a tiny synthetic sequence (before any model loads), so a
@@ -296,15 +302,28 @@ BUILTIN: dict[str, Hypothesis] = {
     h.name: h
     for h in (
         Hypothesis("previous-token", _offset(1, 1), True, "key = query − 1"),
-        Hypothesis("same-token", _same_token, False, "the key's token equals the query's"),
+        Hypothesis(
+            "same-token",
+            _same_token,
+            False,
+            "the key's token equals the query's",
+            relational=True,
+        ),  # fmt: skip
         Hypothesis(
             "induction",
             _induction,
             False,
             "the key follows an earlier occurrence of the query's token",
+            relational=True,
         ),  # fmt: skip
         Hypothesis("first-token", _first, True, "the first position (the sink)", True),
-        Hypothesis("same-word", _same_word, False, "earlier pieces of the query's own word"),
+        Hypothesis(
+            "same-word",
+            _same_word,
+            False,
+            "earlier pieces of the query's own word",
+            relational=True,
+        ),  # fmt: skip
         Hypothesis("delimiter", _key_flag(_is_delim), False, "punctuation and newline keys"),
         Hypothesis(
             "capitalised",
@@ -406,7 +425,8 @@ def parse_hypothesis_spec(spec: str) -> Hypothesis:
             out &= flag[:, None] if side == "query" else flag[None, :]
         return out
 
-    return Hypothesis(name, fn, False, f"user: {body.strip()}")
+    relational = any(op == "same" for _, op, _ in conds)
+    return Hypothesis(name, fn, False, f"user: {body.strip()}", relational=relational)
 
 
 def resolve_hypotheses(
