@@ -120,8 +120,9 @@ def main() -> None:
         print(
             f"repeat {r}: lean {a:.1f} s, math {m:.1f} s, explain {e:.1f} s -> "
             f"explain_over_limit={e / (a + m):.3f} (explain / lean = {e / a:.2f}); "
-            f"peak RSS rise {peak / 2**20:.0f} MiB"
-        )
+            + (f"peak RSS rise {peak / 2**20:.0f} MiB" if peak > 0 else
+               "peak RSS rise not measurable (VmHWM could not be reset: it holds the model load)")
+        )  # fmt: skip
     formula = memory_bytes(len(heads), len(plan.hypotheses), info.head_dim)
     print(f"explain_over_limit mean={sum(ratios) / len(ratios):.3f}")
     print(
