@@ -36,6 +36,10 @@ _LAZY = {
     "permutation_null": "core.statistics",
     "significance": "core.statistics",
     "bootstrap": "core.statistics",
+    "explain": "explainer",
+    "ExplainConfig": "explainer",
+    "ExplainResult": "explainer",
+    "Hypothesis": "tasks.hypotheses",
 }
 
 # Operations of a layer above qkcov.results that a result's own methods call
@@ -56,6 +60,10 @@ __all__ = [
     "analyze",
     "bootstrap",
     "explain_logits",
+    "explain",
+    "ExplainConfig",
+    "ExplainResult",
+    "Hypothesis",
     "permutation_null",
     "significance",
     "Attribution",
