@@ -244,6 +244,7 @@ def provenance(
     import transformers
 
     from . import __version__
+    from .models.identity import model_identity
 
     param = next(iter(model.parameters()), None)
     out: dict[str, Any] = {
@@ -254,6 +255,7 @@ def provenance(
                      "transformers": transformers.__version__, "python": platform.python_version()},
         "command_line": command_line if command_line is not None else " ".join(sys.argv),
         "revision": getattr(getattr(model, "config", None), "_commit_hash", None),
+        "model_identity": model_identity(model),  # the same from the CLI and a notebook
         "records": None,
     }  # fmt: skip
     if records_path is not None and plan is not None:
@@ -1501,6 +1503,13 @@ def _collect_step(
     return vecs, full if attr_idx else {}
 
 
+def _model_name(model: Any, given: str | None) -> str:
+    """The canonical model name (a preset's name even when loaded from its files by path)."""
+    from .models.identity import canonical_name, model_identity
+
+    return canonical_name(given) if given else model_identity(model)["name"]
+
+
 def _analyze(
     model: Any,
     tokenizer: Any,
@@ -1676,7 +1685,7 @@ def _analyze(
     ]
     return AnalysisResult(
         config=cfg.to_dict(),
-        model=model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        model=_model_name(model, model_name),
         model_info=dataclasses.asdict(info),
         features=feature_info,
         n_records=len(plan.records),
@@ -1726,6 +1735,10 @@ def run(
     if auto:
         cfg = dataclasses.replace(cfg, device=auto_device(cfg.device))
     resolve_device(cfg.device)  # --device cuda without CUDA: refused before anything is written
+    if loaded is None:  # --heads L99H0: refused from the model's config, before the weights
+        from .models.loading import check_heads_config
+
+        check_heads_config(cfg.heads, cfg.model, trust_remote_code=cfg.trust_remote_code)
     dist = Dist.from_env(cfg.device)
     # --out is checked and locked before the model loads; rank 0 alone writes artifacts
     protect = [records] if isinstance(records, (str, Path)) else []

@@ -32,6 +32,8 @@ __all__ = [
     "SwapResult",
     "Verdict",
     "VERDICTS",
+    "Headline",
+    "headline_of",
     "AttributionResult",
     "TokenViewResult",
     "HeadResult",
@@ -55,6 +57,105 @@ def headline_p(head: dict[str, Any]) -> float | None:
     if (head.get("swap_condition") or "").endswith(":groups"):
         return sig.get("groups_p_value")
     return sig.get("p_value")
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The one rank a head is quoted at: what its verdict, the table, ``export``,
+    ``subspace()``, compare and the report use.
+
+    ``feature``: the head's headline feature (the run's first). ``condition``: the swap
+    condition the verdict rests on (``"<feature>"``, ``"<feature>:groups"``, with
+    ``"@causal"`` when the causal rank curve picked its rank), ``None`` when the swaps were
+    skipped. ``rank``: that condition's dimension (the pooled rank in force without a swap).
+    ``rule``: how the rank was chosen — ``"causal"`` (the causal rank curve), ``"null"``
+    (whitened sequential deflated permutation test) or ``"energy"``. ``basis``: which ΔC
+    the directions come from: ``"pooled"`` (the feature's pooled ΔC, so ``rank`` truncates
+    its key/query bases) or ``"groups"`` (the energy-ordered union of its group subspaces).
+    ``ranks``: every rank the run measured, by name (``causal``, ``null``, ``energy``; ``None``
+    where not measured).
+    """
+
+    feature: str | None
+    condition: str | None
+    rank: int
+    rule: str
+    basis: str
+    ranks: dict[str, int | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "feature": self.feature,
+            "condition": self.condition,
+            "rank": self.rank,
+            "rule": self.rule,
+            "basis": self.basis,
+            "ranks": dict(self.ranks),
+        }
+
+    @property
+    def label(self) -> str:
+        """``agreement@causal`` / ``agreement:groups`` / ``agreement (no swap)``."""
+        if self.condition:
+            return self.condition
+        return f"{self.feature} (no swap)"
+
+
+def _headline(
+    feature: str | None,
+    condition: str | None,
+    cond_rank: int | None,
+    causal: dict[str, Any] | None,
+    pooled_rank: int,
+    pooled_rule: str,
+    rank_null: int | None,
+    rank_energy: int | None,
+) -> Headline:
+    causal = causal if isinstance(causal, dict) else {}
+    causal_rank = causal.get("rank") if causal.get("feature") in (None, feature) else None
+    basis = "groups" if condition and ":groups" in condition else "pooled"
+    if condition is None or cond_rank is None:
+        rank, rule = pooled_rank, pooled_rule
+    else:
+        rank = int(cond_rank)
+        by_curve = causal_rank is not None and causal.get("condition") == condition
+        rule = "causal" if by_curve else pooled_rule
+    ranks = {
+        "causal": None if causal_rank is None else int(causal_rank),
+        "null": None if rank_null is None else int(rank_null),
+        "energy": None if rank_energy is None else int(rank_energy),
+    }
+    return Headline(feature, condition, rank, rule, basis, ranks)
+
+
+def headline_of(head: dict[str, Any]) -> Headline:
+    """The :class:`Headline` of one ``run.json`` head: its ``"headline"`` object, or, in
+    folders written before it existed, derived from ``swap_condition``, ``causal_rank`` and
+    ``rank`` (where ``rank`` held the headline condition's rank and ``rank_rule`` the pooled
+    subspace's rule)."""
+    hd = head.get("headline")
+    if isinstance(hd, dict) and "rank" in hd:
+        return Headline(
+            hd.get("feature"), hd.get("condition"), int(hd["rank"]), str(hd.get("rule", "")),
+            str(hd.get("basis", "pooled")), dict(hd.get("ranks") or {}),
+        )  # fmt: skip
+    features = head.get("features") or {}
+    feature = next(iter(features), None)
+    pooled = ((features.get(feature) or {}).get("groups") or {}).get(POOLED) or {}
+    sig = head.get("significance") or {}
+    sw = head.get("swaps") or {}
+    condition = head.get("swap_condition") or sw.get("headline")
+    c = (sw.get("conditions") or {}).get(condition or "")
+    return _headline(
+        feature,
+        condition if c is not None else None,
+        None if c is None else c.get("rank"),
+        head.get("causal_rank") or sw.get("causal_rank"),
+        int(pooled.get("rank", head.get("rank", 0)) or 0),
+        str(pooled.get("rank_rule") or head.get("rank_rule") or ""),
+        sig.get("rank_null") if sig.get("available") else None,
+        pooled.get("rank_energy", sig.get("rank_energy")),
+    )
 
 
 def _r(x: float | None, nd: int = 3) -> str:
@@ -389,7 +490,28 @@ class HeadResult:
 
     @property
     def headline(self) -> SubspaceResult:
+        """The headline feature's pooled ΔC subspace (at the rank of its significance
+        rule); the rank the head is quoted at is :attr:`headline_rank`."""
         return next(iter(self.features.values())).pooled
+
+    @property
+    def headline_rank(self) -> Headline:
+        """The one rank this head is quoted at, its condition and rule, and the other ranks
+        by name (:class:`Headline`)."""
+        feature = next(iter(self.features), None)
+        pooled = self.headline
+        sig = pooled.significance or {}
+        c = self.swaps.conditions.get(self.swaps.headline or "")
+        return _headline(
+            feature,
+            None if c is None else c.name,
+            None if c is None else c.rank,
+            self.swaps.causal_rank,
+            pooled.rank,
+            pooled.rank_rule,
+            sig.get("rank_null") if sig.get("available") else None,
+            pooled.rank_energy,
+        )
 
     def __repr__(self) -> str:
         c = self.swaps.conditions.get(self.swaps.headline or "")
@@ -426,6 +548,7 @@ class HeadResult:
         ceiling = self.swaps.ceiling
         att = self.attribution
         feature = next(iter(self.features.values()))
+        hl = self.headline_rank
         sig = dict(self.headline.significance or {}) or None
         if sig is not None:
             sig["groups_p_value"] = feature.groups_p_value
@@ -433,8 +556,11 @@ class HeadResult:
             "layer": self.layer,
             "head": self.head,
             "name": self.name,
-            "rank": self.headline.rank if c is None else c.rank,
-            "rank_rule": self.headline.rank_rule,
+            # the headline rank and the rule that chose it (the causal rank when the curve
+            # ran); the pooled subspace's own rule stays in features[f].groups.pooled
+            "rank": hl.rank,
+            "rank_rule": hl.rule,
+            "headline": hl.to_dict(),
             "significance": sig,
             "swap": None if c is None else {m: c.metrics.get(m) for m in SWAP_METRICS},
             "swap_condition": self.swaps.headline,
@@ -544,46 +670,72 @@ class AnalysisResult:
             "position": self.position,
         }
 
-    def summary_rows(self) -> list[list[str]]:
+    def ordered_heads(self) -> list[HeadResult]:
+        """The heads best first: verdict, then the headline swap's margin over random."""
+        return sorted(self.heads, key=lambda h: (h.verdict_rank(), -h.swap_margin()))
+
+    def summary_rows(self, wide: bool = False) -> list[list[str]]:
+        """One row per head, best head first (``*`` marks it), under
+        :attr:`SUMMARY_COLUMNS` (or :attr:`WIDE_COLUMNS` with ``wide=True``)."""
         rows = []
         best = self.best.name if self.heads else None
-        for h in self.heads:
+        for h in self.ordered_heads():
             d = h.to_dict()
+            hl = h.headline_rank
             sig = d["significance"] or {}
+            avail = bool(sig.get("available"))
             c = h.swaps.conditions.get(h.swaps.headline or "")
             swap, rnd = d["swap"], d["random"]
             lab = h.swaps.label_test or {}
             lab = lab if lab.get("available") else {}
             prm = (c.permuted or {}).get("delta_p") if c is not None else None
+            name = h.name + ("*" if h.name == best else "")
+            verdict = h.verdict.status if h.verdict else "–"
+            dp = "–" if swap is None else _r(swap["delta_p"])
+            if not wide:
+                rows.append([
+                    name, verdict, str(hl.rank), hl.label, dp,
+                    "–" if rnd is None else _r(rnd["delta_p"]["mean"]),
+                    "–" if prm is None else _r(prm["mean"]),
+                    _r(lab.get("effect")), _r(lab.get("p_value")),
+                ])  # fmt: skip
+                continue
+
+            def rank(x: int | None) -> str:
+                return "–" if x is None else str(x)
+
             rows.append(
                 [
-                    h.name + ("*" if h.name == best else ""),
-                    h.verdict.status if h.verdict else "–",
-                    "–" if c is None else str(c.rank),
-                    str(sig["rank_null"]) if sig.get("available") else "–",
-                    str(h.headline.rank_energy),
-                    _r(headline_p(d)) if sig.get("available") else "–",
-                    "–" if swap is None else _r(swap["delta_p"]),
-                    "–"
-                    if rnd is None
+                    name, verdict, str(hl.rank), hl.rule, hl.label,
+                    rank(hl.ranks.get("causal")), rank(hl.ranks.get("null")),
+                    rank(hl.ranks.get("energy")),
+                    _r(sig.get("p_value")) if avail else "–",
+                    _r(sig.get("groups_p_value")) if avail else "–",
+                    dp,
+                    "–" if rnd is None
                     else f"{rnd['delta_p']['mean']:.3f} ± {rnd['delta_p']['std']:.3f}",
                     "–" if c is None else _r(c.p_value),
                     "–" if prm is None else f"{prm['mean']:.3f} ± {prm['std']:.3f}",
                     "–" if c is None else _r(c.p_permuted),
-                    _r(lab.get("effect")),
-                    _r(lab.get("p_value")),
+                    _r(lab.get("effect")), _r(lab.get("p_value")),
                     "–" if d["ceiling"] is None else _r(d["ceiling"]["delta_p"]),
                     _r(d["attribution"]["explained_fraction"])
-                    if not d["attribution"]["skipped"]
-                    else "–",
+                    if not d["attribution"]["skipped"] else "–",
                 ]
-            )
+            )  # fmt: skip
         return rows
 
     SUMMARY_COLUMNS = (
-        "head", "verdict", "rank (causal)", "rank (null)", "rank (energy)", "p (null)",
-        "Δp swap", "Δp random", "p vs random", "Δp permuted", "p vs permuted", "label effect",
-        "p (label)", "Δp full key", "explained",
+        "head", "verdict", "rank", "headline condition", "Δp", "random", "permuted", "label",
+        "p label",
+    )  # fmt: skip
+    """The compact table (``qkcov run`` prints it; ``--wide`` prints :attr:`WIDE_COLUMNS`)."""
+
+    WIDE_COLUMNS = (
+        "head", "verdict", "rank", "rule", "headline condition", "rank (causal)", "rank (null)",
+        "rank (energy)", "p (pooled ΔC)", "p (groups ΔC)", "Δp swap", "Δp random",
+        "p vs random", "Δp permuted", "p vs permuted", "label effect", "p (label)",
+        "Δp full key", "explained",
     )  # fmt: skip
 
     def summary_lines(self) -> list[str]:
@@ -610,43 +762,68 @@ class AnalysisResult:
                     f"model accuracy on the answers ({a['n']} held-out records): top-1 "
                     f"{a['top1']:.3f}, mean rank {a['mean_rank']:.2f}"
                 )
-        lines.append(
-            "p (null): ΔC's top singular value vs the permutation null; p vs random / p vs "
-            "permuted: the swap's Δp vs equal-rank random / label-permuted subspaces; p (label): "
-            "the centroid patch vs permuted labels"
-        )
         return lines
 
+    def _legend(self, wide: bool) -> list[str]:
+        if wide:
+            return [
+                "rank: the headline rank (rule: how it was chosen; causal = the causal rank "
+                "curve); p (pooled ΔC) / p (groups ΔC): the pooled ΔC's / the groups' max-T "
+                "permutation p; p vs random / p vs permuted: the swap's Δp vs equal-rank random "
+                "/ label-permuted subspaces; p (label): the centroid patch vs permuted labels"
+            ]
+        return [
+            "rank: the headline rank (the causal rank when its curve ran); Δp: swap in the "
+            "headline condition; random / permuted: mean Δp of equal-rank random / "
+            "label-permuted subspaces; label: the centroid patch's effect, p label its p vs "
+            "permuted labels; --wide (summary(wide=True)): every column"
+        ]
+
     def to_rows(self) -> list[dict[str, Any]]:
-        """The summary as one dict per head (numbers, ``None`` where absent), e.g. for
-        ``pandas.DataFrame(result.to_rows())``."""
+        """The summary as one dict per head in run order (numbers, ``None`` where absent),
+        e.g. for ``pandas.DataFrame(result.to_rows())``: the headline rank, its rule and
+        condition, the other ranks by name, the swap against both baselines and the
+        label-sensitive test."""
         rows = []
         for h in self.heads:
             d = h.to_dict()
+            hl = h.headline_rank
             sig = d["significance"] or {}
+            avail = bool(sig.get("available"))
             swap, rnd, ceil, att = d["swap"], d["random"], d["ceiling"], d["attribution"]
+            c = h.swaps.conditions.get(h.swaps.headline or "")
+            prm = (c.permuted or {}).get("delta_p") if c is not None else None
+            lab = h.swaps.label_test or {}
+            lab = lab if lab.get("available") else {}
             rows.append(
                 {
                     "head": h.name,
                     "layer": h.layer,
                     "head_index": h.head,
-                    "feature": next(iter(h.features), None),
-                    "rank": d["rank"],
-                    "rank_rule": d["rank_rule"],
-                    "rank_energy": h.headline.rank_energy,
-                    "rank_causal": (h.swaps.causal_rank or {}).get("rank"),
+                    "feature": hl.feature,
                     "verdict": None if h.verdict is None else h.verdict.status,
-                    "p": headline_p(d) if sig.get("available") else None,
+                    "rank": hl.rank,
+                    "rank_rule": hl.rule,
+                    "headline_condition": hl.condition,
+                    "rank_causal": hl.ranks.get("causal"),
+                    "rank_null": hl.ranks.get("null"),
+                    "rank_energy": hl.ranks.get("energy"),
+                    "p": headline_p(d) if avail else None,
+                    "p_pooled": sig.get("p_value") if avail else None,
+                    "p_groups": sig.get("groups_p_value") if avail else None,
                     "swap_condition": d["swap_condition"],
                     "delta_p": None if swap is None else swap["delta_p"],
                     "delta_p_random": None if rnd is None else rnd["delta_p"]["mean"],
                     "delta_p_random_std": None if rnd is None else rnd["delta_p"]["std"],
-                    "p_vs_random": getattr(
-                        h.swaps.conditions.get(h.swaps.headline or ""), "p_value", None
-                    ),
-                    "p_vs_permuted": getattr(
-                        h.swaps.conditions.get(h.swaps.headline or ""), "p_permuted", None
-                    ),
+                    "p_vs_random": None if c is None else c.p_value,
+                    "delta_p_permuted": None if prm is None else prm["mean"],
+                    "delta_p_permuted_std": None if prm is None else prm["std"],
+                    "p_vs_permuted": None if c is None else c.p_permuted,
+                    "label_effect": lab.get("effect"),
+                    "label_effect_ci": lab.get("ci"),
+                    "label_permuted": (lab.get("permuted") or {}).get("mean"),
+                    "label_permuted_std": (lab.get("permuted") or {}).get("std"),
+                    "p_label": lab.get("p_value"),
                     "delta_p_full_key": None if ceil is None else ceil["delta_p"],
                     "explained": None if att["skipped"] else att["explained_fraction"],
                 }
@@ -663,20 +840,25 @@ class AnalysisResult:
         return subspace_from_result(self, head, feature, group)
 
     def _repr_html_(self) -> str:
-        cols = list(self.SUMMARY_COLUMNS)
+        cols = list(self.WIDE_COLUMNS)
         return f"<b>{self.model}</b>, {self.n_records} records" + html_table(
-            cols, self.summary_rows()
+            cols, self.summary_rows(wide=True)
         )
 
-    def summary(self) -> str:
-        """A table (verdict, ranks, p-values named for what they test, Δp vs random and
-        label-permuted subspaces, the label-sensitive effect, ceiling, explained fraction),
-        then each head's verdict sentence, skip reasons and notes."""
-        cols = list(self.SUMMARY_COLUMNS)
-        rows = [cols, *self.summary_rows()]
+    def summary(self, wide: bool = False) -> str:
+        """A compact table, best head first (head, verdict, headline rank and condition,
+        Δp vs random and label-permuted subspaces, the label-sensitive effect), then each
+        head's verdict sentence, skip reasons and notes. ``wide=True``: every column (the
+        other ranks by name, p-values named for what they test, ceiling, explained
+        fraction)."""
+        cols = list(self.WIDE_COLUMNS if wide else self.SUMMARY_COLUMNS)
+        rows = [cols, *self.summary_rows(wide)]
         widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+        ]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        lines += self._legend(wide)
         lines += self.summary_lines()
         lines += self.notes
         return "\n".join(lines)
