@@ -14,6 +14,7 @@ instead of a dense ``delta`` (:mod:`qkcov.run_tensors`; both forms load).
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -858,7 +859,7 @@ class AnalysisResult:
             "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
         ]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        lines += self._legend(wide)
+        lines += [w for text in self._legend(wide) for w in textwrap.wrap(text, 120)]
         lines += self.summary_lines()
         lines += self.notes
         return "\n".join(lines)

@@ -54,7 +54,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction |
 
 
 def _suggest(word: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=2, cutoff=0.7)
+    close = difflib.get_close_matches(word, list(choices), n=2, cutoff=0.6)
     if not close:
         return ""
     return "; did you mean " + " or ".join(close) + "?"
