@@ -266,7 +266,8 @@ class ProjectionResult:
     """Held-out keys/queries of one feature projected on its top-3 key/query directions.
 
     ``keys [m, 3]``, ``queries [n, 3]``; ``key_labels`` (m) / ``query_labels`` (n) are the
-    record groups (``""`` for negative keys); ``key_positive [m]``. ``accuracy``:
+    record groups (``""`` for negative keys); ``key_groups`` (m): every key's record group
+    (negative keys too; empty in runs saved before it); ``key_positive [m]``. ``accuracy``:
     nearest-centroid group accuracy of positive keys in 3-D (subspace / random / PCA /
     chance), ``None`` with fewer than 2 groups.
     """
@@ -280,6 +281,7 @@ class ProjectionResult:
     accuracy: dict[str, float] | None = None
     key_names: list[str] = field(default_factory=list)  # (m) token and JSONL line, for hover
     query_names: list[str] = field(default_factory=list)  # (n)
+    key_groups: list[str] = field(default_factory=list)  # (m) every key's record group
 
     def __repr__(self) -> str:
         acc = (
@@ -294,6 +296,7 @@ class ProjectionResult:
             "query_labels": self.query_labels,
             "key_names": self.key_names,
             "query_names": self.query_names,
+            "key_groups": self.key_groups,
         }
 
 
@@ -967,7 +970,7 @@ def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult
         projections[fname] = ProjectionResult(
             fname, t[p + "keys"], t[p + "queries"], t[p + "key_positive"].bool(),
             pd["key_labels"], pd["query_labels"], pd.get("accuracy"),
-            pd.get("key_names", []), pd.get("query_names", []),
+            pd.get("key_names", []), pd.get("query_names", []), pd.get("key_groups", []),
         )  # fmt: skip
     sw = d["swaps"]
 

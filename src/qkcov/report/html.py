@@ -316,7 +316,7 @@ METHOD_NOTE = (
 def build_report(
     root: str | Path,
     out: str | Path | None = None,
-    title: str = "qkcov report",
+    title: str | None = None,
     *,
     embed_figures: bool = False,
 ) -> Path:
@@ -334,6 +334,8 @@ def build_report(
         raise FileNotFoundError(
             f"no {SECTION_FILE} found under {root}; run an experiment command with --out {root} first"
         )
+    if title is None:  # one run: its section title names the records file and features
+        title = f"qkcov — {sections[0][1]['title']}" if len(sections) == 1 else "qkcov report"
     nav = " ".join(
         f'<a href="#{html.escape(s.get("key", f.name))}">{html.escape(s["title"])}</a>'
         for f, s in sections
@@ -368,7 +370,7 @@ def build_report(
     return target
 
 
-def report_run_folder(root: str | Path, title: str = "qkcov report") -> Path:
+def report_run_folder(root: str | Path, title: str | None = None) -> Path:
     """``qkcov report DIR``: verify ``root`` against its run manifest, write
     ``root/report.html`` and record it (and ``report_index.json``) in the manifest.
 

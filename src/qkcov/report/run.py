@@ -190,6 +190,60 @@ def head_lead(h: dict[str, Any]) -> str:
     return f"{h['name']}: " + "; ".join(bits) + "."
 
 
+def records_source(info: dict[str, Any]) -> str:
+    """The records file's name (``provenance.records.path``), or ``"<n> records"`` for a
+    run on records passed in memory (a notebook, a built-in task)."""
+    path = ((info.get("provenance") or {}).get("records") or {}).get("path")
+    return Path(str(path)).name if path else f"{info.get('n_records', 0)} records"
+
+
+def run_title(info: dict[str, Any], title: str | None = None) -> str:
+    """The section (and, for one run, the page) title: what was run, on which records file,
+    for which feature(s)."""
+    feats = [f["name"] for f in info.get("features") or []]
+    what = "feature" if len(feats) == 1 else "features"
+    return f"{title or 'Contrast analysis'} — {records_source(info)}, {what}: {', '.join(feats)}"
+
+
+def rank_text(info: dict[str, Any]) -> str:
+    """How the ranks were chosen, for the rules this run used (the method text)."""
+    cfg = info["config"]
+    if cfg["rank_rule"] == "null":
+        rule = (
+            "Subspace rank (rule in force: null): a whitened sequential deflated permutation "
+            "test. The label-permuted ΔCs (the null) are centred and whitened (clipped), the "
+            "observed ΔC the same way; step k compares the observed k-th whitened singular "
+            "value with the top singular value of each null draw after the first k − 1 "
+            "observed directions are projected out, and the rank is the number of steps "
+            f"passed before the first with p ≥ α (α = {cfg['alpha']}; "
+            f"{cfg['n_permutations']} permutations). The scree shows this whitened spectrum "
+            "and each step's null."
+        )
+    else:
+        rule = (
+            f"Subspace rank (rule in force: energy): the smallest rank holding {cfg['energy']:.0%}"
+            " of ΔC's squared singular values; no null is involved."
+        )
+    curve = next((h["causal_rank"] for h in info["heads"] if h.get("causal_rank")), None)
+    if curve is None:
+        head = (
+            " The headline rank (the table, `qkcov export`) is the rank in force: this run "
+            "measured no causal rank curve."
+        )
+    else:
+        head = (
+            " The headline rank, which the verdict, the swap, the label test, the table and "
+            "`qkcov export` use, is the causal rank: the smallest r whose key-subspace swap "
+            f"reaches {float(curve.get('fraction', 0.9)):.0%} of the best Δp of the causal "
+            "rank curve over r = 1..R."
+        )
+    return (
+        rule + " The energy rank is always shown beside it." + head + " run.json's "
+        "head.headline names the headline's rank, rule and condition; the other ranks are "
+        "listed by name."
+    )
+
+
 def write_run_section(
     out_dir: str | Path,
     *,
@@ -222,8 +276,10 @@ def write_run_section(
     cfg = info["config"]
     feats = info["features"]
     best = next((h for h in info["heads"] if h["name"] == info.get("best_head")), None)
+    source = records_source(info)
     summary: dict[str, Any] = {
         "model": info["model"],
+        "records file": source,
         "records": info["n_records"],
         "features": ", ".join(
             f"{f['name']} ({len(f['groups'])} group{'s' if len(f['groups']) != 1 else ''})"
@@ -268,10 +324,7 @@ def write_run_section(
         "coordinates in the headline subspace to the build positives' mean and the positive key's "
         "to the negatives' mean, minus the mirrored patch; with permuted labels the two means "
         "coincide in expectation, so only a subspace that holds the labels gives an effect.",
-        f"Rank rule in force: {cfg['rank_rule']} "
-        + ("(leading singular values above the permutation null's (1−α) quantile of the same index, "
-           f"α = {cfg['alpha']}; {cfg['n_permutations']} permutations)" if cfg["rank_rule"] == "null" else f"(energy ≥ {cfg['energy']})")
-        + "; the energy rank is always shown beside it.",
+        rank_text(info),
         "Swaps exchange the most-attended positive key's and a negative key's coordinates inside a "
         "key subspace during the forward pass; Δp is the mean change of p = a_target/(a_orig+a_target), "
         f"against {cfg['n_random']} random subspaces of equal rank and the full-key swap. Flip rate: "
@@ -362,6 +415,6 @@ def write_run_section(
     tables += position_tables(info)
     tables += list(extra_tables)
     return write_section(
-        out, key=key, title=title or "Contrast analysis", order=order, summary=summary,
+        out, key=key, title=run_title(info, title), order=order, summary=summary,
         text=body, tables=tables, figures=[*figs, *extra_figures], heads=blocks,
     )  # fmt: skip
