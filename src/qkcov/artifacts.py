@@ -491,8 +491,8 @@ class RunFolder:
                     "replaces only an empty folder or one complete run. Name a new folder "
                     f"inside it (e.g. --out {Path(str(out)) / 'new-run'})"
                 )
-            if state == "run" and is_main_process():  # said before the old run goes
-                print(
+            if state == "run" and (self.out / "run.json").is_file() and is_main_process():
+                print(  # said before the old run goes (a pipeline run's folder)
                     f"--out {out}: replacing {describe_run(self.out)} (kept if this run fails)",
                     file=sys.stderr,
                 )

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import read_json
-from ..results import headline_p
+from ..results import headline_of, headline_p
 from .html import write_section
 
 __all__ = ["write_run_section", "head_rows"]
@@ -42,10 +42,13 @@ def head_rows(info: dict[str, Any]) -> list[list[Any]]:
         c = sw["conditions"].get(sw["headline"] or "")
         att = h["attribution"]
         groups = (sw["headline"] or "").endswith(":groups")  # pooled CI/stability do not apply
+        hl = headline_of(h)
         rows.append(
             [
                 h["name"],
-                h["rank"],
+                f"{hl.rank} ({hl.rule})",
+                hl.condition or "–",
+                sig.get("rank_null", "–") if avail else "–",
                 sig.get(
                     "rank_energy",
                     h["features"][next(iter(h["features"]))]["groups"]["pooled"]["rank_energy"],
@@ -74,7 +77,7 @@ def head_rows(info: dict[str, Any]) -> list[list[Any]]:
 
 
 HEAD_COLUMNS = [
-    "head", "rank", "rank (energy)", "p (null)", "rank 95% CI", "stability (deg)", "Δp swap", "Δp 95% CI",
+    "head", "headline rank", "condition", "rank (null)", "rank (energy)", "p (ΔC)", "null rank 95% CI", "stability (deg)", "Δp swap", "Δp 95% CI",
     "Δp random", "p vs random", "Δp permuted", "p vs permuted", "Δp full key", "flip rate", "log-prob shift", "explained", "explained (random)",
 ]  # fmt: skip
 
@@ -345,7 +348,7 @@ def write_run_section(
             body.append(f"{h['name']}: attribution skipped — {h['attribution']['skipped']}.")
     tables = [
         {
-            "caption": "Studied heads. Headline condition: the first feature's pooled key subspace, or the union of its significant per-group subspaces (':groups') when the pooled ΔC is not significant; rank, p, CI and stability refer to that condition",
+            "caption": "Studied heads. Headline rank (its rule): the rank of the swap condition the verdict rests on — the first feature's pooled key subspace, or the union of its significant per-group subspaces (':groups') when the pooled ΔC is not significant, truncated to the causal rank ('@causal') when its curve ran. p (ΔC): the pooled ΔC's permutation p (the groups' max-T p for ':groups'); the null rank's 95 % CI and stability refer to the pooled ΔC",
             "columns": HEAD_COLUMNS,
             "rows": head_rows(info),
         },
