@@ -41,3 +41,12 @@ def test_folder_of_runs_refused_as_such_before_the_model(tmp_path, capsys):
     assert len(err) == 1 and "is a folder of qkcov runs (seed0, seed1)" in err[0], err
     assert "did not write" not in err[0] and f"--out {root / 'new-run'}" in err[0]
     assert sorted(p.name for p in root.iterdir()) == ["seed0", "seed1"]
+
+
+def test_a_run_json_of_another_shape_still_gets_its_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    for _ in range(2):
+        with RunFolder(out, command="run") as staging:
+            (staging / "run.json").write_text("7")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("on unknown records (kept if this run fails)")

@@ -356,8 +356,10 @@ def describe_run(path: Path) -> str:
         created = _read_manifest(path).get("created")
         if created:
             when = str(created).replace("T", " ")[:16] + " UTC"
-    with contextlib.suppress(ValueError, OSError, KeyError, TypeError):
+    with contextlib.suppress(ValueError, OSError, KeyError, TypeError, AttributeError):
         info = json.loads((path / "run.json").read_text(encoding="utf-8"))
+        if not isinstance(info, dict):
+            raise TypeError("run.json is not an object")
         recs = ((info.get("provenance") or {}).get("records") or {}).get("path")
         what = Path(str(recs)).name if recs else f"{info.get('n_records', '?')} records"
         what += f" ({info.get('model', '?')})"
