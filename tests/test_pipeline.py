@@ -16,7 +16,7 @@ from qkcov.artifacts import load_tensors, read_json
 from qkcov.cli import build_parser, main
 from qkcov.models.tiny import tiny_model, tiny_tokenizer
 from qkcov.pipeline import RunConfig, analyze
-from qkcov.results import VERDICTS, AnalysisResult
+from qkcov.results import VERDICTS, AnalysisResult, headline_of
 from qkcov.tasks.builtin import build_task_records
 from qkcov.tasks.records import ContrastRecord, Span, save_records
 
@@ -296,16 +296,33 @@ def test_summary_prints_a_table(agreement_run):
     result, _ = agreement_run
     lines = result.summary().splitlines()
     assert [c.strip() for c in lines[0].split("  ") if c.strip()] == list(result.SUMMARY_COLUMNS)
+    assert max(len(line) for line in lines[: 2 + len(result.heads)]) <= 120  # compact
+    wide = result.summary(wide=True).splitlines()
+    assert [c.strip() for c in wide[0].split("  ") if c.strip()] == list(result.WIDE_COLUMNS)
     info = result.to_dict()
+    rows = result.summary_rows()
+    # best head first, marked
+    assert rows[0][0] == result.best.name + "*" == result.ordered_heads()[0].name + "*"
     for h, d in zip(result.heads, info["heads"], strict=True):
         # one verdict, identical in summary(), run.json and the typed result
         assert d["verdict"]["status"] in VERDICTS and d["verdict"] == h.verdict.to_dict()
         assert any(d["verdict"]["sentence"] in line for line in lines)
-        assert d["causal_rank"]["rank"] == int(
-            next(r for r in result.summary_rows() if r[0].rstrip("*") == h.name)[
-                result.SUMMARY_COLUMNS.index("rank (causal)")
-            ]
-        )
+        row = next(r for r in rows if r[0].rstrip("*") == h.name)
+        # one headline rank, named with its rule and condition, the other ranks by name
+        hl = d["headline"]
+        assert d["causal_rank"]["rank"] == int(row[2]) == hl["rank"] == d["rank"]
+        assert hl["rule"] == d["rank_rule"] == "causal" and row[3] == hl["condition"]
+        assert hl["condition"] == d["swap_condition"] and hl["feature"] == "feature"
+        assert hl["ranks"]["causal"] == hl["rank"]
+        assert hl["ranks"]["energy"] == h.headline.rank_energy
+        assert headline_of({k: v for k, v in d.items() if k != "headline"}).to_dict() == hl
+        wrow = next(r for r in result.summary_rows(wide=True) if r[0].rstrip("*") == h.name)
+        assert wrow[4] == hl["condition"] and wrow[3] == "causal"
+        trow = next(r for r in result.to_rows() if r["head"] == h.name)
+        lab = h.swaps.label_test
+        assert trow["rank"] == hl["rank"] and trow["headline_condition"] == hl["condition"]
+        assert trow["label_effect"] == lab["effect"] and trow["p_label"] == lab["p_value"]
+        assert trow["p_vs_permuted"] == h.swaps.conditions[hl["condition"]].p_permuted
     assert info["best_head"] == result.best.name
     assert any("(* best head)" in line for line in lines)
     assert "first token of each key span" in info["scored_token"]

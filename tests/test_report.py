@@ -115,3 +115,89 @@ def test_figures_are_referenced_once_or_embedded_on_request(tmp_path):
     assert 'src="a/fig.png"' in page and "base64," not in page
     page = build_report(tmp_path, embed_figures=True).read_text()
     assert 'src="a/fig.png"' not in page and page.count("data:image/png;base64,") == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_saved_run(tmp_path_factory):
+    """A small run of a tiny Llama on agreement records (null rule, causal rank curve)."""
+    from qkcov.models.tiny import tiny_model, tiny_tokenizer
+    from qkcov.pipeline import RunConfig, run
+    from qkcov.tasks.builtin import build_task_records
+    from qkcov.tasks.records import save_records
+
+    base = tmp_path_factory.mktemp("figs")
+    save_records(base / "pronouns.jsonl", build_task_records("agreement", n=48))
+    cfg = RunConfig(heads="L1H2", n_random=10, n_permutations=50, n_bootstrap=0, batch_size=16)
+    run(cfg, base / "pronouns.jsonl", base / "run", quiet=True,
+        loaded=(tiny_model("llama"), tiny_tokenizer()))  # fmt: skip
+    return base / "run"
+
+
+def _drawn_figures(monkeypatch, out):
+    """Redraw a run's figures, keeping each matplotlib figure by file name."""
+    from qkcov.artifacts import read_json
+    from qkcov.report.figures import position, run
+
+    figs = {}
+
+    def keep(fig, path, *args, **kwargs):
+        figs[path.name] = fig
+        return path
+
+    monkeypatch.setattr(run, "save_png", keep)
+    monkeypatch.setattr(position, "save_png", keep)
+    run.plot_heads(out)
+    info = read_json(out / "run.json")
+    position.plot_rotary(out, info)
+    position.plot_offsets(out, info)
+    return figs, info
+
+
+def test_legends_are_readable_at_report_width(tiny_saved_run, monkeypatch):
+    from qkcov.report.figures.common import LEGEND_FONTSIZE
+
+    figs, _ = _drawn_figures(monkeypatch, tiny_saved_run)
+    assert LEGEND_FONTSIZE >= 10
+    checked = 0
+    for name in ("rotary_L1H2.png", "L1H2.swaps.png", "L1H2.scree.png", "offsets.png"):
+        legends = [ax.get_legend() for ax in figs[name].axes if ax.get_legend() is not None]
+        assert legends, name
+        for leg in legends:
+            sizes = [t.get_fontsize() for t in leg.get_texts()]
+            assert sizes and min(sizes) >= 10, (name, sizes)
+            checked += 1
+    assert checked >= 5
+    plt.close("all")
+
+
+def test_scree_band_is_the_null_of_the_rule_in_force(tiny_saved_run, monkeypatch):
+    figs, info = _drawn_figures(monkeypatch, tiny_saved_run)
+    h = info["heads"][0]
+    sig = h["features"]["feature"]["groups"]["pooled"]["significance"]
+    band = sig["step_null_band"]  # [3, K]: 5 %, 95 %, (1 − α) per step of the sequential test
+    assert len(band) == 3 and len(band[0]) == len(sig["step_p_values"]) >= 1
+    assert all(lo <= hi for lo, hi in zip(band[0], band[1], strict=True))
+    ax = figs["L1H2.scree.png"].axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "feature: step null 5–95 %" in labels and "feature: whitened ΔC" in labels
+    assert not any("raw" in x for x in labels)
+    (poly,) = ax.collections  # the shaded band: exactly the saved step null
+    ys = poly.get_paths()[0].vertices[:, 1]
+    assert min(ys) == pytest.approx(min(band[0])) and max(ys) == pytest.approx(max(band[1]))
+    # the observed curve is the whitened spectrum the test read
+    line = ax.get_lines()[0]
+    w = sig["whitened_singular_values"]
+    assert list(line.get_ydata()[:3]) == pytest.approx(w[:3])
+    plt.close("all")
+
+
+def test_title_and_method_text_name_the_run(tiny_saved_run):
+    from qkcov.artifacts import read_json
+
+    page = (tiny_saved_run / "report.html").read_text()
+    title = page.split("<title>")[1].split("</title>")[0]
+    assert "pronouns.jsonl" in title and "feature: feature" in title
+    sec = read_json(tiny_saved_run / "section.json")
+    text = " ".join(sec["text"])
+    assert "whitened sequential deflated permutation test" in text
+    assert "causal rank" in text and "above the permutation null's (1−α) quantile" not in text

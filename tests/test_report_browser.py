@@ -14,9 +14,9 @@ import pytest
 from _cdp import Browser, find_chromium
 from qkcov.artifacts import read_json
 from qkcov.models.tiny import tiny_model, tiny_tokenizer
-from qkcov.pipeline import analyze
+from qkcov.pipeline import RunConfig, run
 from qkcov.tasks.builtin import build_task_records
-from qkcov.tasks.records import Span, load_records, save_records
+from qkcov.tasks.records import Span, save_records
 
 CHROMIUM = find_chromium()
 pytestmark = pytest.mark.skipif(
@@ -45,11 +45,9 @@ def report(tmp_path_factory):
         for r in build_task_records("agreement", n=40)
     ]  # fmt: skip
     save_records(base / "records.jsonl", recs)
-    result = analyze(
-        tiny_model("llama"), tiny_tokenizer(), load_records(base / "records.jsonl"),
-        heads="auto:2", progress=False, **FAST,
-    )  # fmt: skip
-    result.save(base / "run")
+    # the CLI's path (a records file), so the page can name it
+    run(RunConfig(heads="auto:2", **FAST), base / "records.jsonl", base / "run", quiet=True,
+        loaded=(tiny_model("llama"), tiny_tokenizer()))  # fmt: skip
     return base / "run"
 
 
@@ -162,6 +160,31 @@ def test_after_toggle_recolours_with_the_swapped_attention(browser, report):
         "var m=document.querySelector('.tokenview .tv-mode');m.value='before';m.dispatchEvent(new Event('change'))"
     )
     assert browser.errors() == []
+
+
+def test_title_names_records_file_and_feature(browser):
+    title = browser.eval("document.title")
+    assert "records.jsonl" in title and "feature: feature" in title
+    assert browser.eval("document.querySelector('h1').textContent") == title
+
+
+LEGEND_MIN_PX = 13  # the scatter legend, read at the report's width
+
+
+def test_scatter_shows_groups_of_queries_and_negative_keys(browser):
+    names = browser.eval(
+        "Array.from(document.querySelectorAll('.sc-legend>span')).map(function(s){return s.textContent})"
+    )
+    for side in ("positive keys", "negative keys", "queries"):
+        assert any(n.endswith(f"{side}: plural") for n in names), (side, names)
+        assert any(n.endswith(f"{side}: singular") for n in names), (side, names)
+    # negative keys are hollow circles in their group's colour, positive keys filled
+    hollow = browser.eval("document.querySelectorAll('.scatter svg circle[fill=\"none\"]').length")
+    assert hollow > 0
+    size = browser.eval(
+        "parseFloat(getComputedStyle(document.querySelector('.sc-legend>span')).fontSize)"
+    )
+    assert size >= LEGEND_MIN_PX
 
 
 def test_scatter_points_name_token_and_line(browser):

@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigMixin
+from .runtime import is_main_process
 
 __all__ = [
     "atomic_write_bytes",
@@ -618,13 +619,48 @@ RUN_FILE_PATTERNS = (
 )  # fmt: skip
 
 
+def _run_subfolders(path: Path) -> list[str]:
+    """Names of the sub-folders of ``path`` (two levels) that hold a qkcov run."""
+    found = []
+    with contextlib.suppress(OSError):
+        for child in sorted(path.iterdir()):
+            if not child.is_dir() or child.is_symlink():
+                continue
+            if (child / MANIFEST_FILE).is_file() or any(
+                (g / MANIFEST_FILE).is_file() for g in child.iterdir() if g.is_dir()
+            ):
+                found.append(child.name)
+    return found
+
+
+def describe_run(path: Path) -> str:
+    """``"the run of <date> on <records>"`` for a run folder (what replacing it loses)."""
+    when, what = "unknown date", "unknown records"
+    with contextlib.suppress(ValueError, OSError):
+        created = _read_manifest(path).get("created")
+        if created:
+            when = str(created).replace("T", " ")[:16] + " UTC"
+    with contextlib.suppress(ValueError, OSError, KeyError, TypeError, AttributeError):
+        info = json.loads((path / "run.json").read_text(encoding="utf-8"))
+        if not isinstance(info, dict):
+            raise TypeError("run.json is not an object")
+        recs = ((info.get("provenance") or {}).get("records") or {}).get("path")
+        what = Path(str(recs)).name if recs else f"{info.get('n_records', '?')} records"
+        what += f" ({info.get('model', '?')})"
+    return f"the run of {when} on {what}"
+
+
 def _out_state(path: Path) -> tuple[str, str]:
-    """``("new" | "empty" | "run" | "foreign", why foreign)`` of an output folder."""
+    """``("new" | "empty" | "run" | "runs" | "foreign", why)`` of an output folder (``runs``:
+    a folder of run folders, ``why`` naming them)."""
     if not path.exists() and not path.is_symlink():
         return "new", ""
     if not any(path.iterdir()):
         return "empty", ""
     if not (path / MANIFEST_FILE).is_file():
+        runs = _run_subfolders(path)
+        if runs:
+            return "runs", ", ".join(runs[:3]) + (" …" if len(runs) > 3 else "")
         return "foreign", "it has no qkcov manifest.json"
     try:
         manifest = verify_run_folder(path)
@@ -805,13 +841,24 @@ class RunFolder:
         try:
             _clean_leftovers(self.out)
             state, why = _out_state(self.out)
-            self._inplace = state == "foreign"
+            self._inplace = state in ("foreign", "runs")
             self._owned = _owned_files(self.out) if self._inplace else {}
             # its manifest is qkcov's when sealed, or (older runs) when every file it lists
             # still has the content qkcov wrote
             self._manifest_ours = bool(self._owned) and (
                 is_sealed(self.out / MANIFEST_FILE) or all(self._ours(r) for r in self._owned)
             )
+            if state == "runs" and not self.force:
+                raise ValueError(
+                    f"--out {out}: is a folder of qkcov runs ({why}), not one run; qkcov "
+                    "replaces only an empty folder or one complete run. Name a new folder "
+                    f"inside it (e.g. --out {Path(str(out)) / 'new-run'})"
+                )
+            if state == "run" and (self.out / "run.json").is_file() and is_main_process():
+                print(  # said before the old run goes (a pipeline run's folder)
+                    f"--out {out}: replacing {describe_run(self.out)} (kept if this run fails)",
+                    file=sys.stderr,
+                )
             if self._inplace and not self.force:
                 raise ValueError(
                     f"--out {out}: holds files qkcov did not write ({why}); qkcov replaces only "

@@ -4,7 +4,10 @@ For every head and feature present in at least two runs (two seeds, two data set
 vs float32, ...): principal angles between their key subspaces and between their query
 subspaces (at the rank in force and at the energy rank), their ranks and their headline
 swap effects side by side. Runs on different models are refused with one line: subspaces
-of different models live in different coordinates, so nothing is compared.
+of different models live in different coordinates, so nothing is compared. Two runs are of the
+same model when their recorded model identities (``provenance.model_identity``:
+:func:`qkcov.models.identity.model_identity`) share a fingerprint, however the model was
+loaded; runs written before identities were recorded compare by model name and geometry.
 
 Everything is read from the run folders' artifacts (``run.json`` + ``run.safetensors``).
 """
@@ -31,8 +34,12 @@ _GEOMETRY = ("n_layers", "n_heads", "n_kv_heads", "head_dim")
 class Comparison:
     """``runs``: one label per run (its folder, or ``run<i>``); ``model``.
 
-    ``ranks``: one row per (run, head, feature): ``rank``, ``rank_rule``, ``rank_energy``,
-    ``rank_null``, ``rank_causal``, ``delta_p``, ``delta_p_random``, ``swap_condition``.
+    ``ranks``: one row per (run, head, feature): ``verdict``; ``swap_condition``, ``rank``,
+    ``rank_rule``, ``delta_p``, ``delta_p_random`` of the head's headline condition for its
+    headline feature (``headline`` true; the one its verdict rests on, e.g. the causal rank)
+    and of the feature's pooled condition otherwise; ``subspace_rank`` /
+    ``subspace_rank_rule`` (the pooled ΔC's rank in force), ``rank_energy``, ``rank_null``,
+    ``rank_causal``, ``p_value``.
     ``pairs``: one row per (head, feature, run a, run b): principal angles in degrees,
     ``key_deg`` / ``query_deg`` (rank in force, ascending), ``key_deg_energy`` /
     ``query_deg_energy`` (energy rank), and their maxima; ``None`` where a rank is 0.
@@ -70,7 +77,27 @@ class Comparison:
         lines.insert(1, "  ".join("-" * w for w in widths))
         if self.only_in_one:
             lines.append(f"in one run only (not compared): {', '.join(self.only_in_one)}")
+        lines += ["", *self.runs_table()]
         return "\n".join(lines)
+
+    def runs_table(self) -> list[str]:
+        """Each run's verdict and headline per head and feature: the condition its verdict
+        rests on, its rank and rule, Δp against equal-rank random subspaces."""
+        cols = ["head", "feature", "run", "verdict", "condition", "rank", "Δp", "random"]
+        rows = [cols]
+        for r in self.ranks:
+            rows.append(
+                [r["head"], r["feature"], r["run"], r.get("verdict") or "–",
+                 r.get("swap_condition") or "–",
+                 f"{r['rank']} ({r['rank_rule']})", _num(r["delta_p"]), _num(r["delta_p_random"])]
+            )  # fmt: skip
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(cols))]
+        lines = [
+            "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return lines
 
     def __repr__(self) -> str:
         return f"Comparison(model={self.model!r}, runs={self.runs}, pairs={len(self.pairs)})"
@@ -79,6 +106,10 @@ class Comparison:
         from .report.compare import comparison_html
 
         return comparison_html(self, full_page=False)
+
+
+def _num(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
 
 
 def _deg(x: float | None) -> str:
@@ -116,6 +147,29 @@ def _model_text(result: Any, show: Sequence[str]) -> str:
     mi = result.model_info or {}
     extra = ", ".join(f"{k} {mi.get(k)}" for k in show)
     return f"{result.model}" + (f" ({extra})" if extra else "")
+
+
+def _identity(result: Any) -> dict[str, Any] | None:
+    """The model identity the run recorded (``provenance.model_identity``; ``None`` in runs
+    written before it existed)."""
+    ident = (getattr(result, "provenance", None) or {}).get("model_identity")
+    return ident if isinstance(ident, dict) and ident.get("fingerprint") else None
+
+
+def _same_model(a: Any, b: Any) -> bool:
+    """Same model: the recorded identities' fingerprints (config, parameter shapes, weights)
+    agree; for a run without one, its model name and head geometry."""
+    ia, ib = _identity(a), _identity(b)
+    if ia is not None and ib is not None:
+        return bool(ia["fingerprint"] == ib["fingerprint"])
+    return _model_key(a) == _model_key(b)
+
+
+def _describe_model(result: Any) -> str:
+    ident = _identity(result)
+    if ident is None:
+        return f"{result.model} (no recorded identity)"
+    return f"{ident.get('name') or result.model} [{ident['fingerprint']}]"
 
 
 def _angles(a: torch.Tensor, b: torch.Tensor) -> list[float] | None:
@@ -188,18 +242,22 @@ def compare(runs: Sequence[str | Path | Any], *, labels: Sequence[str] | None = 
     names = list(labels) if labels is not None else [n for n, _ in loaded]
     if len(names) != len(loaded):
         raise ValueError(f"got {len(names)} labels for {len(loaded)} runs")
-    keys = {_model_key(r) for _, r in loaded}
-    if len(keys) > 1:
+    first = loaded[0][1]
+    if not all(_same_model(first, r) for _, r in loaded[1:]):
         # name what differs: the model, or (same name) the head geometry the runs record
+        keys = {_model_key(r) for _, r in loaded}
         differ = [k for i, k in enumerate(_GEOMETRY) if len({key[i + 1] for key in keys}) > 1]
         same_name = len({r.model for _, r in loaded}) == 1
-        models = "; ".join(
-            f"{n}: {_model_text(r, differ if same_name else ())}"
-            for n, (_, r) in zip(names, loaded, strict=True)
-        )
-        what = (
-            "the same model name with different head geometry" if same_name else "different models"
-        )
+        if same_name and differ:
+            what = "the same model name with different head geometry"
+            models = "; ".join(
+                f"{n}: {_model_text(r, differ)}" for n, (_, r) in zip(names, loaded, strict=True)
+            )
+        else:
+            what = "different models"
+            models = ", ".join(
+                f"{n}: {_describe_model(r)}" for n, (_, r) in zip(names, loaded, strict=True)
+            )
         raise ValueError(
             f"the runs are on {what} ({models}); subspaces of different models "
             "are in different coordinates, so nothing was compared"
@@ -220,18 +278,28 @@ def compare(runs: Sequence[str | Path | Any], *, labels: Sequence[str] | None = 
         for h in res.heads:
             hd = by_name[h.name]
             causal = hd.get("causal_rank") or getattr(h, "causal_rank", None)
+            hl = h.headline_rank
             for fname, fr in h.features.items():
                 s = fr.pooled
                 sig = s.significance or {}
-                c = h.swaps.conditions.get(fname)
+                # the head's headline condition for its headline feature (the one its verdict
+                # rests on), the feature's own pooled condition for any other feature
+                is_headline = fname == hl.feature and hl.condition is not None
+                c = h.swaps.conditions.get(hl.condition if is_headline else fname)
                 cr = (
                     causal.get("rank")
                     if isinstance(causal, dict) and causal.get("feature") in (None, fname)
                     else None
                 )
                 cmp.ranks.append(
-                    {"run": name, "head": h.name, "feature": fname, "rank": s.rank,
-                     "rank_rule": s.rank_rule, "rank_energy": s.rank_energy,
+                    {"run": name, "head": h.name, "feature": fname,
+                     "verdict": None if h.verdict is None else h.verdict.status,
+                     "headline": is_headline,
+                     "rank": c.rank if c is not None else s.rank,
+                     "rank_rule": (hl.rule if is_headline else s.rank_rule)
+                     if c is not None else s.rank_rule,
+                     "subspace_rank": s.rank, "subspace_rank_rule": s.rank_rule,
+                     "rank_energy": s.rank_energy,
                      "rank_null": sig.get("rank_null") if sig.get("available") else None,
                      "rank_causal": cr, "p_value": sig.get("p_value"),
                      "delta_p": None if c is None else c.metrics.get("delta_p"),

@@ -366,6 +366,12 @@ def subspace_from_result(
     rank_null = sig.get("rank_null") if sig.get("available") else None
     if causal is None:
         causal = getattr(hr.swaps, "causal_rank", None)
+    # the head's headline rank when this is its headline subspace (the pooled ΔC of the
+    # headline feature, truncated by the causal rank), else the rank of the rule in force
+    rank, rank_rule = int(s.rank), s.rank_rule
+    hl = hr.headline_rank
+    if group == "pooled" and feature == hl.feature and hl.basis == "pooled" and hl.condition:
+        rank, rank_rule = int(hl.rank), hl.rule
     mi = dict(result.model_info or {})
     cfg = result.config or {}
     prov = getattr(result, "provenance", None) or (cfg.get("provenance") if cfg else None) or {}
@@ -377,8 +383,8 @@ def subspace_from_result(
         query_directions=full.query_basis.double(),
         key_directions=full.key_basis.double(),
         singular_values=full.singular_values.double(),
-        rank=int(s.rank),
-        rank_rule=s.rank_rule,
+        rank=rank,
+        rank_rule=rank_rule,
         ranks={
             "causal": _causal_rank(causal, feature),
             "null": None if rank_null is None else int(rank_null),

@@ -14,6 +14,7 @@ instead of a dense ``delta`` (:mod:`qkcov.run_tensors`; both forms load).
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ __all__ = [
     "SwapResult",
     "Verdict",
     "VERDICTS",
+    "Headline",
+    "headline_of",
     "AttributionResult",
     "TokenViewResult",
     "HeadResult",
@@ -67,6 +70,105 @@ def headline_p(head: dict[str, Any]) -> float | None:
     if (head.get("swap_condition") or "").endswith(":groups"):
         return sig.get("groups_p_value")
     return sig.get("p_value")
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The one rank a head is quoted at: what its verdict, the table, ``export``,
+    ``subspace()``, compare and the report use.
+
+    ``feature``: the head's headline feature (the run's first). ``condition``: the swap
+    condition the verdict rests on (``"<feature>"``, ``"<feature>:groups"``, with
+    ``"@causal"`` when the causal rank curve picked its rank), ``None`` when the swaps were
+    skipped. ``rank``: that condition's dimension (the pooled rank in force without a swap).
+    ``rule``: how the rank was chosen — ``"causal"`` (the causal rank curve), ``"null"``
+    (whitened sequential deflated permutation test) or ``"energy"``. ``basis``: which ΔC
+    the directions come from: ``"pooled"`` (the feature's pooled ΔC, so ``rank`` truncates
+    its key/query bases) or ``"groups"`` (the energy-ordered union of its group subspaces).
+    ``ranks``: every rank the run measured, by name (``causal``, ``null``, ``energy``; ``None``
+    where not measured).
+    """
+
+    feature: str | None
+    condition: str | None
+    rank: int
+    rule: str
+    basis: str
+    ranks: dict[str, int | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "feature": self.feature,
+            "condition": self.condition,
+            "rank": self.rank,
+            "rule": self.rule,
+            "basis": self.basis,
+            "ranks": dict(self.ranks),
+        }
+
+    @property
+    def label(self) -> str:
+        """``agreement@causal`` / ``agreement:groups`` / ``agreement (no swap)``."""
+        if self.condition:
+            return self.condition
+        return f"{self.feature} (no swap)"
+
+
+def _headline(
+    feature: str | None,
+    condition: str | None,
+    cond_rank: int | None,
+    causal: dict[str, Any] | None,
+    pooled_rank: int,
+    pooled_rule: str,
+    rank_null: int | None,
+    rank_energy: int | None,
+) -> Headline:
+    causal = causal if isinstance(causal, dict) else {}
+    causal_rank = causal.get("rank") if causal.get("feature") in (None, feature) else None
+    basis = "groups" if condition and ":groups" in condition else "pooled"
+    if condition is None or cond_rank is None:
+        rank, rule = pooled_rank, pooled_rule
+    else:
+        rank = int(cond_rank)
+        by_curve = causal_rank is not None and causal.get("condition") == condition
+        rule = "causal" if by_curve else pooled_rule
+    ranks = {
+        "causal": None if causal_rank is None else int(causal_rank),
+        "null": None if rank_null is None else int(rank_null),
+        "energy": None if rank_energy is None else int(rank_energy),
+    }
+    return Headline(feature, condition, rank, rule, basis, ranks)
+
+
+def headline_of(head: dict[str, Any]) -> Headline:
+    """The :class:`Headline` of one ``run.json`` head: its ``"headline"`` object, or, in
+    folders written before it existed, derived from ``swap_condition``, ``causal_rank`` and
+    ``rank`` (where ``rank`` held the headline condition's rank and ``rank_rule`` the pooled
+    subspace's rule)."""
+    hd = head.get("headline")
+    if isinstance(hd, dict) and "rank" in hd:
+        return Headline(
+            hd.get("feature"), hd.get("condition"), int(hd["rank"]), str(hd.get("rule", "")),
+            str(hd.get("basis", "pooled")), dict(hd.get("ranks") or {}),
+        )  # fmt: skip
+    features = head.get("features") or {}
+    feature = next(iter(features), None)
+    pooled = ((features.get(feature) or {}).get("groups") or {}).get(POOLED) or {}
+    sig = head.get("significance") or {}
+    sw = head.get("swaps") or {}
+    condition = head.get("swap_condition") or sw.get("headline")
+    c = (sw.get("conditions") or {}).get(condition or "")
+    return _headline(
+        feature,
+        condition if c is not None else None,
+        None if c is None else c.get("rank"),
+        head.get("causal_rank") or sw.get("causal_rank"),
+        int(pooled.get("rank", head.get("rank", 0)) or 0),
+        str(pooled.get("rank_rule") or head.get("rank_rule") or ""),
+        sig.get("rank_null") if sig.get("available") else None,
+        pooled.get("rank_energy", sig.get("rank_energy")),
+    )
 
 
 def _r(x: float | None, nd: int = 3) -> str:
@@ -181,7 +283,8 @@ class ProjectionResult:
     """Held-out keys/queries of one feature projected on its top-3 key/query directions.
 
     ``keys [m, 3]``, ``queries [n, 3]``; ``key_labels`` (m) / ``query_labels`` (n) are the
-    record groups (``""`` for negative keys); ``key_positive [m]``. ``accuracy``:
+    record groups (``""`` for negative keys); ``key_groups`` (m): every key's record group
+    (negative keys too; empty in runs saved before it); ``key_positive [m]``. ``accuracy``:
     nearest-centroid group accuracy of positive keys in 3-D (subspace / random / PCA /
     chance), ``None`` with fewer than 2 groups.
     """
@@ -195,6 +298,7 @@ class ProjectionResult:
     accuracy: dict[str, float] | None = None
     key_names: list[str] = field(default_factory=list)  # (m) token and JSONL line, for hover
     query_names: list[str] = field(default_factory=list)  # (n)
+    key_groups: list[str] = field(default_factory=list)  # (m) every key's record group
 
     def __repr__(self) -> str:
         acc = (
@@ -209,6 +313,7 @@ class ProjectionResult:
             "query_labels": self.query_labels,
             "key_names": self.key_names,
             "query_names": self.query_names,
+            "key_groups": self.key_groups,
         }
 
 
@@ -417,7 +522,28 @@ class HeadResult:
 
     @property
     def headline(self) -> SubspaceResult:
+        """The headline feature's pooled ΔC subspace (at the rank of its significance
+        rule); the rank the head is quoted at is :attr:`headline_rank`."""
         return next(iter(self.features.values())).pooled
+
+    @property
+    def headline_rank(self) -> Headline:
+        """The one rank this head is quoted at, its condition and rule, and the other ranks
+        by name (:class:`Headline`)."""
+        feature = next(iter(self.features), None)
+        pooled = self.headline
+        sig = pooled.significance or {}
+        c = self.swaps.conditions.get(self.swaps.headline or "")
+        return _headline(
+            feature,
+            None if c is None else c.name,
+            None if c is None else c.rank,
+            self.swaps.causal_rank,
+            pooled.rank,
+            pooled.rank_rule,
+            sig.get("rank_null") if sig.get("available") else None,
+            pooled.rank_energy,
+        )
 
     def __repr__(self) -> str:
         c = self.swaps.conditions.get(self.swaps.headline or "")
@@ -454,6 +580,7 @@ class HeadResult:
         ceiling = self.swaps.ceiling
         att = self.attribution
         feature = next(iter(self.features.values()))
+        hl = self.headline_rank
         sig = dict(self.headline.significance or {}) or None
         if sig is not None:
             sig["groups_p_value"] = feature.groups_p_value
@@ -461,8 +588,11 @@ class HeadResult:
             "layer": self.layer,
             "head": self.head,
             "name": self.name,
-            "rank": self.headline.rank if c is None else c.rank,
-            "rank_rule": self.headline.rank_rule,
+            # the headline rank and the rule that chose it (the causal rank when the curve
+            # ran); the pooled subspace's own rule stays in features[f].groups.pooled
+            "rank": hl.rank,
+            "rank_rule": hl.rule,
+            "headline": hl.to_dict(),
             "significance": sig,
             "swap": None if c is None else {m: c.metrics.get(m) for m in SWAP_METRICS},
             "swap_condition": self.swaps.headline,
@@ -514,6 +644,12 @@ class HeadResult:
             for k, v in self.token_view.tensors.items():
                 out[f"{self.name}.token_view.{k}"] = v.float().contiguous()
         return out
+
+
+_CONDITIONED = (
+    "≤x: p at its draw floor 1/(draws+1); conditioned on: label-permuted nulls permute labels "
+    "only within those strata (mixed: share of keys in strata holding both labels)"
+)
 
 
 @dataclass
@@ -572,12 +708,20 @@ class AnalysisResult:
             "position": self.position,
         }
 
-    def summary_rows(self) -> list[list[str]]:
+    def ordered_heads(self) -> list[HeadResult]:
+        """The heads best first: verdict, then the headline swap's margin over random."""
+        return sorted(self.heads, key=lambda h: (h.verdict_rank(), -h.swap_margin()))
+
+    def summary_rows(self, wide: bool = False) -> list[list[str]]:
+        """One row per head, best head first (``*`` marks it), under
+        :attr:`SUMMARY_COLUMNS` (or :attr:`WIDE_COLUMNS` with ``wide=True``)."""
         rows = []
         best = self.best.name if self.heads else None
-        for h in self.heads:
+        for h in self.ordered_heads():
             d = h.to_dict()
+            hl = h.headline_rank
             sig = d["significance"] or {}
+            avail = bool(sig.get("available"))
             c = h.swaps.conditions.get(h.swaps.headline or "")
             swap, rnd = d["swap"], d["random"]
             lab = h.swaps.label_test or {}
@@ -587,18 +731,31 @@ class AnalysisResult:
             fl = ev.get("p_floors") or {}
             on = ev.get("conditioned_on") or []
             mixed = ev.get("mixed_fraction")
+            cond = ("+".join(on) + ("" if mixed is None else f" ({mixed:.2f})")) if on else "–"
+            name = h.name + ("*" if h.name == best else "")
+            verdict = h.verdict.status if h.verdict else "–"
+            dp = "–" if swap is None else _r(swap["delta_p"])
+            if not wide:
+                rows.append([
+                    name, verdict, str(hl.rank), hl.label, dp,
+                    "–" if rnd is None else _r(rnd["delta_p"]["mean"]),
+                    "–" if prm is None else _r(prm["mean"]),
+                    _r(lab.get("effect")), format_p(lab.get("p_value"), lab.get("p_floor")), cond,
+                ])  # fmt: skip
+                continue
+
+            def rank(x: int | None) -> str:
+                return "–" if x is None else str(x)
+
             rows.append(
                 [
-                    h.name + ("*" if h.name == best else ""),
-                    h.verdict.status if h.verdict else "–",
-                    ("+".join(on) + ("" if mixed is None else f" ({mixed:.2f})")) if on else "–",
-                    "–" if c is None else str(c.rank),
-                    str(sig["rank_null"]) if sig.get("available") else "–",
-                    str(h.headline.rank_energy),
-                    format_p(headline_p(d), fl.get("p_null")) if sig.get("available") else "–",
-                    "–" if swap is None else _r(swap["delta_p"]),
-                    "–"
-                    if rnd is None
+                    name, verdict, cond, str(hl.rank), hl.rule, hl.label,
+                    rank(hl.ranks.get("causal")), rank(hl.ranks.get("null")),
+                    rank(hl.ranks.get("energy")),
+                    format_p(sig.get("p_value"), fl.get("p_null")) if avail else "–",
+                    _r(sig.get("groups_p_value")) if avail else "–",
+                    dp,
+                    "–" if rnd is None
                     else f"{rnd['delta_p']['mean']:.3f} ± {rnd['delta_p']['std']:.3f}",
                     "–" if c is None else format_p(c.p_value, fl.get("p_vs_random")),
                     "–" if prm is None else f"{prm['mean']:.3f} ± {prm['std']:.3f}",
@@ -607,14 +764,20 @@ class AnalysisResult:
                     format_p(lab.get("p_value"), lab.get("p_floor")),
                     "–" if d["ceiling"] is None else _r(d["ceiling"]["delta_p"]),
                     _r(d["attribution"]["explained_fraction"])
-                    if not d["attribution"]["skipped"]
-                    else "–",
+                    if not d["attribution"]["skipped"] else "–",
                 ]
-            )
+            )  # fmt: skip
         return rows
 
     SUMMARY_COLUMNS = (
-        "head", "verdict", "conditioned on (mixed)", "rank (causal)", "rank (null)", "rank (energy)", "p (null)",
+        "head", "verdict", "rank", "headline condition", "Δp", "random", "permuted", "label",
+        "p label", "conditioned on (mixed)",
+    )  # fmt: skip
+    """The compact table (``qkcov run`` prints it; ``--wide`` prints :attr:`WIDE_COLUMNS`)."""
+
+    WIDE_COLUMNS = (
+        "head", "verdict", "conditioned on (mixed)", "rank", "rule", "headline condition",
+        "rank (causal)", "rank (null)", "rank (energy)", "p (pooled ΔC)", "p (groups ΔC)",
         "Δp swap", "Δp random", "p vs random", "Δp permuted", "p vs permuted", "label effect",
         "p (label)", "Δp full key", "explained",
     )  # fmt: skip
@@ -643,45 +806,70 @@ class AnalysisResult:
                     f"model accuracy on the answers ({a['n']} held-out records): top-1 "
                     f"{a['top1']:.3f}, mean rank {a['mean_rank']:.2f}"
                 )
-        lines.append(
-            "p (null): ΔC's top singular value vs the permutation null; p vs random / p vs "
-            "permuted: the swap's Δp vs equal-rank random / label-permuted subspaces; p (label): "
-            "the centroid patch vs permuted labels; ≤x: p at its draw floor 1/(draws+1); "
-            "conditioned on: labels permuted only within those strata (mixed: share of keys in "
-            "strata holding both labels)"
-        )
         return lines
 
+    def _legend(self, wide: bool) -> list[str]:
+        if wide:
+            return [
+                "rank: the headline rank (rule: how it was chosen; causal = the causal rank "
+                "curve); p (pooled ΔC) / p (groups ΔC): the pooled ΔC's / the groups' max-T "
+                "permutation p; p vs random / p vs permuted: the swap's Δp vs equal-rank random "
+                "/ label-permuted subspaces; p (label): the centroid patch vs permuted labels",
+                _CONDITIONED,
+            ]
+        return [
+            "rank: the headline rank (the causal rank when its curve ran); Δp: swap in the "
+            "headline condition; random / permuted: mean Δp of equal-rank random / "
+            "label-permuted subspaces; label: the centroid patch's effect, p label its p vs "
+            "permuted labels; --wide (summary(wide=True)): every column",
+            _CONDITIONED,
+        ]
+
     def to_rows(self) -> list[dict[str, Any]]:
-        """The summary as one dict per head (numbers, ``None`` where absent), e.g. for
-        ``pandas.DataFrame(result.to_rows())``."""
+        """The summary as one dict per head in run order (numbers, ``None`` where absent),
+        e.g. for ``pandas.DataFrame(result.to_rows())``: the headline rank, its rule and
+        condition, the other ranks by name, the swap against both baselines and the
+        label-sensitive test."""
         rows = []
         for h in self.heads:
             d = h.to_dict()
+            hl = h.headline_rank
             sig = d["significance"] or {}
+            avail = bool(sig.get("available"))
             swap, rnd, ceil, att = d["swap"], d["random"], d["ceiling"], d["attribution"]
+            c = h.swaps.conditions.get(h.swaps.headline or "")
+            prm = (c.permuted or {}).get("delta_p") if c is not None else None
+            lab = h.swaps.label_test or {}
+            lab = lab if lab.get("available") else {}
             rows.append(
                 {
                     "head": h.name,
                     "layer": h.layer,
                     "head_index": h.head,
-                    "feature": next(iter(h.features), None),
-                    "rank": d["rank"],
-                    "rank_rule": d["rank_rule"],
-                    "rank_energy": h.headline.rank_energy,
-                    "rank_causal": (h.swaps.causal_rank or {}).get("rank"),
+                    "feature": hl.feature,
                     "verdict": None if h.verdict is None else h.verdict.status,
-                    "p": headline_p(d) if sig.get("available") else None,
+                    "rank": hl.rank,
+                    "rank_rule": hl.rule,
+                    "headline_condition": hl.condition,
+                    "rank_causal": hl.ranks.get("causal"),
+                    "rank_null": hl.ranks.get("null"),
+                    "rank_energy": hl.ranks.get("energy"),
+                    "p": headline_p(d) if avail else None,
+                    "p_pooled": sig.get("p_value") if avail else None,
+                    "p_groups": sig.get("groups_p_value") if avail else None,
                     "swap_condition": d["swap_condition"],
                     "delta_p": None if swap is None else swap["delta_p"],
                     "delta_p_random": None if rnd is None else rnd["delta_p"]["mean"],
                     "delta_p_random_std": None if rnd is None else rnd["delta_p"]["std"],
-                    "p_vs_random": getattr(
-                        h.swaps.conditions.get(h.swaps.headline or ""), "p_value", None
-                    ),
-                    "p_vs_permuted": getattr(
-                        h.swaps.conditions.get(h.swaps.headline or ""), "p_permuted", None
-                    ),
+                    "p_vs_random": None if c is None else c.p_value,
+                    "delta_p_permuted": None if prm is None else prm["mean"],
+                    "delta_p_permuted_std": None if prm is None else prm["std"],
+                    "p_vs_permuted": None if c is None else c.p_permuted,
+                    "label_effect": lab.get("effect"),
+                    "label_effect_ci": lab.get("ci"),
+                    "label_permuted": (lab.get("permuted") or {}).get("mean"),
+                    "label_permuted_std": (lab.get("permuted") or {}).get("std"),
+                    "p_label": lab.get("p_value"),
                     "delta_p_full_key": None if ceil is None else ceil["delta_p"],
                     "explained": None if att["skipped"] else att["explained_fraction"],
                 }
@@ -697,20 +885,25 @@ class AnalysisResult:
         return _operation("subspace_from_result")(self, head, feature, group)
 
     def _repr_html_(self) -> str:
-        cols = list(self.SUMMARY_COLUMNS)
+        cols = list(self.WIDE_COLUMNS)
         return f"<b>{self.model}</b>, {self.n_records} records" + html_table(
-            cols, self.summary_rows()
+            cols, self.summary_rows(wide=True)
         )
 
-    def summary(self) -> str:
-        """A table (verdict, ranks, p-values named for what they test, Δp vs random and
-        label-permuted subspaces, the label-sensitive effect, ceiling, explained fraction),
-        then each head's verdict sentence, skip reasons and notes."""
-        cols = list(self.SUMMARY_COLUMNS)
-        rows = [cols, *self.summary_rows()]
+    def summary(self, wide: bool = False) -> str:
+        """A compact table, best head first (head, verdict, headline rank and condition,
+        Δp vs random and label-permuted subspaces, the label-sensitive effect), then each
+        head's verdict sentence, skip reasons and notes. ``wide=True``: every column (the
+        other ranks by name, p-values named for what they test, ceiling, explained
+        fraction)."""
+        cols = list(self.WIDE_COLUMNS if wide else self.SUMMARY_COLUMNS)
+        rows = [cols, *self.summary_rows(wide)]
         widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+        ]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        lines += [w for text in self._legend(wide) for w in textwrap.wrap(text, 120)]
         lines += self.summary_lines()
         lines += self.notes
         return "\n".join(lines)
@@ -853,7 +1046,7 @@ def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult
         projections[fname] = ProjectionResult(
             fname, t[p + "keys"], t[p + "queries"], t[p + "key_positive"].bool(),
             pd["key_labels"], pd["query_labels"], pd.get("accuracy"),
-            pd.get("key_names", []), pd.get("query_names", []),
+            pd.get("key_names", []), pd.get("query_names", []), pd.get("key_groups", []),
         )  # fmt: skip
     sw = d["swaps"]
 

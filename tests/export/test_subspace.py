@@ -19,12 +19,19 @@ def test_subspace_object_and_round_trip(tiny_run, tmp_path):
     sub = result.subspace("L1H2", "feature")
     s = result.head("L1H2").features["feature"].pooled
     assert sub.frame == "post-rope" and sub.name == "L1H2" and sub.model == result.model
-    assert sub.rank == s.rank and sub.ranks["energy"] == s.rank_energy
+    # the default rank is the head's one headline rank (the causal rank, the one its
+    # verdict and swap rest on), named with its rule; the others are listed by name
+    hl = result.head("L1H2").headline_rank
+    assert hl.basis == "pooled" and hl.rule == "causal"
+    assert sub.rank == hl.rank == result.to_rows()[0]["rank"] and sub.rank_rule == "causal"
+    assert sub.ranks["energy"] == s.rank_energy and sub.ranks["null"] == hl.ranks["null"]
     causal = result.head("L1H2").swaps.causal_rank  # the run's causal rank, where it has one
-    assert sub.ranks["causal"] == (causal or {}).get("rank")
+    assert sub.ranks["causal"] == (causal or {}).get("rank") == sub.rank
+    headline = result.head("L1H2").swaps.conditions[hl.condition]
+    assert headline.rank == sub.rank
     # the bases are the run's bases (same SVD of the same ΔC)
-    assert torch.allclose(sub.key_basis, s.key_basis.double(), atol=1e-10)
-    assert torch.allclose(sub.query_basis, s.query_basis.double(), atol=1e-10)
+    assert torch.allclose(sub.key_directions[:, : s.rank], s.key_basis.double(), atol=1e-10)
+    assert torch.allclose(sub.query_directions[:, : s.rank], s.query_basis.double(), atol=1e-10)
     eye = sub.key_directions.T @ sub.key_directions
     assert torch.allclose(eye, torch.eye(eye.shape[0], dtype=eye.dtype), atol=1e-10)
     loaded = load_subspace(out, "L1H2", "feature")

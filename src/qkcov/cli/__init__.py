@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import json
 import shlex
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ..config import InputError  # torch-free: the error handling stays cheap to import
 
@@ -31,11 +33,76 @@ COMMAND_MODULES = (
 
 
 class CLIError(InputError):
-    """A user-facing error: printed as one line, exit status 2."""
+    """A user-facing error: printed as one line, exit status 2 (``prog``: the command it
+    concerns, e.g. ``qkcov tasks export``)."""
+
+    def __init__(self, message: str, prog: str | None = None) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class Parser(argparse.ArgumentParser):
+    """Every qkcov parser: no prefix matching (``--head`` is not ``--heads``); sub-command
+    parsers inherit the class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
+    return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+
+
+def _suggest(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=2, cutoff=0.6)
+    if not close:
+        return ""
+    return "; did you mean " + " or ".join(close) + "?"
+
+
+def check_words(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """Unknown commands and flags refused in one line with the closest known ones
+    (``--hedas`` → ``--heads``), before argparse (whose message has no suggestion, and which
+    reports a missing required flag before an unknown one)."""
+    prog = ["qkcov"]
+    rest = list(argv)
+    if "--" in rest:
+        rest = rest[: rest.index("--")]
+    i = 0
+    while True:  # descend through the sub-commands named in argv
+        sub = _subparsers(parser)
+        if sub is None:
+            break
+        j = next((k for k in range(i, len(rest)) if not rest[k].startswith("-")), None)
+        if j is None:
+            break
+        word = rest[j]
+        if word not in sub.choices:
+            if any(a in ("-h", "--help") for a in rest[i:j]):
+                return
+            raise CLIError(
+                f"unknown command {word!r}{_suggest(word, sub.choices)}"
+                f" (commands: {', '.join(sub.choices)})",
+                " ".join(prog),
+            )
+        parser, prog, i = sub.choices[word], [*prog, word], j + 1
+    known = parser._option_string_actions
+    for word in rest[i:]:
+        if not word.startswith("--") or word == "--":
+            continue
+        flag = word.split("=", 1)[0]
+        if flag not in known:
+            flags = [f for f in known if f.startswith("--")]
+            raise CLIError(
+                f"unknown flag {flag}{_suggest(flag, flags)}"
+                f" (`{' '.join(prog)} --help` lists the flags)",
+                " ".join(prog),
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="qkcov",
         description=(
             "Explain why an attention head attends where it does. For one head, estimate the "
@@ -45,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="Start with `qkcov demo`; `qkcov <command> --help` explains each command.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=Parser)
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(f"qkcov.cli.{name}")
@@ -118,6 +185,7 @@ def _main(argv: list[str]) -> int:
     prog = f"qkcov {name}" if name in COMMAND_MODULES else "qkcov"
     try:
         parser = build_parser()
+        check_words(parser, argv)
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()
@@ -132,6 +200,7 @@ def _main(argv: list[str]) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except (OSError, ValueError) as err:  # incl. FileNotFoundError, UnicodeDecodeError, JSON
+        prog = getattr(err, "prog", None) or prog
         print(f"{prog}: error: {_describe(err)}", file=sys.stderr)
         return 2
     except Exception as err:

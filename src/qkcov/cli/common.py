@@ -120,13 +120,18 @@ def add_out_flags(
 
 def add_common_flags(parser: argparse.ArgumentParser | Any, *, out: bool = True) -> None:
     """``--model --device --dtype --device-map --heads --batch-size --seed --out --force
-    --quiet``."""
+    --quiet --wide``."""
     from ..pipeline import RunConfig
 
     add_config_flags(parser, RunConfig, only=COMMON)
     if out:
         add_out_flags(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument(
+        "--wide",
+        action="store_true",
+        help="print every column of the summary table (default: a compact table)",
+    )
 
 
 def add_resume_flag(parser: argparse.ArgumentParser | Any) -> None:

@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_out_flags(p, default=Path("qkcov-demo"), help="output folder (default: ./qkcov-demo)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--wide", action="store_true", help="print every column of the summary tables")
     p.add_argument("--skip-llm", action="store_true", help="run only the toy-model sections")
     p.set_defaults(func=run)
 
@@ -87,6 +88,6 @@ def run(args: argparse.Namespace) -> int:
                 rows.append((name, result))
         build_report(staging, title="qkcov demo")
     for name, result in rows:
-        print(f"\n{name}:\n{result.summary()}")
+        print(f"\n{name}:\n{result.summary(wide=args.wide)}")
     print(f"\n[demo] {time.perf_counter() - t0:.0f} s; report: {args.out / 'report.html'}")
     return 0

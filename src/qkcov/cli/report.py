@@ -25,7 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="output folder of one or more qkcov commands (e.g. ./qkcov-demo), or a folder of "
         "run folders (writes DIR/index.html linking each run)",
     )
-    p.add_argument("--title", default="qkcov report", help="page title")
+    p.add_argument(
+        "--title",
+        default=None,
+        help="page title (default: a run's records file and features; 'qkcov report' for several)",
+    )
     p.set_defaults(func=run)
 
 

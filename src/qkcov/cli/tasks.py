@@ -124,7 +124,7 @@ def run_task(args: argparse.Namespace) -> int:
         command_line=getattr(args, "command_line", None),
     )  # fmt: skip
     if is_main_process():  # under torchrun the other ranks print nothing
-        print(result.summary())
+        print(result.summary(wide=getattr(args, "wide", False)))
         print(f"report: {Path(args.out) / 'report.html'}")
     return 0
 

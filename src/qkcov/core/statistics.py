@@ -428,7 +428,9 @@ class Significance:
         step_p_values: p of each step of the sequential test (up to the first failure).
         rank_energy: ``rank_at_energy(singular_values, energy)``.
         significant: ``p_value < alpha and rank_null >= 1``.
-        singular_values: observed ``[D]``; null_band: ``[2, D]`` null 5 % / 95 % quantiles.
+        singular_values: observed ``[D]``; null_band: ``[2, D]`` raw null 5 % / 95 % quantiles
+            of each index; ``to_dict`` adds ``step_null_band`` ``[3, K]``: per step of the
+            sequential test, its deflated whitened null's 5 %, 95 % and (1 − α) quantiles.
         whitened_singular_values: observed whitened ``[D]`` (None on hand-made nulls).
         n_records / n_distinct: records and distinct records (units) behind the null.
         reason: one line when not significant or unavailable ("" otherwise).
@@ -477,6 +479,11 @@ class Significance:
             "singular_values": _num(self.singular_values),
             "whitened_singular_values": _num(self.whitened_singular_values),
             "null_band": _num(self.null_band),
+            # the rule's own null: per step k of the sequential test, the deflated whitened
+            # null tops' 5 % / 95 % / (1 − α) quantiles ([3, K]; None without whitening)
+            "step_null_band": None
+            if self.step_null is None or self.step_null.shape[0] == 0
+            else _num(_quantiles(self.step_null.T, (0.05, 0.95, 1.0 - self.alpha))),
         }
 
 

@@ -15,6 +15,7 @@ import functools
 import importlib.util
 import os
 import socket
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ __all__ = [
     "resolve_device",
     "input_device",
     "max_positions",
+    "config_geometry",
+    "check_heads_config",
 ]
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -245,6 +248,112 @@ def _resolve(name_or_path: str, gguf_file: str | None) -> tuple[str, str | None,
     )
 
 
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                 10: "<Q", 11: "<q", 12: "<d"}  # fmt: skip
+
+
+def _gguf_metadata(path: str | Path, wanted: Callable[[str], bool]) -> dict[str, Any]:
+    """The GGUF header's key/value metadata for the keys ``wanted`` accepts (scalars and
+    strings), read without the tensors (the tokenizer's arrays are skipped over)."""
+    out: dict[str, Any] = {}
+    with open(path, "rb") as fh:
+
+        def read(fmt: str) -> Any:
+            size = struct.calcsize(fmt)
+            return struct.unpack(fmt, fh.read(size))[0]
+
+        def string() -> str:
+            return fh.read(read("<Q")).decode("utf-8", errors="replace")
+
+        def value(vtype: int) -> Any:
+            if vtype in _GGUF_SCALARS:
+                return read(_GGUF_SCALARS[vtype])
+            if vtype == 8:
+                return string()
+            if vtype == 9:
+                etype, n = read("<I"), read("<Q")
+                if etype in _GGUF_SCALARS:
+                    fh.seek(n * struct.calcsize(_GGUF_SCALARS[etype]), 1)
+                else:
+                    for _ in range(n):
+                        value(etype)
+                return None
+            raise ValueError(f"{path}: unknown GGUF value type {vtype}")
+
+        if fh.read(4) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file")
+        read("<I")  # version
+        read("<Q")  # tensor count
+        for _ in range(read("<Q")):
+            key = string()
+            v = value(read("<I"))
+            if wanted(key):
+                out[key] = v
+    return out
+
+
+def config_geometry(
+    name_or_path: str, *, gguf_file: str | None = None, trust_remote_code: bool = False
+) -> tuple[int, int] | None:
+    """``(n_layers, n_heads)`` of a model from its config alone, before any weight loads: a
+    folder's or the hub cache's ``config.json`` (``AutoConfig``), or a GGUF file's header
+    (presets included). ``None`` when the config cannot be read that way (the loaded model
+    is checked instead)."""
+    try:
+        location, gguf, _ = _resolve(name_or_path, gguf_file)
+    except ValueError:
+        return None  # the loader names the problem
+    try:
+        if gguf is not None:
+            meta = _gguf_metadata(
+                Path(location) / gguf,
+                lambda k: (
+                    k == "general.architecture"
+                    or k.endswith((".block_count", ".attention.head_count"))
+                ),
+            )
+            arch = meta.get("general.architecture")
+            layers, heads = (
+                meta.get(f"{arch}.block_count"),
+                meta.get(f"{arch}.attention.head_count"),
+            )
+            return None if layers is None or heads is None else (int(layers), int(heads))
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(
+            location, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError, struct.error):
+        return None
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    try:
+        return int(text.num_hidden_layers), int(text.num_attention_heads)
+    except (AttributeError, TypeError):
+        return None
+
+
+def check_heads_config(
+    heads: str, name_or_path: str, *, gguf_file: str | None = None, trust_remote_code: bool = False
+) -> None:
+    """``--heads L99H0`` refused in one line from the model's config, before the weights
+    load (``auto`` specs, and models whose config cannot be read cheaply, pass)."""
+    if not isinstance(heads, str) or heads.strip().lower().startswith("auto"):
+        return
+    geometry = config_geometry(
+        name_or_path, gguf_file=gguf_file, trust_remote_code=trust_remote_code
+    )
+    if geometry is None:
+        return
+    from .heads import parse_heads
+
+    try:
+        parse_heads(heads, *geometry)
+    except ValueError as err:
+        raise ValueError(
+            f"--heads: {err} ({name_or_path}: {geometry[0]} layers x {geometry[1]} heads)"
+        ) from None
+
+
 _DTYPES: dict[str, torch.dtype | str] = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -397,6 +506,9 @@ def _load_cached(
         "attn": attn,
         "device_map": getattr(model, "hf_device_map", None) or device_map,
     }
+    from .identity import remember
+
+    remember(model, display, location, gguf_file)  # one identity however it is used later
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=display, info=model_info(model), source=source
     )

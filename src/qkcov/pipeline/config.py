@@ -215,6 +215,7 @@ def provenance(
     import transformers
 
     from .. import __version__
+    from ..models.identity import model_identity
 
     param = next(iter(model.parameters()), None)
     out: dict[str, Any] = {
@@ -225,6 +226,7 @@ def provenance(
                      "transformers": transformers.__version__, "python": platform.python_version()},
         "command_line": command_line if command_line is not None else " ".join(sys.argv),
         "revision": getattr(getattr(model, "config", None), "_commit_hash", None),
+        "model_identity": model_identity(model),  # the same from the CLI and a notebook
         "records": None,
     }  # fmt: skip
     if records_path is not None and plan is not None:

@@ -59,6 +59,13 @@ def analyze(
     return result
 
 
+def _model_name(model: Any, given: str | None) -> str:
+    """The canonical model name (a preset's name even when loaded from its files by path)."""
+    from ..models.identity import canonical_name, model_identity
+
+    return canonical_name(given) if given else model_identity(model)["name"]
+
+
 def _analyze(
     model: Any, tokenizer: Any, plan: Plan, cfg: RunConfig, timer: Timer,
     model_name: str | None, state: RunState | None = None, dist: Any = None,
@@ -124,7 +131,7 @@ def _analyze(
     plan.notes.extend(_zero_delta_notes(head_results))
     return AnalysisResult(
         config=cfg.to_dict(),
-        model=model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        model=_model_name(model, model_name),
         model_info=dataclasses.asdict(info),
         features=_feature_info(plan, contrast),
         n_records=len(plan.records),
@@ -174,6 +181,10 @@ def run(
     if auto:
         cfg = dataclasses.replace(cfg, device=auto_device(cfg.device))
     resolve_device(cfg.device)  # --device cuda without CUDA: refused before anything is written
+    if loaded is None:  # --heads L99H0: refused from the model's config, before the weights
+        from ..models.loading import check_heads_config
+
+        check_heads_config(cfg.heads, cfg.model, trust_remote_code=cfg.trust_remote_code)
     dist = Dist.from_env(cfg.device)
     # --out is checked and locked before the model loads; rank 0 alone writes artifacts
     protect = [records] if isinstance(records, (str, Path)) else []

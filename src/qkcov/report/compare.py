@@ -20,6 +20,12 @@ _CSS = (
 )
 
 
+_INDEX_COLUMNS = (
+    "run", "model", "records", "dtype", "best head", "verdict", "headline", "rank", "Δp",
+    "Δp random", "p",
+)  # fmt: skip
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return "–"
@@ -63,11 +69,11 @@ def comparison_html(cmp: Any, *, full_page: bool = True) -> str:
           f"{p['rank_energy_a']}/{p['rank_energy_b']}", p["key_deg_energy"]] for p in cmp.pairs],
     )  # fmt: skip
     ranks = _table(
-        ["run", "head", "feature", "rank", "rule", "rank (energy)", "rank (null)",
-         "rank (causal)", "p", "swap", "Δp swap", "Δp random"],
-        [[r["run"], r["head"], r["feature"], r["rank"], r["rank_rule"], r["rank_energy"],
-          r["rank_null"], r["rank_causal"], r["p_value"], r["swap_condition"], r["delta_p"],
-          r["delta_p_random"]] for r in cmp.ranks],
+        ["run", "head", "feature", "verdict", "condition", "rank", "rule", "rank (energy)",
+         "rank (null)", "rank (causal)", "p", "Δp swap", "Δp random"],
+        [[r["run"], r["head"], r["feature"], r.get("verdict"), r["swap_condition"], r["rank"],
+          r["rank_rule"], r["rank_energy"], r["rank_null"], r["rank_causal"], r["p_value"],
+          r["delta_p"], r["delta_p_random"]] for r in cmp.ranks],
     )  # fmt: skip
     only = (
         f"<p class='note'>In one run only, not compared: {esc.text(', '.join(cmp.only_in_one))}</p>"
@@ -124,7 +130,7 @@ def write_index(root: str | Path, title: str = "qkcov runs") -> Path:
         read_json,
         verify_run_folder,
     )
-    from ..results import RUN_JSON, headline_p
+    from ..results import RUN_JSON, headline_of, headline_p
 
     root = Path(root)
     folders = run_folders(root)
@@ -143,23 +149,35 @@ def write_index(root: str | Path, title: str = "qkcov runs") -> Path:
             else esc.text(rel)
         )
         if not (f / RUN_JSON).is_file():
-            rows.append([link, "", "", "", "", "", ""])
+            rows.append([link, *[""] * (len(_INDEX_COLUMNS) - 1)])
             continue
         with artifact_errors(f / RUN_JSON, "run.json"):
             d = read_json(f / RUN_JSON, expect=dict)
             heads = [x for x in d.get("heads") or [] if isinstance(x, dict)]
             best = next((x for x in heads if x.get("name") == d.get("best_head")), None)
             prov = d.get("provenance") if isinstance(d.get("provenance"), dict) else {}
+            ident = (
+                prov.get("model_identity") if isinstance(prov.get("model_identity"), dict) else {}
+            )
+            hl = None if best is None else headline_of(best)
+            verdict = None if best is None else (best.get("verdict") or {}).get("status")
+            c = None
+            if best is not None and hl is not None and hl.condition:
+                c = ((best.get("swaps") or {}).get("conditions") or {}).get(hl.condition)
             rows.append(
-                [link, d.get("model"), d.get("n_records"), prov.get("dtype"),
-                 None if best is None else best.get("name"), None if best is None else best.get("rank"),
+                [link, ident.get("name") or d.get("model"), d.get("n_records"), prov.get("dtype"),
+                 None if best is None else best.get("name"), verdict,
+                 None if hl is None else hl.label,
+                 None if hl is None else f"{hl.rank} ({hl.rule})",
+                 None if c is None else c.get("delta_p"),
+                 None if c is None else ((c.get("random") or {}).get("delta_p") or {}).get("mean"),
                  None if best is None else headline_p(best)]
             )  # fmt: skip
     cells = "".join(
         "<tr>" + "".join(f"<td>{v if i == 0 else _cell(v)}</td>" for i, v in enumerate(r)) + "</tr>"
         for r in rows
     )
-    cols = ["run", "model", "records", "dtype", "best head", "rank", "p"]
+    cols = list(_INDEX_COLUMNS)
     table = (
         "<table><thead><tr>" + "".join(f"<th>{esc.text(c)}</th>" for c in cols) + "</tr></thead>"
         f"<tbody>{cells}</tbody></table>"

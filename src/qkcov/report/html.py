@@ -360,7 +360,7 @@ METHOD_NOTE = (
 def build_report(
     root: str | Path,
     out: str | Path | None = None,
-    title: str = "qkcov report",
+    title: str | None = None,
     *,
     embed_figures: bool = False,
     listed: Listed = None,
@@ -380,6 +380,8 @@ def build_report(
         raise FileNotFoundError(
             f"no {SECTION_FILE} found under {root}; run an experiment command with --out {root} first"
         )
+    if title is None:  # one run: its section title names the records file and features
+        title = f"qkcov — {sections[0][1]['title']}" if len(sections) == 1 else "qkcov report"
     nav = " ".join(
         f'<a href="#{esc.anchor(s.get("key", f.name))}">{esc.text(s["title"])}</a>'
         for f, s in sections
@@ -439,7 +441,7 @@ def _may_replace(path: Path, root: Path, listed: Listed, same: bytes | None = No
     check_replaceable(path, flag="")
 
 
-def report_run_folder(root: str | Path, title: str = "qkcov report") -> Path:
+def report_run_folder(root: str | Path, title: str | None = None) -> Path:
     """``qkcov report DIR``: verify ``root`` against its run manifest, write
     ``root/report.html`` and record it (and ``report_index.json``) in the manifest.
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import read_json
-from ..results import format_p, headline_p
+from ..results import format_p, headline_of, headline_p
 from .html import write_section
 
 __all__ = ["write_run_section", "head_rows"]
@@ -42,10 +42,13 @@ def head_rows(info: dict[str, Any]) -> list[list[Any]]:
         c = sw["conditions"].get(sw["headline"] or "")
         att = h["attribution"]
         groups = (sw["headline"] or "").endswith(":groups")  # pooled CI/stability do not apply
+        hl = headline_of(h)
         rows.append(
             [
                 h["name"],
-                h["rank"],
+                f"{hl.rank} ({hl.rule})",
+                hl.condition or "–",
+                sig.get("rank_null", "–") if avail else "–",
                 sig.get(
                     "rank_energy",
                     h["features"][next(iter(h["features"]))]["groups"]["pooled"]["rank_energy"],
@@ -74,7 +77,7 @@ def head_rows(info: dict[str, Any]) -> list[list[Any]]:
 
 
 HEAD_COLUMNS = [
-    "head", "rank", "rank (energy)", "p (null)", "rank 95% CI", "stability (deg)", "Δp swap", "Δp 95% CI",
+    "head", "headline rank", "condition", "rank (null)", "rank (energy)", "p (ΔC)", "null rank 95% CI", "stability (deg)", "Δp swap", "Δp 95% CI",
     "Δp random", "p vs random", "Δp permuted", "p vs permuted", "Δp full key", "flip rate", "log-prob shift", "explained", "explained (random)",
 ]  # fmt: skip
 
@@ -191,6 +194,60 @@ def head_lead(h: dict[str, Any]) -> str:
     return f"{h['name']}: " + "; ".join(bits) + "."
 
 
+def records_source(info: dict[str, Any]) -> str:
+    """The records file's name (``provenance.records.path``), or ``"<n> records"`` for a
+    run on records passed in memory (a notebook, a built-in task)."""
+    path = ((info.get("provenance") or {}).get("records") or {}).get("path")
+    return Path(str(path)).name if path else f"{info.get('n_records', 0)} records"
+
+
+def run_title(info: dict[str, Any], title: str | None = None) -> str:
+    """The section (and, for one run, the page) title: what was run, on which records file,
+    for which feature(s)."""
+    feats = [f["name"] for f in info.get("features") or []]
+    what = "feature" if len(feats) == 1 else "features"
+    return f"{title or 'Contrast analysis'} — {records_source(info)}, {what}: {', '.join(feats)}"
+
+
+def rank_text(info: dict[str, Any]) -> str:
+    """How the ranks were chosen, for the rules this run used (the method text)."""
+    cfg = info["config"]
+    if cfg["rank_rule"] == "null":
+        rule = (
+            "Subspace rank (rule in force: null): a whitened sequential deflated permutation "
+            "test. The label-permuted ΔCs (the null) are centred and whitened (clipped), the "
+            "observed ΔC the same way; step k compares the observed k-th whitened singular "
+            "value with the top singular value of each null draw after the first k − 1 "
+            "observed directions are projected out, and the rank is the number of steps "
+            f"passed before the first with p ≥ α (α = {cfg['alpha']}; "
+            f"{cfg['n_permutations']} permutations). The scree shows this whitened spectrum "
+            "and each step's null."
+        )
+    else:
+        rule = (
+            f"Subspace rank (rule in force: energy): the smallest rank holding {cfg['energy']:.0%}"
+            " of ΔC's squared singular values; no null is involved."
+        )
+    curve = next((h["causal_rank"] for h in info["heads"] if h.get("causal_rank")), None)
+    if curve is None:
+        head = (
+            " The headline rank (the table, `qkcov export`) is the rank in force: this run "
+            "measured no causal rank curve."
+        )
+    else:
+        head = (
+            " The headline rank, which the verdict, the swap, the label test, the table and "
+            "`qkcov export` use, is the causal rank: the smallest r whose key-subspace swap "
+            f"reaches {float(curve.get('fraction', 0.9)):.0%} of the best Δp of the causal "
+            "rank curve over r = 1..R."
+        )
+    return (
+        rule + " The energy rank is always shown beside it." + head + " run.json's "
+        "head.headline names the headline's rank, rule and condition; the other ranks are "
+        "listed by name."
+    )
+
+
 def write_run_section(
     out_dir: str | Path,
     *,
@@ -223,8 +280,10 @@ def write_run_section(
     cfg = info["config"]
     feats = info["features"]
     best = next((h for h in info["heads"] if h["name"] == info.get("best_head")), None)
+    source = records_source(info)
     summary: dict[str, Any] = {
         "model": info["model"],
+        "records file": source,
         "records": info["n_records"],
         "features": ", ".join(
             f"{f['name']} ({len(f['groups'])} group{'s' if len(f['groups']) != 1 else ''})"
@@ -269,10 +328,7 @@ def write_run_section(
         "coordinates in the headline subspace to the build positives' mean and the positive key's "
         "to the negatives' mean, minus the mirrored patch; with permuted labels the two means "
         "coincide in expectation, so only a subspace that holds the labels gives an effect.",
-        f"Rank rule in force: {cfg['rank_rule']} "
-        + ("(leading singular values above the permutation null's (1−α) quantile of the same index, "
-           f"α = {cfg['alpha']}; {cfg['n_permutations']} permutations)" if cfg["rank_rule"] == "null" else f"(energy ≥ {cfg['energy']})")
-        + "; the energy rank is always shown beside it.",
+        rank_text(info),
         "Swaps exchange the most-attended positive key's and a negative key's coordinates inside a "
         "key subspace during the forward pass; Δp is the mean change of p = a_target/(a_orig+a_target), "
         f"against {cfg['n_random']} random subspaces of equal rank and the full-key swap. Flip rate: "
@@ -293,7 +349,7 @@ def write_run_section(
             body.append(f"{h['name']}: attribution skipped — {h['attribution']['skipped']}.")
     tables = [
         {
-            "caption": "Studied heads. Headline condition: the first feature's pooled key subspace, or the union of its significant per-group subspaces (':groups') when the pooled ΔC is not significant; rank, p, CI and stability refer to that condition",
+            "caption": "Studied heads. Headline rank (its rule): the rank of the swap condition the verdict rests on — the first feature's pooled key subspace, or the union of its significant per-group subspaces (':groups') when the pooled ΔC is not significant, truncated to the causal rank ('@causal') when its curve ran. p (ΔC): the pooled ΔC's permutation p (the groups' max-T p for ':groups'); the null rank's 95 % CI and stability refer to the pooled ΔC",
             "columns": HEAD_COLUMNS,
             "rows": head_rows(info),
         },
@@ -363,6 +419,6 @@ def write_run_section(
     tables += position_tables(info)
     tables += list(extra_tables)
     return write_section(
-        out, key=key, title=title or "Contrast analysis", order=order, summary=summary,
+        out, key=key, title=run_title(info, title), order=order, summary=summary,
         text=body, tables=tables, figures=[*figs, *extra_figures], heads=blocks,
     )  # fmt: skip

@@ -89,7 +89,7 @@ details{margin:.6em 0}summary{cursor:pointer;font-weight:600}
 .tv-detail{min-height:3.2em;font-size:.9em;background:#fafafa;border:1px dashed #bbb;padding:.3em .5em;margin-top:.5em}
 .tv-note{font-size:.8em;color:#555}.tv-legend span{margin-right:1em}
 .scatter svg{border:1px solid #eee;margin:.2em}.scatter circle:hover{stroke:#000;stroke-width:1.5}
-.sc-legend span{margin-right:1em;font-size:.85em}
+.sc-legend{font-size:15px}.sc-legend>span{margin-right:1em}
 """
 
 VIEW_JS = r"""
@@ -177,14 +177,14 @@ function scatter(root){
       var t1=svg("text",{x:W/2,y:H-4,"text-anchor":"middle","font-size":10});t1.textContent=d.axes[i];g.appendChild(t1);
       var t2=svg("text",{x:10,y:H/2,"font-size":10,transform:"rotate(-90 10 "+H/2+")","text-anchor":"middle"});t2.textContent=d.axes[j];g.appendChild(t2);
       ser.forEach(function(s){s.points.forEach(function(p,k){
-        var c=svg("circle",{cx:(pad+(p[i]-x0)/(x1-x0)*(W-1.5*pad)).toFixed(1),cy:(H-pad-(p[j]-y0)/(y1-y0)*(H-1.5*pad)).toFixed(1),r:3,fill:s.color,"fill-opacity":0.7});
+        var c=svg("circle",{cx:(pad+(p[i]-x0)/(x1-x0)*(W-1.5*pad)).toFixed(1),cy:(H-pad-(p[j]-y0)/(y1-y0)*(H-1.5*pad)).toFixed(1),r:3,fill:s.hollow?"none":s.color,"fill-opacity":0.7,stroke:s.hollow?s.color:"none","stroke-width":1.3});
         var tt=svg("title",{});tt.textContent=s.labels[k];c.appendChild(tt);g.appendChild(c);});});
       row.appendChild(g);
     });
     root.appendChild(row);
   });
   var leg=el("div","sc-legend");
-  d.series.forEach(function(s){var sp=el("span");var dot=el("span",null,"● ");dot.style.color=s.color;sp.appendChild(dot);sp.appendChild(document.createTextNode(s.name));leg.appendChild(sp);});
+  d.series.forEach(function(s){var sp=el("span");var dot=el("span",null,s.hollow?"○ ":"● ");dot.style.color=s.color;sp.appendChild(dot);sp.appendChild(document.createTextNode(s.name));leg.appendChild(sp);});
   root.appendChild(leg);
 }
 function boot(){

@@ -204,6 +204,14 @@ def _significance(
         else sig.null_band[
             :, : max(16, max(sig.rank_null or 0, sig.rank_energy or 0) + 16)
         ].tolist(),
+        # the rank rule's own null for the scree: the whitened spectrum the sequential test
+        # reads and its per-step deflated null (5 % / 95 % / 1 − α quantiles, [3, K])
+        "whitened_singular_values": None
+        if sig.whitened_singular_values is None
+        else sig.whitened_singular_values[
+            : max(16, max(sig.rank_null or 0, sig.rank_energy or 0) + 16)
+        ].tolist(),
+        "step_null_band": sig.to_dict()["step_null_band"],
         "rank_ci": None,
         "stability_deg": None,
         "singular_value_ci": None,

@@ -66,6 +66,7 @@ def _projection(
     return ProjectionResult(
         feature.name, project(test.keys.double(), kb).float(), project(test.q.double(), qb).float(),
         test.key_positive.clone(), key_labels, query_labels, accuracy,
+        key_groups=[test_groups[int(r)] or "" for r in test.key_record],
     )  # fmt: skip
 
 

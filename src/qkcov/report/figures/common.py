@@ -27,6 +27,7 @@ __all__ = [
     "QUERY",
     "OTHER",
     "GROUP_COLOURS",
+    "LEGEND_FONTSIZE",
 ]
 
 # one colour per role in every figure and in the token view
@@ -35,6 +36,8 @@ NEGATIVE = "#d6604d"  # keys not sharing it (red)
 QUERY = "#1b7837"  # the query token (green)
 OTHER = "#9e9e9e"  # everything else (grey)
 # positive keys by group when a feature has several (no red, no green: negatives', query's)
+# legends readable at the report's width (~1200 px; figures at 100–120 dpi): 10 pt ≈ 14–17 px
+LEGEND_FONTSIZE = 10
 GROUP_COLOURS = ["#2166ac", "#8073ac", "#e08214", "#c51b7d", "#542788", "#7f3b08", "#4393c3",
                  "#b35806", "#de77ae", "#2d004b"]  # fmt: skip
 

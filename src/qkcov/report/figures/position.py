@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import plt, save_png
+from .common import LEGEND_FONTSIZE, plt, save_png
 
 __all__ = ["plot_rotary", "plot_offsets"]
 
@@ -32,7 +32,7 @@ def plot_offsets(out: Path, info: dict[str, Any]) -> list[dict[str, str]]:
                title=f"{f}: AUC {t['auc'] if t['auc'] is None else round(t['auc'], 2)}, "
                f"p {'–' if p is None else f'{p:.1g}'}{flag}")  # fmt: skip
         ax.title.set_fontsize(8)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=LEGEND_FONTSIZE)
     save_png(fig, out / "offsets.png")
     return [
         {
@@ -70,7 +70,7 @@ def plot_rotary(out: Path, info: dict[str, Any]) -> list[dict[str, str]]:
                 xlabel="pair wavelength (tokens)",
                 title=f"{h['name']} {side} subspace",
             )
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=LEGEND_FONTSIZE)
         axes[0].set_ylabel("share of subspace energy")
         if not drawn:
             plt.close(fig)

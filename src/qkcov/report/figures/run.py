@@ -19,6 +19,7 @@ from ...artifacts import atomic_write_bytes, load_tensors, read_json
 from ...naming import tensor_prefix
 from .common import (
     GROUP_COLOURS,
+    LEGEND_FONTSIZE,
     NEGATIVE,
     OTHER,
     POSITIVE,
@@ -167,51 +168,84 @@ def _plot_attends(out: Path, h: dict[str, Any], view: dict[str, Any]) -> Entries
 
 def _plot_scree(out: Path, info: dict[str, Any], h: dict[str, Any], t: dict[str, Any]) -> Entries:
     """Every singular value of each feature's pooled ΔC up to well beyond its ranks, with the
-    permutation null's 5–95 % band and the ranks marked."""
+    null of the rank rule in force shaded and the ranks marked.
+
+    Under the null rule (the whitened sequential deflated permutation test) the spectrum is
+    the whitened one the test reads, and the band is each step's deflated null (5–95 %, its
+    (1 − α) quantile marked): the comparisons that set the rank. Under the energy rule there
+    is no null, so no band; runs saved before step nulls were kept show the raw spectrum
+    and the raw per-index null, said as such."""
     feats = [f["name"] for f in info["features"] if f["name"] in h["features"]]
     fig, ax = plt.subplots(figsize=(5.4, 3.0))
     causal = (h.get("causal_rank") or {}).get("rank")
-    shown = 0
+    shown, whitened, raw_band = 0, False, False
+    alpha = (info.get("config") or {}).get("alpha", 0.05)
     for fi, f in enumerate(feats):
-        key = tensor_prefix(h["name"], f, "pooled") + "singular_values"
-        if key not in t:
-            continue
-        sv = t[key].numpy()
         pooled = h["features"][f]["groups"]["pooled"]
+        sig = pooled.get("significance") or {}
         r, r_e = pooled["rank"], pooled["rank_energy"]
-        k = min(len(sv), max(16, max(r, r_e, causal or 0) + 12))
-        x = np.arange(1, k + 1)
         colour = GROUP_COLOURS[fi % len(GROUP_COLOURS)]
-        ax.plot(x, np.maximum(sv[:k], 1e-300), "o-", color=colour, ms=2.5, lw=1, label=f"{f}: ΔC")
-        shown = max(shown, k)
-        band = (pooled.get("significance") or {}).get("null_band")
-        if band:
-            nb = min(k, len(band[0]))
+        step_band, wsv = sig.get("step_null_band"), sig.get("whitened_singular_values")
+        if pooled["rank_rule"] == "null" and step_band and wsv:
+            whitened = True
+            sv = np.asarray(wsv, dtype=float)
+            k = min(len(sv), max(16, max(r, causal or 0) + 12))
+            x = np.arange(1, k + 1)
+            ax.plot(x, np.maximum(sv[:k], 1e-300), "o-", color=colour, ms=2.5, lw=1,
+                    label=f"{f}: whitened ΔC")  # fmt: skip
+            band = np.asarray(step_band, dtype=float)
+            nb = min(k, band.shape[1])
             ax.fill_between(x[:nb], band[0][:nb], band[1][:nb], color=colour, alpha=0.18,
-                            label=f"{f}: null 5–95 %")  # fmt: skip
+                            label=f"{f}: step null 5–95 %")  # fmt: skip
+            ax.plot(x[:nb], band[2][:nb], "_", color=colour, ms=9, mew=1.5,
+                    label=f"{f}: step null {1 - alpha:.0%} quantile")  # fmt: skip
+        else:
+            key = tensor_prefix(h["name"], f, "pooled") + "singular_values"
+            if key not in t:
+                continue
+            sv = t[key].numpy()
+            k = min(len(sv), max(16, max(r, r_e, causal or 0) + 12))
+            x = np.arange(1, k + 1)
+            ax.plot(x, np.maximum(sv[:k], 1e-300), "o-", color=colour, ms=2.5, lw=1,
+                    label=f"{f}: ΔC")  # fmt: skip
+            band = sig.get("null_band")
+            if band and pooled["rank_rule"] == "null":  # a run saved before step nulls
+                raw_band = True
+                nb = min(k, len(band[0]))
+                ax.fill_between(x[:nb], band[0][:nb], band[1][:nb], color=colour, alpha=0.18,
+                                label=f"{f}: raw per-index null 5–95 %")  # fmt: skip
+        shown = max(shown, k)
         if r:
-            ax.axvline(
-                r + 0.5,
-                color=colour,
-                ls=":",
-                lw=1.2,
-                label=f"{f}: rank {r} ({pooled['rank_rule']})",
-            )
+            ax.axvline(r + 0.5, color=colour, ls=":", lw=1.2,
+                       label=f"{f}: rank {r} ({pooled['rank_rule']})")  # fmt: skip
         if r_e and r_e != r:
             ax.axvline(r_e + 0.5, color=colour, ls="-.", lw=0.9, label=f"{f}: energy rank {r_e}")
     if causal:
         ax.axvline(causal + 0.5, color="black", ls="--", lw=0.9, label=f"causal rank {causal}")
-    ax.set(title=f"{h['name']}: singular values of ΔC", xlabel="index", ylabel="singular value")
+    what = "whitened singular values" if whitened else "singular values"
+    ax.set(title=f"{h['name']}: {what} of ΔC", xlabel="index", ylabel=what)
     ax.set_yscale("log")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    ax.legend(fontsize=LEGEND_FONTSIZE, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0)  # fmt: skip
     name = f"{_safe(h['name'])}.scree.png"
     save_png(fig, out / name, dpi=100)
+    if whitened:
+        shade = (
+            "the rank rule's null: at each step k of the sequential deflated test, the top "
+            "singular value of the label-permuted ΔCs, whitened like the data and with the first "
+            f"k − 1 observed directions projected out (5–95 %; bar: the {1 - alpha:.0%} quantile "
+            "the k-th value must exceed), drawn for the steps the test took"
+        )
+    elif raw_band:
+        shade = "the raw permutation null's 5–95 % band of each index (not the whitened test that set the rank)"
+    else:
+        shade = "nothing: the energy rule has no null"
     return [
         {
             "file": name,
-            "caption": f"Singular values of each feature's pooled ΔC (log scale; the first {shown}); shaded: the permutation null's 5–95 % band of the same index; dotted: the rank in force, dash-dotted: the 99 %-energy rank.",
+            "caption": f"{what.capitalize()} of each feature's pooled ΔC (log scale; the first {shown}); shaded: {shade}; dotted: the rank in force, dash-dotted: the 99 %-energy rank, dashed: the causal rank (the headline).",
         }
-    ]
+    ]  # fmt: skip
 
 
 def _plot_swaps(out: Path, h: dict[str, Any]) -> Entries:
@@ -267,7 +301,13 @@ def _plot_swaps(out: Path, h: dict[str, Any]) -> Entries:
     ax.set_xticks(x, [f"{n}\n(r={conds[n]['rank']})" for n in names] + ["full key"], fontsize=7)
     ax.axhline(0, color="black", lw=0.5)
     ax.set(title=f"{h['name']}: key swaps (n={sw['n']})", ylabel="Δp")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=1, frameon=False)
+    ax.legend(
+        fontsize=LEGEND_FONTSIZE,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.28),
+        ncol=1,
+        frameon=False,
+    )
     name = f"{_safe(h['name'])}.swaps.png"
     save_png(fig, out / name, dpi=100)
     return [
@@ -317,26 +357,36 @@ def _scatter(out: Path, h: dict[str, Any], t: dict[str, Any]) -> Entries:
                        for i in np.flatnonzero(sel)],
         }  # fmt: skip
 
-    ser = [series("negative keys", NEGATIVE, keys, ~pos, knames, "keys", klab)]
+    # colour = the record's group (one colour per group in every panel); filled: positive
+    # keys, hollow: negative keys, so both sides and the groups show in one plot
+    kgroups = pr.get("key_groups") or []
+    kgroups = kgroups if len(kgroups) == len(keys) else []
+    groups = sorted({g for g in [*qlab, *kgroups] if g} | set(groups))
+    colour = {g: GROUP_COLOURS[gi % len(GROUP_COLOURS)] for gi, g in enumerate(groups)}
+    labels = kgroups or klab
+    ser = []
     if len(groups) > 1:
-        for gi, g in enumerate(groups):
-            sel = pos & (np.array(klab) == g)
-            ser.append(
-                series(
-                    f"positive keys: {g}",
-                    GROUP_COLOURS[gi % len(GROUP_COLOURS)],
-                    keys,
-                    sel,
-                    knames,
-                    "keys",
-                    klab,
-                )
-            )
+        for g in groups:
+            ser.append(series(f"positive keys: {g}", colour[g], keys,
+                              pos & (np.array(klab) == g), knames, "keys", labels))  # fmt: skip
+        if kgroups:
+            for g in groups:
+                neg = series(f"negative keys: {g}", colour[g], keys,
+                             ~pos & (np.array(kgroups) == g), knames, "keys", labels)  # fmt: skip
+                neg["hollow"] = True
+                ser.append(neg)
+        else:  # a run saved before negative keys kept their group
+            ser.append(series("negative keys", NEGATIVE, keys, ~pos, knames, "keys", labels))
+        for g in groups:
+            ser.append(series(f"queries: {g}", colour[g], queries, np.array(qlab) == g,
+                              qnames, "queries", qlab))  # fmt: skip
     else:
+        ser.append(series("negative keys", NEGATIVE, keys, ~pos, knames, "keys", labels))
         ser.append(series("positive keys", POSITIVE, keys, pos, knames, "keys", klab))
-    ser.append(
-        series("queries", QUERY, queries, np.ones(len(queries), bool), qnames, "queries", qlab)
-    )
+        ser.append(
+            series("queries", QUERY, queries, np.ones(len(queries), bool), qnames, "queries", qlab)
+        )
+    ser = [x for x in ser if x["points"]]
     spec = {
         "title": f"{h['name']} · {f}: held-out keys and queries on the subspace's top directions",
         "axes": [f"dir {i + 1}" for i in range(dims)],
@@ -380,7 +430,7 @@ def _plot_causal_rank(out: Path, h: dict[str, Any]) -> Entries:
         ax.axhline(0, color="black", lw=0.5)
         ax.set(xlabel="rank r", ylabel="swap Δp", title=f"{h['name']}: causal rank curve")
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend(fontsize=6, loc="best", framealpha=0.6)
+        ax.legend(fontsize=LEGEND_FONTSIZE, loc="best", framealpha=0.6)
         name = f"causal_rank_{h['name']}.png"
         save_png(fig, out / name)
         entries.append({
