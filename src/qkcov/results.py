@@ -749,7 +749,7 @@ class AnalysisResult:
 
             rows.append(
                 [
-                    name, verdict, cond, str(hl.rank), hl.rule, hl.label,
+                    name, verdict, str(hl.rank), hl.rule, hl.label,
                     rank(hl.ranks.get("causal")), rank(hl.ranks.get("null")),
                     rank(hl.ranks.get("energy")),
                     format_p(sig.get("p_value"), fl.get("p_null")) if avail else "–",
@@ -765,6 +765,7 @@ class AnalysisResult:
                     "–" if d["ceiling"] is None else _r(d["ceiling"]["delta_p"]),
                     _r(d["attribution"]["explained_fraction"])
                     if not d["attribution"]["skipped"] else "–",
+                    cond,
                 ]
             )  # fmt: skip
         return rows
@@ -776,10 +777,10 @@ class AnalysisResult:
     """The compact table (``qkcov run`` prints it; ``--wide`` prints :attr:`WIDE_COLUMNS`)."""
 
     WIDE_COLUMNS = (
-        "head", "verdict", "conditioned on (mixed)", "rank", "rule", "headline condition",
-        "rank (causal)", "rank (null)", "rank (energy)", "p (pooled ΔC)", "p (groups ΔC)",
-        "Δp swap", "Δp random", "p vs random", "Δp permuted", "p vs permuted", "label effect",
-        "p (label)", "Δp full key", "explained",
+        "head", "verdict", "rank", "rule", "headline condition", "rank (causal)", "rank (null)",
+        "rank (energy)", "p (pooled ΔC)", "p (groups ΔC)", "Δp swap", "Δp random",
+        "p vs random", "Δp permuted", "p vs permuted", "label effect", "p (label)",
+        "Δp full key", "explained", "conditioned on (mixed)",
     )  # fmt: skip
 
     def summary_lines(self) -> list[str]:

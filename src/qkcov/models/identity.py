@@ -31,6 +31,8 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from .loading import SOURCE_ATTR
+
 __all__ = ["model_identity", "canonical_name", "remember", "same_model"]
 
 _SOURCES: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
@@ -52,7 +54,7 @@ def remember(model: Any, name: str, location: str, gguf_file: str | None) -> Non
 @functools.lru_cache(maxsize=8)
 def _preset_files() -> dict[str, Path]:
     """Preset name -> its weights file, for the presets installed here."""
-    from .loading import PRESETS
+    from .loading import PRESETS  # identity sits above loading (loading never imports it)
 
     out = {}
     for name, preset in PRESETS.items():
@@ -160,7 +162,7 @@ def model_identity(model: Any) -> dict[str, Any]:
         cached = None
     if cached is not None:
         return dict(cached)
-    source = _SOURCES.get(model)
+    source = _SOURCES.get(model) or getattr(model, "__dict__", {}).get(SOURCE_ATTR)
     cfg = getattr(model, "config", None)
     raw = source["name"] if source else getattr(cfg, "_name_or_path", "") or ""
     name = canonical_name(raw) or type(model).__name__

@@ -72,6 +72,8 @@ def _locate_gemma3() -> tuple[str, str]:
     return str(path.parent), path.name
 
 
+SOURCE_ATTR = "_qkcov_source"  # load_model's record of a model's origin (models.identity)
+
 PRESETS: dict[str, _Preset] = {
     "smollm2-135m": _Preset(
         "SmolLM2-135M-Instruct (Llama arch, 30 layers, 9 heads / 3 kv heads), GGUF Q4_1",
@@ -506,9 +508,8 @@ def _load_cached(
         "attn": attn,
         "device_map": getattr(model, "hf_device_map", None) or device_map,
     }
-    from .identity import remember
-
-    remember(model, display, location, gguf_file)  # one identity however it is used later
+    # where it came from, read by models.identity (one identity however it is used later)
+    model.__dict__[SOURCE_ATTR] = {"name": display, "location": location, "gguf_file": gguf_file}
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=display, info=model_info(model), source=source
     )
