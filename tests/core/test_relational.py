@@ -179,7 +179,7 @@ def test_relation_share_picks_the_test():
         for kind, into in (("relation", rel), ("class", cls)):
             stats, *_ = _planted(s, kind)
             fs = feature_subspace(stats.delta(), rank=3)
-            into.append(relation_share(stats, fs.key_basis, fs.query_basis))
+            into.append(relation_share(stats, fs.key_basis))  # U = orth(ΔC V)
     assert sum(x > 0.5 for x in rel) >= 57, rel
     assert sum(x < 0.5 for x in cls) >= 57, cls
     # categorical: group g's queries read direction u_g and its positives carry u_g

@@ -290,12 +290,15 @@ def relation_share(
     noise of ``E d̃``). ``None`` without two two-sided records or when neither part stands
     above its noise.
 
-    ``query_basis`` ``None`` uses the full query space."""
+    ``query_basis`` ``None``: the query directions that read ``V`` in the pooled ΔC
+    (``orth(ΔC V)``)."""
     mask = stats.group_mask(group) & stats.has_pos & stats.has_neg
     if int(mask.sum()) < 2:
         return None
     v = key_basis.double()
-    qt = stats.q[mask] if query_basis is None else stats.q[mask] @ query_basis.double()
+    if query_basis is None:
+        query_basis = torch.linalg.qr(stats.delta() @ v).Q
+    qt = stats.q[mask] @ query_basis.double()
     dt = (stats.k_pos[mask] - stats.k_neg[mask]) @ v
     grp = stats.group[mask] if by_group else torch.zeros(int(mask.sum()), dtype=torch.long)
     cls = torch.zeros(qt.shape[1], dt.shape[1], dtype=_F64)
