@@ -94,4 +94,4 @@ def test_swap_patterns_and_transfer_rows():
     assert rows[("positive-farther", "positive-nearer")]["delta_p"] == 0.1
     assert rows[("positive-nearer", "positive-nearer")]["in_distribution"]
     one = transfer_result({"positive-farther": far}, ["positive-farther"] * n, far, far[None], 2)
-    assert not one["available"] and "one position pattern" in one["reason"]
+    assert not one["available"] and "too few held-out swap pairs" in one["reason"]

@@ -298,6 +298,7 @@ class Plan:
     features: list[str]
     split: list[str]
     notes: list[str] = field(default_factory=list)
+    kinds: dict[str, str | None] = field(default_factory=dict)  # feature -> declared kind
 
     def feature_of(self, i: int) -> str:
         return self.records[i].feature or DEFAULT_FEATURE
@@ -362,7 +363,10 @@ def plan_records(records: Sequence[ContrastRecord | Mapping[str, Any]], cfg: Run
             n_held = min(len(idx) - 1, max(1, round(cfg.holdout * len(idx)))) if len(idx) > 1 else 0
             for j in torch.randperm(len(idx), generator=gen)[:n_held].tolist():
                 split[idx[j]] = "heldout"
-    plan = Plan(recs, features, split)
+    from .tasks.records import feature_kinds
+
+    kinds = {k or DEFAULT_FEATURE: v for k, v in feature_kinds(recs).items()}
+    plan = Plan(recs, features, split, kinds=kinds)
     for f in features:
         build = plan.indices("build", f)
         n_pos = sum(1 for i in build if recs[i].positives)
@@ -649,11 +653,16 @@ def _swaps(
     progress: bool,
     skip_reason: str | None,
     stats: Mapping[str, Any] | None = None,
+    kind: str | None = None,
+    build_patterns: Sequence[str | None] | None = None,
 ) -> SwapResult:
     """Swaps of every condition against random and label-permuted subspaces, the causal rank
     curve (its causal-rank subspace becomes the headline) and the label-sensitive centroid
     patch on the headline, all from the unedited forward every head shares (``swap_base()``,
-    :func:`qkcov.engine.swaps.capture_swap_base`; see :func:`_causal_plan`)."""
+    :func:`qkcov.engine.swaps.capture_swap_base`; see :func:`_causal_plan`), then the relational
+    test and the transfer across position patterns from the same forward (``kind``: the
+    feature's declared kind; ``build_patterns``: each build record's position pattern in the
+    record statistics' order, see :mod:`qkcov.core.transfer`)."""
     from .engine.swaps import run_swaps
 
     headline_feature = next(iter(features))
@@ -678,7 +687,7 @@ def _swaps(
     D = next(iter(bases.values())).shape[0]
     causal = _causal_plan(
         features, bases, headline, stats or {}, cfg, D, f"L{head[0]}H{head[1]}",
-        [r.record.group for r in resolved],
+        [r.record.group for r in resolved], build_patterns,
     )  # fmt: skip
     sw = run_swaps(
         model, tokenizer, resolved, head[0], head[1], pairs, {k: v.float() for k, v in bases.items()},
@@ -702,13 +711,53 @@ def _swaps(
     ceiling = SwapCondition(
         "ceiling", int(model_head_dim(model)), dict(sw["ceiling"]), None, per.get("ceiling")
     )
+    relation, transfer = _relation_and_transfer(
+        base, head, resolved, sw, causal, (stats or {}).get(headline_feature), kind, cfg
+    )
     return SwapResult(
         int(sw["n"]), causal.headline or headline, conditions, ceiling, dict(sw["null"]),
         cfg.n_random, causal_rank=causal.curve_result(sw["offline"], cfg),
         label_test=causal.label_result(sw["patches"], cfg), answers=sw.get("answers"),
         scored_token=_scored_token(resolved), n_permuted=causal.n_permuted,
-        permuted_skipped=causal.skipped,
+        permuted_skipped=causal.skipped, relation_test=relation, transfer=transfer,
     )  # fmt: skip
+
+
+def _relation_and_transfer(
+    base: Any, head: Head, resolved: Sequence[Any], sw: Mapping[str, Any], causal: _Causal,
+    st: Any, kind: str | None, cfg: RunConfig,
+) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """The relational test on the headline subspace (label-permuted subspaces as its reported
+    baseline) and the transfer rows (:mod:`qkcov.engine.relational`)."""
+    from .engine.relational import (
+        relation_inputs,
+        relational_result,
+        swap_patterns,
+        transfer_result,
+    )
+
+    name = f"L{head[0]}H{head[1]}"
+    if causal.label_stack is None:
+        relation: dict[str, Any] = {"available": False, "reason": "no headline subspace"}
+    else:
+        relation = relational_result(
+            relation_inputs(base.views[head], resolved), causal.label_stack, st,
+            seed=sub_seed(cfg.seed, f"relation:{name}"), n_boot=max(cfg.n_bootstrap, 200),
+        )  # fmt: skip
+    relation["declared_kind"] = kind
+    if causal.transfer_skipped:
+        return relation, {"available": False, "reason": causal.transfer_skipped}
+    pats = swap_patterns(base.pairs[head])
+    held = [pats[i] for i in base.keep]
+    fam = sw["offline"]
+    per = {
+        p[len("transfer:") :]: v["delta_p"][0] for p, v in fam.items() if p.startswith("transfer:")
+    }
+    head_dp = torch.tensor(sw["per_prompt"][causal.headline]["delta_p"], dtype=torch.float64)
+    transfer = transfer_result(
+        per, held, head_dp, fam["transfer-random"]["delta_p"], causal.transfer_rank
+    )
+    return relation, transfer
 
 
 def _scored_token(resolved: Sequence[Any]) -> str:
@@ -738,6 +787,10 @@ class _Causal:
     label_condition: str | None = None
     rank: int = 0
     late: Any = None
+    guard: dict[str, Any] | None = None  # the guarded causal rank (core.transfer)
+    label_stack: torch.Tensor | None = None  # [1+P, D, r] headline + label-permuted bases
+    transfer_skipped: str | None = "no position patterns"
+    transfer_rank: int = 0
 
     def curve_result(self, offline: Mapping[str, Any], cfg: RunConfig) -> dict[str, Any] | None:
         if not self.R:
@@ -758,7 +811,7 @@ class _Causal:
         return {
             "feature": self.headline_feature, "rank": self.rank, "R": self.R,
             "fraction": CAUSAL_FRACTION, "condition": self.headline, "note": self.note,
-            "curve": curve,
+            "guard": self.guard, "curve": curve,
         }  # fmt: skip
 
     def label_result(self, patches: Mapping[str, Any], cfg: RunConfig) -> dict[str, Any] | None:
@@ -805,6 +858,7 @@ def _causal_plan(
     D: int,
     head_name: str,
     record_groups: Sequence[str | None] = (),
+    build_patterns: Sequence[str | None] | None = None,
 ) -> _Causal:
     """Offline families for the swap engine: label-permuted subspaces of every condition
     (``permuted:<condition>``, the null's relabellings of the build records, from the kept
@@ -813,6 +867,7 @@ def _causal_plan(
     causal-rank condition and the centroid patch on the headline subspace."""
     from .core.causal import causal_rank, class_key_means, relabel_signs, relabelled_deltas
     from .core.subspace import union_basis
+    from .core.transfer import guarded_causal_rank, pattern_bases
 
     f0 = next(iter(features))
     plan = _Causal(f0, headline)
@@ -923,7 +978,14 @@ def _causal_plan(
             curve = [
                 float(out["offline"][f"curve:{r}"]["delta_p"].mean()) for r in range(1, plan.R + 1)
             ]
-            plan.rank = causal_rank(curve, CAUSAL_FRACTION)
+            rnd = [
+                float(out["offline"][f"curve-random:{r}"]["delta_p"].mean())
+                for r in range(1, plan.R + 1)
+            ]
+            # never settle where random subspaces move more than MAX_RANDOM_SHARE of the
+            # effect; when no rank qualifies keep the plain rule's rank and say so
+            plan.guard = guarded_causal_rank(curve, rnd, CAUSAL_FRACTION)
+            plan.rank = int(plan.guard["rank"]) or causal_rank(curve, CAUSAL_FRACTION)
             if plan.rank:
                 same = [n for n in (headline, f"{f0}@energy") if n in bases
                         and int(bases[n].shape[1]) == plan.rank
@@ -943,10 +1005,36 @@ def _causal_plan(
         # the centroid patch: real labels in the real subspace, each permutation's labels in
         # its own subspace (the same estimator on relabelled records)
         pbl = permuted_bases(chosen, int(basis.shape[1]))
+        plan.label_stack = torch.stack([basis, *[b.double() for b in pbl or []]])
         if plan.means is not None and pbl:
             plan.label_condition = chosen
-            stack = torch.stack([basis, *[b.double() for b in pbl]])
-            more["patches"]["label"] = (stack, *plan.means)
+            more["patches"]["label"] = (plan.label_stack, *plan.means)
+        # transfer: the headline's rank built on each position pattern's build records
+        st0 = stats.get(f0)
+        r = int(basis.shape[1])
+        if st0 is None:
+            plan.transfer_skipped = (
+                "needs the record statistics (--n-permutations or --n-bootstrap > 0)"
+            )
+        elif build_patterns is None or len(build_patterns) != st0.n:
+            plan.transfer_skipped = "no position pattern per build record"
+        else:
+            pb = pattern_bases(st0, build_patterns, r)
+            if len(pb) < 2:
+                plan.transfer_skipped = (
+                    "the build records hold one position pattern only (the positives always "
+                    "farther from the query than the negatives, or always nearer): nothing to "
+                    "build the other pattern's subspace on"
+                )
+            else:
+                plan.transfer_skipped, plan.transfer_rank = None, r
+                more["offline"].update(
+                    {f"transfer:{p}": [b.float().double()] for p, b in pb.items()}
+                )
+                more["offline"]["transfer-random"] = [
+                    random_orthonormal(D, r, seed=sub_seed(cfg.seed, "transfer-random", d))
+                    for d in range(CURVE_RANDOM)
+                ]
         return more
 
     plan.late = late
@@ -1088,16 +1176,40 @@ def _head_position(
     return out
 
 
+def _label_kind(sw: SwapResult) -> tuple[str, str, float | None]:
+    """Which label-sensitive test the verdict uses: ``(kind, source, relational share)`` —
+    the feature's declared ``kind`` when its records give one, else ``"relation"`` when the
+    build records' ΔC inside the headline subspace is mostly relational (share above
+    :data:`qkcov.engine.relational.RELATION_SHARE`), else ``"class"``."""
+    from .engine.relational import RELATION_SHARE
+
+    rel = sw.relation_test or {}
+    share = rel.get("relation_share")
+    if rel.get("declared_kind"):
+        return str(rel["declared_kind"]), "declared", share
+    return (
+        ("relation" if share is not None and share > RELATION_SHARE else "class"),
+        "detected",
+        share,
+    )
+
+
 def _verdict(h: HeadResult, cfg: RunConfig) -> Verdict:
     """One verdict per head from the significance test, the swap against random and
-    label-permuted subspaces and the label-sensitive centroid patch (see :class:`Verdict`)."""
+    label-permuted subspaces and the label-sensitive test that fits the feature: the centroid
+    patch for a class feature, the cross-record exchange for a relational one (see
+    :class:`Verdict` and :func:`_label_kind`); plus the guarded causal rank and the transfer
+    across position patterns where they ran."""
     a = cfg.alpha
     d = h.to_dict()
     sig = d["significance"] or {}
     sw = h.swaps
     c = sw.conditions.get(sw.headline or "")
-    lab = sw.label_test or {}
+    kind, source, share = _label_kind(sw)
+    rel = sw.relation_test or {}
+    lab = (sw.label_test or {}) if kind == "class" else rel
     p_null = headline_p(d) if sig.get("available") else None
+    guard = (sw.causal_rank or {}).get("guard") or {}
     ev: dict[str, Any] = {
         "p_null": p_null,
         "rank_null": sig.get("rank_null"),
@@ -1106,6 +1218,11 @@ def _verdict(h: HeadResult, cfg: RunConfig) -> Verdict:
         "causal_rank": (sw.causal_rank or {}).get("rank"),
         "condition": sw.headline,
         "alpha": a,
+        "test": "centroid patch" if kind == "class" else "cross-record exchange",
+        "kind": kind,
+        "kind_source": source,
+        "relation_share": share,
+        "rank_guard": guard.get("reason"),
     }
     if c is not None:
         ev.update(
@@ -1115,9 +1232,13 @@ def _verdict(h: HeadResult, cfg: RunConfig) -> Verdict:
             p_vs_permuted=c.p_permuted,
             full_key=None if sw.ceiling is None else sw.ceiling.metrics.get("delta_p"),
         )  # fmt: skip
-    if lab.get("available"):
-        ev.update(label_effect=lab["effect"], label_ci=lab["ci"],
-                  label_permuted_mean=lab["permuted"]["mean"], p_label=lab["p_value"])  # fmt: skip
+    if (sw.label_test or {}).get("available"):
+        cl = sw.label_test
+        ev.update(label_effect=cl["effect"], label_ci=cl["ci"],
+                  label_permuted_mean=cl["permuted"]["mean"], p_label=cl["p_value"])  # fmt: skip
+    if rel.get("available"):
+        ev.update(relation_effect=rel["effect"], relation_ci=rel["ci"], p_relation=rel["p_value"],
+                  p_relation_floor=rel["p_floor"])  # fmt: skip
     name = h.name
 
     def f(x: Any) -> str:
@@ -1136,26 +1257,61 @@ def _verdict(h: HeadResult, cfg: RunConfig) -> Verdict:
             f"{f(ev['random_mean'])} for random (p = {f(c.p_value)})"
             + ("" if c.p_permuted is None else
                f" and {f(ev['permuted_mean'])} for label-permuted subspaces (p = {f(c.p_permuted)})"))  # fmt: skip
+    extra = _transfer_clause(sw) + (
+        f"; causal rank: {guard['reason']}" if guard.get("reason") else ""
+    )
+    which = (f" [{'declared' if source == 'declared' else 'detected'} {kind} feature"
+             + ("" if share is None else f", relational share {share:.2f}") + "]")  # fmt: skip
     if no_subspace or c.p_value is None or c.p_value >= a:
         return Verdict("no-evidence", f"{name}: ΔC is above its null (p (null) = {f(p_null)}) "
-                       f"but {swap}: no causal evidence.", ev)  # fmt: skip
+                       f"but {swap}: no causal evidence{extra}.", ev)  # fmt: skip
     if not lab.get("available"):
         return Verdict("not-testable", f"{name}: {swap}, but the label-sensitive test did not run "
-                       f"({lab.get('reason') or 'off'}), so whether the labels live in it is untested.", ev)  # fmt: skip
-    patch = (
-        f"moving keys to the other class's centroid inside it shifts Δp by {f(lab['effect'])} "
-        f"vs {f(lab['permuted']['mean'])} with permuted labels (p = {f(lab['p_value'])})"
-    )
-    if lab["p_value"] < a and lab["effect"] > 0:
-        return Verdict("reads-feature", f"{name} reads the feature: {patch}; {swap}.", ev)
+                       f"({lab.get('reason') or 'off'}), so whether the labels live in it is untested{which}.", ev)  # fmt: skip
+    if kind == "class":
+        patch = (
+            f"moving keys to the other class's centroid inside it shifts Δp by {f(lab['effect'])} "
+            f"vs {f(lab['permuted']['mean'])} with permuted labels (p = {f(lab['p_value'])})"
+        )
+        label_ok = lab["p_value"] < a and lab["effect"] > 0
+    else:
+        patch = (
+            f"giving the positive key another record's positive coordinates inside it moves "
+            f"attention by {f(lab['effect'])} more than the same exchange on the negative keys "
+            f"(exact sign-flip p = {f(lab['p_value'])}, floor {f(lab['p_floor'])}, "
+            f"{lab['n_pairs']} record pairs)"
+        )
+        label_ok = lab["p_value"] < a and lab["effect"] > 0
+    if label_ok:
+        what = "the feature" if kind == "class" else "the query–key relation"
+        return Verdict("reads-feature", f"{name} reads {what}: {patch}; {swap}{extra}{which}.", ev)
     if c.p_permuted is not None and c.p_permuted < a:
         return Verdict("separates-keys-not-feature", f"{name} separates the keys but not by the "
-                       f"feature: {swap}, yet {patch}.", ev)  # fmt: skip
+                       f"feature: {swap}, yet {patch}{extra}{which}.", ev)  # fmt: skip
     # neither label-sensitive test passes: a subspace of Σ ±q(k⁺−k⁻)ᵀ with any labels would
     # move attention as far (the swap touches the key difference, whatever the labels)
     return Verdict("no-evidence", f"{name}: {swap}, no further than label-permuted subspaces, "
                    f"and {patch}: the swap touches the key difference whatever the labels, so "
-                   "nothing says the labels live in it.", ev)  # fmt: skip
+                   f"nothing says the labels live in it{extra}{which}.", ev)  # fmt: skip
+
+
+def _transfer_clause(sw: SwapResult) -> str:
+    """``"; built on <one pattern> …"``: the transfer's smallest cross-pattern Δp beside its
+    in-distribution Δp, or ``""`` when no transfer ran."""
+    tr = sw.transfer or {}
+    if not tr.get("available"):
+        return ""
+    rows = tr["rows"]
+    cross = [r for r in rows if not r["in_distribution"]]
+    worst = min(cross, key=lambda r: r["delta_p"])
+    same = next(
+        (r for r in rows if r["in_distribution"] and r["tested_on"] == worst["tested_on"]), None
+    )
+    return (f"; built on the records with the positive {worst['built_on'].split('-')[1]} and "
+            f"swapped on those with it {worst['tested_on'].split('-')[1]}, a rank-{tr['rank']} "
+            f"subspace moves Δp {worst['delta_p']:.3g}"
+            + ("" if same is None else f" (built on those: {same['delta_p']:.3g})")
+            + f", random {worst['random_mean']:.3g}")  # fmt: skip
 
 
 def model_head_dim(model: Any) -> int:
@@ -1566,6 +1722,12 @@ def _analyze(
 
     swap_records = [resolved[i] for i in swap_idx]
     shared: dict[str, Any] = {}
+    from .core.transfer import position_patterns
+
+    b0 = [r for r in (resolved[i] for i in plan.indices("build", plan.features[0])) if r.keys]
+    build_patterns = position_patterns(
+        [r.query for r in b0], [r.positives for r in b0], [r.negatives for r in b0]
+    )
 
     def swap_base() -> Any:
         """The swaps' unedited forward, once for all heads still to do (on first use)."""
@@ -1623,6 +1785,7 @@ def _analyze(
                 model, tokenizer, swap_records, swap_base, head, features, cfg, progress,
                 None if "swaps" in steps else "step off (--steps)",
                 {f: (stats[f] or {}).get(head) for f in plan.features},
+                plan.kinds.get(plan.features[0]), build_patterns,
             )  # fmt: skip
         with timer.phase("token_view"):
             token_view = _token_view(

@@ -154,6 +154,7 @@ def transfer_result(
     counts = {p: sum(x == p for x in pats) for p in PATTERNS}
     if not any(not r["in_distribution"] for r in rows):
         return {"available": False, "rank": rank, "counts": counts,
-                "reason": "the records hold one position pattern only (or too few of the other): "
-                "nothing to transfer to"}  # fmt: skip
+                "reason": f"too few held-out swap pairs of the other position pattern (need "
+                f"{min_records} of each; {counts[PATTERNS[0]]} with the positive farther from "
+                f"the query than the negative, {counts[PATTERNS[1]]} nearer)"}  # fmt: skip
     return {"available": True, "rank": rank, "counts": counts, "rows": rows}
