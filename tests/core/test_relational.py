@@ -214,6 +214,13 @@ def test_pair_partners():
     assert shares["same_offsets"] >= shares["same_positions"]
     with pytest.raises(ValueError, match="positions"):
         pair_partners(torch.zeros(3, 2))
+    # groups: pairs stay inside a group while it has a partner left, before positions
+    grp = ["a", "b", "a", "b", "a", "b", "a"]
+    partner, shares = pair_partners(pos, seed=0, groups=grp)
+    ok = (partner >= 0).nonzero().flatten().tolist()
+    inside = sum(grp[i] == grp[int(partner[i])] for i in ok)
+    assert inside >= 4 and shares["same_group"] == pytest.approx(inside / len(ok))
+    assert all(grp[i] == grp[int(partner[i])] for i in (0, 2) if int(partner[i]) in (0, 2))
 
 
 def test_relation_test_exact_and_floor():

@@ -42,7 +42,9 @@ position: a foreign key at another position would lose its "match" by rotation a
 are therefore paired with a record whose query, positive and negative keys sit at the *same
 positions* where one exists (then own and foreign coordinates carry the same position), else
 the same query–key offsets (exact in the query frame), else the nearest offsets; the shares
-are reported.
+are reported. Partners are drawn within the record's group (the query's feature value)
+wherever it has one left, so a class feature per group (the verb's number, the asked
+category) does not pass for a relation.
 
 **Which test** (:func:`relation_share`): on the build records, restricted to the feature's
 subspaces, ΔC_r = E[q̃ d̃ᵀ] (q̃ = Uᵀq, d̃ = Vᵀ(k⁺ − k⁻), per group) splits into a *class* part
@@ -104,7 +106,10 @@ def pick_pair_keys(
 
 
 def pair_partners(
-    positions: torch.Tensor | None, n: int | None = None, seed: int = 0
+    positions: torch.Tensor | None,
+    n: int | None = None,
+    seed: int = 0,
+    groups: Sequence[object] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """A perfect matching of records: ``partner [n]`` (``partner[partner[i]] == i``; with odd
     ``n`` one record gets ``-1`` and is left out) and the shares of pairs matched on the same
@@ -112,7 +117,10 @@ def pair_partners(
 
     ``positions [n, 3]``: each record's query, positive and negative key positions (``None``:
     random pairs). Pairs are drawn at random within records of the same positions, then of
-    the same offsets (query − key), then the rest in order of their offsets (nearest)."""
+    the same offsets (query − key), then the rest in order of their offsets (nearest).
+    ``groups [n]`` (e.g. the query's feature value): pairs stay inside a group wherever the
+    group has a partner left, so a class feature per group (the verb's number) does not pass
+    for a relation; ``"same_group"`` gives the share."""
     g = torch.Generator().manual_seed(int(seed))
     if positions is None:
         if n is None:
@@ -122,14 +130,23 @@ def pair_partners(
     if positions.ndim != 2 or positions.shape[1] != 3:
         raise ValueError(f"positions must be [n, 3], got {list(positions.shape)}")
     n = positions.shape[0]
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"groups must have n={n} entries, got {len(groups)}")
+    ids: dict[object, int] = {}
+    gid = [0] * n if groups is None else [ids.setdefault(x, len(ids)) for x in groups]
     partner = torch.full((n,), -1, dtype=torch.long)
     offsets = torch.stack([positions[:, 0] - positions[:, 1], positions[:, 0] - positions[:, 2]], 1)
-    counts = {"same_positions": 0, "same_offsets": 0}
+    counts = {"same_positions": 0, "same_offsets": 0, "same_group": 0}
     left = torch.randperm(n, generator=g).tolist()
-    for level, key in (("same_positions", positions), ("same_offsets", offsets)):
+    none = torch.zeros(n, 0, dtype=torch.long)
+    for level, key in (
+        ("same_positions", positions),
+        ("same_offsets", offsets),
+        ("same_group", none),
+    ):
         by: dict[tuple[int, ...], list[int]] = {}
         for i in left:
-            by.setdefault(tuple(key[i].tolist()), []).append(i)
+            by.setdefault((gid[i], *key[i].tolist()), []).append(i)
         left = []
         for members in by.values():
             for a, b in zip(members[0::2], members[1::2], strict=False):
@@ -142,7 +159,9 @@ def pair_partners(
         partner[a], partner[b] = b, a
     paired = max(1, int((partner >= 0).sum()))
     shares = {k: v / paired for k, v in counts.items()}
-    shares["same_offsets"] += shares["same_positions"]  # same positions imply same offsets
+    # each level pairs within the group: same positions imply same offsets and same group
+    shares["same_offsets"] += shares["same_positions"]
+    shares["same_group"] += shares["same_offsets"]
     return partner, shares
 
 

@@ -44,9 +44,9 @@ MIN_PATTERN = 8  # held-out records a pattern needs for a transfer row
 
 
 def relation_inputs(views: Sequence[Any], resolved: Sequence[Any]) -> dict[str, Any]:
-    """``{"rows", "q", "k_pos", "k_neg" ([n, D] float64), "positions" [n, 3], "scaling",
-    "softcap"}`` from the swap base's views of one head (``View.rows`` index ``resolved``)."""
-    rows, qs, kps, kns, pos = [], [], [], [], []
+    """``{"rows", "q", "k_pos", "k_neg" ([n, D] float64), "positions" [n, 3], "groups" (the
+    records' group), "scaling", "softcap"}`` from the swap base's views of one head (``View.rows`` index ``resolved``)."""
+    rows, qs, kps, kns, pos, groups = [], [], [], [], [], []
     scaling, softcap = None, None
     for v in views:
         q, k = v.query.double(), v.keys.double()
@@ -55,6 +55,7 @@ def relation_inputs(views: Sequence[Any], resolved: Sequence[Any]) -> dict[str, 
         ip, in_ = pick_pair_keys(row, [r.positives for r in recs], [r.negatives for r in recs])
         b = torch.arange(len(recs))
         rows += list(v.rows)
+        groups += [r.record.group for r in recs]
         qs.append(q)
         kps.append(k[b, ip])
         kns.append(k[b, in_])
@@ -63,7 +64,8 @@ def relation_inputs(views: Sequence[Any], resolved: Sequence[Any]) -> dict[str, 
     if not rows:
         raise ValueError("relation_inputs: no swap record")
     return {"rows": rows, "q": torch.cat(qs), "k_pos": torch.cat(kps), "k_neg": torch.cat(kns),
-            "positions": torch.cat(pos), "scaling": scaling, "softcap": softcap}  # fmt: skip
+            "positions": torch.cat(pos), "groups": groups, "scaling": scaling,
+            "softcap": softcap}  # fmt: skip
 
 
 def relational_result(
@@ -80,7 +82,7 @@ def relational_result(
     inside ``bases[0]``."""
     from ..core.statistics import paired_bootstrap_ci
 
-    partner, shares = pair_partners(inputs["positions"], seed=seed)
+    partner, shares = pair_partners(inputs["positions"], seed=seed, groups=inputs.get("groups"))
     out = relation_patch(inputs["q"], inputs["k_pos"], inputs["k_neg"], partner, bases,
                          inputs["scaling"], inputs["softcap"])  # fmt: skip
     eff = out["effect"]
