@@ -38,6 +38,11 @@ _LAZY = {
     "bootstrap": "core.statistics",
 }
 
+# Operations of a layer above qkcov.results that a result's own methods call
+# (AnalysisResult.subspace / save / report): results.py imports no module above it, so it
+# asks the package root, which loads the named module on first use (no import circle).
+_OPERATIONS = {"subspace_from_result": "export", "save_run": "report.save"}
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -81,6 +86,13 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'qkcov' has no attribute {name!r}")
+
+
+def _operation(name: str):
+    """``qkcov.results``' way to a higher layer's operation on a result (see _OPERATIONS)."""
+    import importlib
+
+    return getattr(importlib.import_module(f".{_OPERATIONS[name]}", __name__), name)
 
 
 def __dir__() -> list[str]:

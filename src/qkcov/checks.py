@@ -43,7 +43,7 @@ def check_notebook_inputs(
 ) -> Any:
     """:func:`analyze`'s arguments: a loaded model and tokenizer, records (or a JSONL path,
     loaded here), no load-time setting it would silently ignore (:class:`InputError`)."""
-    from .pipeline import RunConfig
+    from .pipeline.config import RunConfig
 
     def what(x: Any) -> str:
         return "None" if x is None else f"{type(x).__name__} {x!r}"[:80]

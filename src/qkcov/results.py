@@ -48,6 +48,15 @@ VERDICTS = ("reads-feature", "separates-keys-not-feature", "no-evidence", "not-t
 """Verdict statuses, best first (see :class:`Verdict`)."""
 
 
+def _operation(name: str) -> Any:
+    """An operation of a layer above the results on a result (``subspace_from_result`` of
+    ``qkcov.export``, ``save_run`` of ``qkcov.report``): results.py imports neither (they
+    import it), so the package root names each one's module and loads it on first use."""
+    from . import _operation as operation
+
+    return operation(name)
+
+
 def headline_p(head: dict[str, Any]) -> float | None:
     """p of the headline: the pooled ΔC's, or the groups' max-T p when the headline swap
     is the union of the group subspaces."""
@@ -664,12 +673,11 @@ class AnalysisResult:
 
     def subspace(self, head: str, feature: str | None = None, group: str = POOLED) -> Any:
         """:class:`qkcov.export.Subspace` of ``head`` / ``feature`` (default: the first
-        feature) — bases, singular values, ranks, head, frame, model."""
-        from .export import subspace_from_result
-
+        feature) — bases, singular values, ranks, head, frame, model (built by
+        ``qkcov.export.subspace_from_result``)."""
         if feature is None:
             feature = self.features[0]["name"] if self.features else "feature"
-        return subspace_from_result(self, head, feature, group)
+        return _operation("subspace_from_result")(self, head, feature, group)
 
     def _repr_html_(self) -> str:
         cols = list(self.SUMMARY_COLUMNS)
@@ -712,16 +720,8 @@ class AnalysisResult:
         ``report.html`` and a manifest, replacing ``out_dir`` as a whole (never a mix of
         two runs; an existing folder only when empty or a complete qkcov run, else
         ``force=True`` writes inside it, keeping its other files). ``section`` overrides the
-        report section's key/title/text."""
-        from .artifacts import RunFolder
-        from .report import build_report
-        from .report.run import write_run_section
-
-        with RunFolder(out_dir, command="run", force=force) as staging:
-            self.write_artifacts(staging)
-            write_run_section(staging, **dict(section or {}))
-            build_report(staging)
-        return Path(out_dir)
+        report section's key/title/text (written by ``qkcov.report.save.save_run``)."""
+        return _operation("save_run")(self, out_dir, section=section, force=force)
 
     @classmethod
     def load(cls, out_dir: str | Path) -> AnalysisResult:

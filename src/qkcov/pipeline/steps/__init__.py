@@ -1,0 +1,1 @@
+"""One module per step of a run; :mod:`qkcov.pipeline.run` calls them in order."""
