@@ -1,6 +1,8 @@
 """Step: key swaps of every condition against equal-rank random and label-permuted subspaces
 and the full-key ceiling, with CIs and p-values; the causal plan (:mod:`.causal`) adds the
-causal rank curve and the label-sensitive centroid patch."""
+causal rank curve (guarded against ranks random subspaces reach), the label-sensitive centroid
+patch and the pattern-split subspaces of the transfer; the relational test
+(:mod:`qkcov.engine.relational`) runs on the same unedited forward."""
 
 from __future__ import annotations
 
