@@ -371,6 +371,11 @@ class SwapResult:
     headline subspace (``effect``, ``ci``, ``permuted`` mean/std, ``p_value``). ``answers``:
     the unedited model's accuracy on the records' ``answer`` (``n``, ``top1``,
     ``mean_rank``, 1 = top). ``scored_token``: which token the log-prob shift scores.
+    ``relation_test``: the cross-record exchange on the headline subspace
+    (:func:`qkcov.engine.relational.relational_result`: ``effect``, ``p_value``, ``p_floor``,
+    ``n_pairs``, ``relation_share``, ``declared_kind``…). ``transfer``: the headline's rank
+    built on one position pattern and swapped on the other
+    (:func:`qkcov.engine.relational.transfer_result`).
     """
 
     n: int
@@ -386,6 +391,8 @@ class SwapResult:
     scored_token: str | None = None
     n_permuted: int = 0
     permuted_skipped: str | None = None
+    relation_test: dict[str, Any] | None = None
+    transfer: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         if self.skipped:
@@ -408,6 +415,8 @@ class SwapResult:
             "skipped": self.skipped,
             "causal_rank": self.causal_rank,
             "label_test": self.label_test,
+            "relation_test": self.relation_test,
+            "transfer": self.transfer,
             "answers": self.answers,
             "scored_token": self.scored_token,
         }
@@ -1085,6 +1094,8 @@ def _head_from_dict(d: dict[str, Any], t: dict[str, torch.Tensor]) -> HeadResult
         sw.get("scored_token"),
         sw.get("n_permuted", 0),
         sw.get("permuted_skipped"),
+        sw.get("relation_test"),
+        sw.get("transfer"),
     )
     ad = d["attribution"]
     attribution = AttributionResult(

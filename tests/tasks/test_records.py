@@ -228,3 +228,23 @@ def test_key_attrs_round_trip_and_checks(tmp_path: Path) -> None:
         line = '{"prompt": "a b", "positives": [{"text": "a", "attrs": ' + bad + "}]}"
         with pytest.raises(ValueError, match=msg):
             parse_records([line])
+
+
+def test_kind_declaration_round_trip_and_consistency():
+    from qkcov.tasks.records import ContrastRecord, feature_kinds, parse_records
+
+    line = '{"prompt": "a b a", "positives": [{"text": "b"}], "negatives": [{"start": 0, "end": 1}], "kind": "relation"}'
+    (rec,) = parse_records([line])
+    assert rec.kind == "relation" and rec.to_dict()["kind"] == "relation"
+    assert ContrastRecord.from_dict(rec.to_dict()) == rec
+    assert "kind" not in ContrastRecord("a b", rec.positives[:0], rec.negatives).to_dict()
+    with pytest.raises(ValueError, match="line 1: kind must be one of"):
+        parse_records([line.replace('"relation"', '"match"')])
+    plain = line.replace(', "kind": "relation"', "")
+    recs = parse_records([line, plain, line])
+    with pytest.raises(
+        ValueError, match=r"more than one kind \('relation' on lines 1, 3; no kind on lines 2\)"
+    ):
+        feature_kinds(recs)
+    assert feature_kinds(parse_records([line, line])) == {None: "relation"}
+    assert feature_kinds(parse_records([plain])) == {None: None}

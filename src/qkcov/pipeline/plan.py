@@ -27,6 +27,7 @@ class Plan:
     split: list[str]
     notes: list[str] = field(default_factory=list)
     controls: list[str] = field(default_factory=list)  # what the label nulls condition on
+    kinds: dict[str, str | None] = field(default_factory=dict)  # feature -> declared kind
 
     def feature_of(self, i: int) -> str:
         return self.records[i].feature or DEFAULT_FEATURE
@@ -95,7 +96,10 @@ def plan_records(records: Sequence[ContrastRecord | Mapping[str, Any]], cfg: Run
             n_held = min(len(idx) - 1, max(1, round(cfg.holdout * len(idx)))) if len(idx) > 1 else 0
             for j in torch.randperm(len(idx), generator=gen)[:n_held].tolist():
                 split[idx[j]] = "heldout"
-    plan = Plan(recs, features, split, controls=controls)
+    from ..tasks.records import feature_kinds
+
+    kinds = {k or DEFAULT_FEATURE: v for k, v in feature_kinds(recs).items()}
+    plan = Plan(recs, features, split, controls=controls, kinds=kinds)
     for f in features:
         build = plan.indices("build", f)
         n_pos = sum(1 for i in build if recs[i].positives)

@@ -122,7 +122,9 @@ TASKS: dict[str, TaskSpec] = {
         "Subject–verb agreement", 40,
         ("Query = the verb (last token); positive key = the subject noun (same number as the "
          "verb), negative key = an attractor noun of the other number; groups = the verb's "
-         "number.",),
+         "number. The subject comes before the attractor in half the prompts and after it in "
+         "the other half (--order), so the query–key offset alone cannot tell them apart; "
+         "--numbers same is the role control (both nouns share the verb's number).",),
     ),
 }  # fmt: skip
 

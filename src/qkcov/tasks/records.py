@@ -28,6 +28,8 @@ from ..artifacts import atomic_write_bytes, to_jsonable
 
 __all__ = [
     "coin_flip",
+    "KINDS",
+    "feature_kinds",
     "Span",
     "ContrastRecord",
     "find_spans",
@@ -46,7 +48,9 @@ ATTR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 RESERVED_ATTRS = ("offset", "none")  # controls qkcov computes itself
 _RECORD_KEYS = {
     "prompt", "positives", "negatives", "query", "group", "system", "meta", "feature", "answer",
+    "kind",
 }  # fmt: skip
+KINDS = ("class", "relation")  # what marks a feature's positive keys (see feature_kinds)
 
 
 def _is_int(x: Any) -> bool:
@@ -299,7 +303,11 @@ class ContrastRecord:
     e.g. ``"order"`` and ``"lexical"``; ``None`` = the single default feature). ``answer`` is
     the text the model should produce next (its first token is the one the swaps' log-prob
     shift scores and the model's accuracy is measured on; ``None`` = score the first token of
-    each key span). ``line`` is
+    each key span). ``kind`` declares what marks the positive keys: ``"class"`` (a key
+    property shared across records: a category, a number, a role), ``"relation"`` (a match
+    with this record's query that differs per record: the repeated token, the bound letter,
+    the name not yet used) or ``None`` (let the run detect it); it picks the label-sensitive
+    test of the verdict (see :func:`feature_kinds`). ``line`` is
     the 1-based JSONL line the record was loaded from (set by :func:`parse_records`, used in
     error messages; never saved and ignored by ``==``).
     """
@@ -314,8 +322,13 @@ class ContrastRecord:
     feature: str | None = None
     line: int | None = field(default=None, compare=False, repr=False)
     answer: str | None = None
+    kind: str | None = None
 
     def __post_init__(self) -> None:
+        if self.kind is not None and self.kind not in KINDS:
+            raise ValueError(
+                f"ContrastRecord: kind must be one of {list(KINDS)} or null, got {self.kind!r}"
+            )
         if self.answer is not None and (not isinstance(self.answer, str) or not self.answer):
             raise ValueError(
                 f"ContrastRecord: answer must be a non-empty string or null, got {self.answer!r}"
@@ -356,6 +369,7 @@ class ContrastRecord:
             "meta": to_jsonable(self.meta),
             **({} if self.feature is None else {"feature": self.feature}),
             **({} if self.answer is None else {"answer": self.answer}),
+            **({} if self.kind is None else {"kind": self.kind}),
         }
 
     @classmethod
@@ -451,10 +465,23 @@ def _parse_record(obj: Any, line: int | None = None) -> tuple[ContrastRecord | N
     answer = obj.get("answer")
     if answer is not None and (not isinstance(answer, str) or not answer.strip()):
         errors.append(f"answer must be a non-empty string or null, got {answer!r}")
+    kind = obj.get("kind")
+    if kind is not None and kind not in KINDS:
+        errors.append(f"kind must be one of {list(KINDS)} or null, got {kind!r}")
     if errors:
         return None, errors
     record = ContrastRecord(
-        prompt, positives, negatives, query, group, system, dict(meta), feature, line, answer
+        prompt,
+        positives,
+        negatives,
+        query,
+        group,
+        system,
+        dict(meta),
+        feature,
+        line,
+        answer,
+        kind,
     )
     return record, []
 
@@ -553,3 +580,28 @@ def coin_flip(records: list[ContrastRecord], seed: int = 0) -> list[ContrastReco
         else r
         for r in records
     ]
+
+
+def feature_kinds(records: list[ContrastRecord]) -> dict[str | None, str | None]:
+    """Each feature's declared ``kind`` (``None`` when no record of it declares one).
+
+    Raises one ``ValueError`` when the records of a feature disagree — some declare a kind and
+    others another, or some none — naming the feature and the first lines of each."""
+    by: dict[str | None, dict[str | None, list[int | None]]] = {}
+    for i, r in enumerate(records):
+        by.setdefault(r.feature, {}).setdefault(r.kind, []).append(r.line or i + 1)
+    out: dict[str | None, str | None] = {}
+    for feature, kinds in by.items():
+        if len(kinds) > 1:
+            name = "the default feature" if feature is None else f"feature {feature!r}"
+            parts = "; ".join(
+                f"{'no kind' if k is None else repr(k)} on lines "
+                + ", ".join(str(x) for x in lines[:5]) + (" ..." if len(lines) > 5 else "")
+                for k, lines in kinds.items()
+            )  # fmt: skip
+            raise ValueError(
+                f"records: {name} declares more than one kind ({parts}); give every record of "
+                'a feature the same "kind" (class or relation) or none'
+            )
+        out[feature] = next(iter(kinds))
+    return out

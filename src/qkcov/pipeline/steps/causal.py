@@ -36,6 +36,10 @@ class _Causal:
     rank: int = 0
     late: Any = None
     conditioning: dict[str, Any] = field(default_factory=dict)  # what the label nulls condition on
+    guard: dict[str, Any] | None = None  # the guarded causal rank (core.transfer)
+    label_stack: torch.Tensor | None = None  # [1+P, D, r] headline + label-permuted bases
+    transfer_skipped: str | None = "no position patterns"
+    transfer_rank: int = 0
 
     def curve_result(self, offline: Mapping[str, Any], cfg: RunConfig) -> dict[str, Any] | None:
         if not self.R:
@@ -56,7 +60,7 @@ class _Causal:
         return {
             "feature": self.headline_feature, "rank": self.rank, "R": self.R,
             "fraction": CAUSAL_FRACTION, "condition": self.headline, "note": self.note,
-            "curve": curve,
+            "guard": self.guard, "curve": curve,
         }  # fmt: skip
 
     def label_result(self, patches: Mapping[str, Any], cfg: RunConfig) -> dict[str, Any] | None:
@@ -151,6 +155,7 @@ def _causal_plan(
     head_name: str,
     record_groups: Sequence[str | None] = (),
     cond: Mapping[str, Any] | str | None = None,
+    build_patterns: Sequence[str | None] | None = None,
 ) -> _Causal:
     """Offline families for the swap engine: label-permuted subspaces of every condition
     (``permuted:<condition>``, the null's relabellings of the build records, from the kept
@@ -159,6 +164,7 @@ def _causal_plan(
     causal-rank condition and the centroid patch on the headline subspace."""
     from ...core.causal import causal_rank, class_key_means, relabel_signs, relabelled_deltas
     from ...core.subspace import union_basis
+    from ...core.transfer import guarded_causal_rank, pattern_bases
 
     f0 = next(iter(features))
     plan = _Causal(f0, headline)
@@ -323,7 +329,14 @@ def _causal_plan(
             curve = [
                 float(out["offline"][f"curve:{r}"]["delta_p"].mean()) for r in range(1, plan.R + 1)
             ]
-            plan.rank = causal_rank(curve, CAUSAL_FRACTION)
+            rnd = [
+                float(out["offline"][f"curve-random:{r}"]["delta_p"].mean())
+                for r in range(1, plan.R + 1)
+            ]
+            # never settle where random subspaces move more than MAX_RANDOM_SHARE of the
+            # effect; when no rank qualifies keep the plain rule's rank and say so
+            plan.guard = guarded_causal_rank(curve, rnd, CAUSAL_FRACTION)
+            plan.rank = int(plan.guard["rank"]) or causal_rank(curve, CAUSAL_FRACTION)
             if plan.rank:
                 same = [n for n in (headline, f"{f0}@energy") if n in bases
                         and int(bases[n].shape[1]) == plan.rank
@@ -343,11 +356,39 @@ def _causal_plan(
         # the centroid patch: real labels in the real subspace, each permutation's labels in
         # its own subspace (the same estimator on relabelled records)
         pbl = permuted_bases(chosen, int(basis.shape[1]))
+        # the relational exchange reads the headline subspace and the label-permuted ones
+        plan.label_stack = torch.stack([basis, *[b.double() for b in pbl or []]])
         row0 = real_bases(chosen, int(basis.shape[1])) if conditioned else basis
         if plan.means is not None and pbl and row0 is not None:
             plan.label_condition = chosen
             stack = torch.stack([row0.double(), *[b.double() for b in pbl]])
             more["patches"]["label"] = (stack, *plan.means)
+        # transfer: the headline's rank built on each position pattern's build records
+        st0 = stats.get(f0)
+        r = int(basis.shape[1])
+        if st0 is None:
+            plan.transfer_skipped = (
+                "needs the record statistics (--n-permutations or --n-bootstrap > 0)"
+            )
+        elif build_patterns is None or len(build_patterns) != st0.n:
+            plan.transfer_skipped = "no position pattern per build record"
+        else:
+            pb = pattern_bases(st0, build_patterns, r)
+            if len(pb) < 2:
+                plan.transfer_skipped = (
+                    "the build records hold one position pattern only (the positives always "
+                    "farther from the query than the negatives, or always nearer): nothing to "
+                    "build the other pattern's subspace on"
+                )
+            else:
+                plan.transfer_skipped, plan.transfer_rank = None, r
+                more["offline"].update(
+                    {f"transfer:{p}": [b.float().double()] for p, b in pb.items()}
+                )
+                more["offline"]["transfer-random"] = [
+                    random_orthonormal(D, r, seed=sub_seed(cfg.seed, "transfer-random", d))
+                    for d in range(CURVE_RANDOM)
+                ]
         return more
 
     plan.late = late

@@ -82,6 +82,7 @@ def _head_step(x: HeadInputs, head: Head) -> HeadResult:
             model, tokenizer, swap_records, x.swap_base, head, features, cfg, progress,
             None if "swaps" in steps else "step off (--steps)",
             {f: (stats[f] or {}).get(head) for f in plan.features}, cond,
+            plan.kinds.get(plan.features[0]), _build_patterns(plan, resolved),
         )  # fmt: skip
     with timer.phase("token_view"):
         token_view = _token_view(
@@ -110,3 +111,14 @@ def _head_step(x: HeadInputs, head: Head) -> HeadResult:
     )  # fmt: skip
     result.verdict = _verdict(result, cfg)
     return result
+
+
+def _build_patterns(plan: Any, resolved: Any) -> list[str | None]:
+    """Each build record's position pattern (:mod:`qkcov.core.transfer`) of the headline
+    feature, in the record statistics' order (records with a resolved key)."""
+    from ...core.transfer import position_patterns
+
+    b0 = [r for r in (resolved[i] for i in plan.indices("build", plan.features[0])) if r.keys]
+    return position_patterns(
+        [r.query for r in b0], [r.positives for r in b0], [r.negatives for r in b0]
+    )

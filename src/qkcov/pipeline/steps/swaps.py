@@ -1,6 +1,8 @@
 """Step: key swaps of every condition against equal-rank random and label-permuted subspaces
 and the full-key ceiling, with CIs and p-values; the causal plan (:mod:`.causal`) adds the
-causal rank curve and the label-sensitive centroid patch."""
+causal rank curve (guarded against ranks random subspaces reach), the label-sensitive centroid
+patch and the pattern-split subspaces of the transfer; the relational test
+(:mod:`qkcov.engine.relational`) runs on the same unedited forward."""
 
 from __future__ import annotations
 
@@ -53,11 +55,16 @@ def _swaps(
     skip_reason: str | None,
     stats: Mapping[str, Any] | None = None,
     cond: Mapping[str, Any] | str | None = None,
+    kind: str | None = None,
+    build_patterns: Sequence[str | None] | None = None,
 ) -> SwapResult:
     """Swaps of every condition against random and label-permuted subspaces, the causal rank
     curve (its causal-rank subspace becomes the headline) and the label-sensitive centroid
     patch on the headline, all from the unedited forward every head shares (``swap_base()``,
-    :func:`qkcov.engine.swaps.capture_swap_base`; see :func:`_causal_plan`)."""
+    :func:`qkcov.engine.swaps.capture_swap_base`; see :func:`_causal_plan`), then the relational
+    test and the transfer across position patterns from the same forward (``kind``: the
+    feature's declared kind; ``build_patterns``: each build record's position pattern in the
+    record statistics' order, see :mod:`qkcov.core.transfer`)."""
     from ...engine.swaps import run_swaps
 
     headline_feature = next(iter(features))
@@ -84,7 +91,7 @@ def _swaps(
     D = next(iter(bases.values())).shape[0]
     causal = _causal_plan(
         features, bases, headline, stats or {}, cfg, D, f"L{head[0]}H{head[1]}",
-        [r.record.group for r in resolved], cond,
+        [r.record.group for r in resolved], cond, build_patterns,
     )  # fmt: skip
     sw = run_swaps(
         model, tokenizer, resolved, head[0], head[1], pairs, {k: v.float() for k, v in bases.items()},
@@ -108,13 +115,53 @@ def _swaps(
     ceiling = SwapCondition(
         "ceiling", int(model_head_dim(model)), dict(sw["ceiling"]), None, per.get("ceiling")
     )
+    relation, transfer = _relation_and_transfer(
+        base, head, resolved, sw, causal, (stats or {}).get(headline_feature), kind, cfg
+    )
     return SwapResult(
         int(sw["n"]), causal.headline or headline, conditions, ceiling, dict(sw["null"]),
         cfg.n_random, causal_rank=causal.curve_result(sw["offline"], cfg),
         label_test=causal.label_result(sw["patches"], cfg), answers=sw.get("answers"),
         scored_token=_scored_token(resolved), n_permuted=causal.n_permuted,
-        permuted_skipped=causal.skipped,
+        permuted_skipped=causal.skipped, relation_test=relation, transfer=transfer,
     )  # fmt: skip
+
+
+def _relation_and_transfer(
+    base: Any, head: Head, resolved: Sequence[Any], sw: Mapping[str, Any], causal: _Causal,
+    st: Any, kind: str | None, cfg: RunConfig,
+) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """The relational test on the headline subspace (label-permuted subspaces as its reported
+    baseline) and the transfer rows (:mod:`qkcov.engine.relational`)."""
+    from ...engine.relational import (
+        relation_inputs,
+        relational_result,
+        swap_patterns,
+        transfer_result,
+    )
+
+    name = f"L{head[0]}H{head[1]}"
+    if causal.label_stack is None:
+        relation: dict[str, Any] = {"available": False, "reason": "no headline subspace"}
+    else:
+        relation = relational_result(
+            relation_inputs(base.views[head], resolved), causal.label_stack, st,
+            seed=sub_seed(cfg.seed, f"relation:{name}"), n_boot=max(cfg.n_bootstrap, 200),
+        )  # fmt: skip
+    relation["declared_kind"] = kind
+    if causal.transfer_skipped:
+        return relation, {"available": False, "reason": causal.transfer_skipped}
+    pats = swap_patterns(base.pairs[head])
+    held = [pats[i] for i in base.keep]
+    fam = sw["offline"]
+    per = {
+        p[len("transfer:") :]: v["delta_p"][0] for p, v in fam.items() if p.startswith("transfer:")
+    }
+    head_dp = torch.tensor(sw["per_prompt"][causal.headline]["delta_p"], dtype=torch.float64)
+    transfer = transfer_result(
+        per, held, head_dp, fam["transfer-random"]["delta_p"], causal.transfer_rank
+    )
+    return relation, transfer
 
 
 def _scored_token(resolved: Sequence[Any]) -> str:
