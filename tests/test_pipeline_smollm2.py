@@ -1,5 +1,6 @@
 """The pipeline on the default model (slow): a contrast beyond the paper (subject–verb
-agreement) finds causal heads far above random — confounded with the offset in these records —
+agreement, subject-first records) finds causal heads far above random — confounded with the
+offset in these records —
 and a coin-flip relabelling of the same records gets no evidence."""
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def smollm2():
 
 def test_agreement_swaps_beat_random_and_coin_flip_is_not_significant(smollm2):
     model, tok = smollm2
-    records = build_task_records("agreement", n=160)
+    records = build_task_records("agreement", n=160, order="subject-first")  # offset-confounded
     real = analyze(model, tok, records, heads="auto:2", progress=False)
     best = real.best
     c = best.swaps.conditions[best.swaps.headline]
