@@ -128,7 +128,7 @@ def test_resumed_head_checkpoint_is_verified(tmp_path):
     again = RunState(tmp_path / "out", cfg, recs, resume=True)
     assert again.load_head("L0H1").to_dict() == head.to_dict()
     path = again.dir / "head-L0H1.json"
-    path.write_text(path.read_text().replace('"n_random": 10', '"n_random": 11'))
+    path.write_text(path.read_text().replace('"n_random": 19', '"n_random": 20'))
     with pytest.raises(ValueError, match="head-L0H1.json was changed after qkcov wrote it"):
         again.load_head("L0H1")
 
@@ -176,7 +176,7 @@ def test_only_rank_0_prints_the_summary(tmp_path, monkeypatch, capsys):
     import qkcov.pipeline
 
     class Fake:
-        def summary(self) -> str:
+        def summary(self, wide: bool = False) -> str:
             return "SUMMARY"
 
     monkeypatch.setattr(qkcov.pipeline, "run", lambda *a, **kw: Fake())

@@ -121,6 +121,9 @@ def test_a_verdict_leads_each_head_block(run, tmp_path):
     other = info["heads"][1]
     block = page[page.index(f'<article class="head" id="run-{other["name"]}">') :]
     first = block[block.index("<p") : block.index("</p>")]
-    assert 'class="verdict neutral"' in first and f"{other['name']}: rank {other['rank']}" in first
+    assert (
+        'class="verdict neutral"' in first
+        and f"{other['name']}: causal rank {other['rank']}" in first
+    )
     # the headline swap named by the run is the one the summary quotes
     assert f"inside the {other['swap_condition']} subspace" in first

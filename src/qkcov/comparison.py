@@ -160,8 +160,9 @@ def _same_model(a: Any, b: Any) -> bool:
     """Same model: the recorded identities' fingerprints (config, parameter shapes, weights)
     agree; for a run without one, its model name and head geometry."""
     ia, ib = _identity(a), _identity(b)
+    geometry = _model_key(a)[1:] == _model_key(b)[1:]  # and the head geometry the runs record
     if ia is not None and ib is not None:
-        return bool(ia["fingerprint"] == ib["fingerprint"])
+        return bool(ia["fingerprint"] == ib["fingerprint"]) and geometry
     return _model_key(a) == _model_key(b)
 
 

@@ -21,7 +21,7 @@ CFG = dict(
 @pytest.fixture(scope="module")
 def runs(tiny_llama, tmp_path_factory):
     model, tok = tiny_llama
-    recs = build_task_records("agreement", n=96)
+    recs = build_task_records("agreement", n=96, order="subject-first")
     root = tmp_path_factory.mktemp("runs")
     out = {}
     for name, r, seed in (("seed0", recs, 0), ("seed1", recs, 1), ("coin", coin_flip(recs), 1)):
