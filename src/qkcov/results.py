@@ -626,12 +626,18 @@ class HeadResult:
         """Position of the verdict's status in :data:`VERDICTS` (best first)."""
         return VERDICTS.index(self.verdict.status) if self.verdict else len(VERDICTS)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self, factor_deltas: bool = True) -> dict[str, torch.Tensor]:
+        """The head's tensors under their run.safetensors names; ``factor_deltas=False``
+        keeps every ΔC dense (checkpoints: a resumed head must re-save bit-identically, and
+        an SVD of factors multiplied back out differs from the original's in the last bits)."""
         out: dict[str, torch.Tensor] = {}
         for fname, feat in self.features.items():
             for g, s in feat.groups.items():
                 p = tensor_prefix(self.name, fname, g)
-                out.update(delta_tensors(p, s.delta))  # dense, or exact low-rank factors
+                if factor_deltas:
+                    out.update(delta_tensors(p, s.delta))  # dense, or exact low-rank factors
+                else:
+                    out[p + "delta"] = s.delta.detach().to("cpu", torch.float64).contiguous()
                 out.update({p + k: v.double() for k, v in s.subspace.to_tensors().items()})
             if feat.union_key is not None:
                 out[tensor_prefix(self.name, fname) + "union_key"] = feat.union_key.double()

@@ -135,7 +135,7 @@ class RunState:
         if self.enabled and self._main:
             save_checked(
                 self.dir / f"head-{head.name}.json", self.dir / f"head-{head.name}.safetensors",
-                head.to_dict(), head.tensors(),
+                head.to_dict(), head.tensors(factor_deltas=False),
             )  # fmt: skip
 
     def discard_if_empty(self) -> None:
