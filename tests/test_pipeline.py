@@ -443,7 +443,7 @@ def test_verdict_is_conditioned_on_the_offset(agreement_run):
             assert "vary where the positives sit" in h.verdict.sentence
         assert "labels permuted within offset strata, mixed fraction 0]" in h.verdict.sentence
     row = result.summary_rows()[0]
-    assert row[result.SUMMARY_COLUMNS.index("conditioned on (mixed)")] == "offset (0.00)"
+    assert row[result.SUMMARY_COLUMNS.index("control (mixed)")] == "offset (0.00)"
 
 
 def test_control_names_a_rival_attribute_and_none_turns_conditioning_off():

@@ -128,5 +128,7 @@ def test_resume_after_kill_equals_uninterrupted(setup):
     assert _strip(read_json(out / "run.json")) == _strip(read_json(ref / "run.json"))
     ta, tb = load_tensors(out / "run.safetensors"), load_tensors(ref / "run.safetensors")
     assert ta.keys() == tb.keys(), set(ta) ^ set(tb)
-    assert all(torch.equal(ta[k], tb[k]) for k in ta), [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert all(torch.equal(ta[k], tb[k]) for k in ta), [
+        k for k in ta if not torch.equal(ta[k], tb[k])
+    ]
     assert not ckpt.exists()  # a finished run removes its checkpoints

@@ -662,8 +662,8 @@ class HeadResult:
 
 
 _CONDITIONED = (
-    "≤x: p at its draw floor 1/(draws+1); conditioned on: label-permuted nulls permute labels "
-    "only within those strata (mixed: share of keys in strata holding both labels)"
+    "≤x: p at its draw floor 1/(draws+1); control / conditioned on: label-permuted nulls "
+    "permute labels only within those strata (mixed: share of keys in strata holding both labels)"
 )
 
 
@@ -787,7 +787,7 @@ class AnalysisResult:
 
     SUMMARY_COLUMNS = (
         "head", "verdict", "rank", "headline condition", "Δp", "random", "permuted", "label",
-        "p label", "conditioned on (mixed)",
+        "p label", "control (mixed)",
     )  # fmt: skip
     """The compact table (``qkcov run`` prints it; ``--wide`` prints :attr:`WIDE_COLUMNS`)."""
 
