@@ -48,6 +48,10 @@ def test_declared_relation_uses_the_exchange(runs):
             or ev.get("p_vs_random", 1) < 0.05
         ):
             assert "declared relation feature" in h.verdict.sentence
+        # the compact table's label columns show the test the verdict used (× marks it)
+        row = next(r for r in res.summary_rows() if r[0].rstrip("*") == h.name)
+        col = res.SUMMARY_COLUMNS.index("label")
+        assert row[col] == f"{rel['effect']:.3f}×"
     back = AnalysisResult.load(path)
     for a, b in zip(res.heads, back.heads, strict=True):
         assert b.swaps.relation_test == json.loads(json.dumps(a.swaps.relation_test))

@@ -751,11 +751,24 @@ class AnalysisResult:
             verdict = h.verdict.status if h.verdict else "–"
             dp = "–" if swap is None else _r(swap["delta_p"])
             if not wide:
+                # the label-sensitive test the verdict used: the centroid patch, or for a
+                # relational feature the cross-record exchange (marked ×)
+                if ev.get("kind") == "relation":
+                    effect = (
+                        "–"
+                        if ev.get("relation_effect") is None
+                        else _r(ev["relation_effect"]) + "×"
+                    )
+                    p_lab = format_p(ev.get("p_relation"), fl.get("p_relation"))
+                else:
+                    effect, p_lab = (
+                        _r(lab.get("effect")),
+                        format_p(lab.get("p_value"), lab.get("p_floor")),
+                    )
                 rows.append([
                     name, verdict, str(hl.rank), hl.label, dp,
                     "–" if rnd is None else _r(rnd["delta_p"]["mean"]),
-                    "–" if prm is None else _r(prm["mean"]),
-                    _r(lab.get("effect")), format_p(lab.get("p_value"), lab.get("p_floor")), cond,
+                    "–" if prm is None else _r(prm["mean"]), effect, p_lab, cond,
                 ])  # fmt: skip
                 continue
 
@@ -836,8 +849,10 @@ class AnalysisResult:
         return [
             "rank: the headline rank (the causal rank when its curve ran); Δp: swap in the "
             "headline condition; random / permuted: mean Δp of equal-rank random / "
-            "label-permuted subspaces; label: the centroid patch's effect, p label its p vs "
-            "permuted labels; --wide (summary(wide=True)): every column",
+            "label-permuted subspaces; label: the label-sensitive test the verdict used — the "
+            "centroid patch's effect, p label its p vs permuted labels, or for a relational "
+            "feature the cross-record exchange (×) and its sign-flip p; --wide "
+            "(summary(wide=True)): every column",
             _CONDITIONED,
         ]
 
