@@ -237,17 +237,24 @@ def file_kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "a file")
 
 
-def read_regular_bytes(path: str | Path, *, cap: int = MAX_JSON_BYTES, what: str = "file") -> bytes:
-    """The bytes of ``path``, refused with one line (``ValueError``) unless it is a regular
-    file of at most ``cap`` bytes: a FIFO, device or socket is never opened for a blocking
-    read, and nothing past the cap is read."""
-    path = Path(path)
+def _regular_stat(path: Path, what: str) -> os.stat_result:
+    """``os.stat`` of a regular file; a missing one is ``FileNotFoundError`` and a FIFO,
+    device, socket or folder one ``ValueError``, each naming ``path`` and ``what``."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} not found: {path}") from None
     if not stat.S_ISREG(st.st_mode):
         raise ValueError(f"{path}: is {file_kind(st.st_mode)}, expected a regular {what}")
+    return st
+
+
+def read_regular_bytes(path: str | Path, *, cap: int = MAX_JSON_BYTES, what: str = "file") -> bytes:
+    """The bytes of ``path``, refused with one line (``ValueError``) unless it is a regular
+    file of at most ``cap`` bytes: a FIFO, device or socket is never opened for a blocking
+    read, and nothing past the cap is read."""
+    path = Path(path)
+    _regular_stat(path, what)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         st = os.fstat(fd)
@@ -334,12 +341,7 @@ def save_tensors(
 
 
 def _check_tensor_file(path: Path) -> None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"artifact not found: {path}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{path}: is {file_kind(st.st_mode)}, expected a safetensors file")
+    st = _regular_stat(path, "safetensors file")
     if st.st_size > MAX_TENSOR_BYTES:
         raise ValueError(f"{path}: {st.st_size} bytes, over the {MAX_TENSOR_BYTES}-byte cap")
 

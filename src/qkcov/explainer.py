@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,30 +54,14 @@ def _help(text: str, **kw: Any) -> Any:
 
 
 def check_explain_heads(spec: object) -> None:
-    """Syntax of ``--heads`` before any model loads: ``all``, ``auto``, ``auto:K`` or a list
-    such as ``L5H3,L17H4`` (ranges are checked against the model)."""
-    from .models.heads import parse_heads
+    """Syntax of ``--heads`` before any model loads: ``all``, or what every other command
+    takes (``auto``, ``auto:K``, a list such as ``L5H3,L17H4``; ranges are checked against the
+    model): :func:`qkcov.engine.scan.check_heads_spec`."""
+    from .engine.scan import check_heads_spec
 
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(
-            f"--heads must be 'all', 'auto:K' or a list like 'L5H3,L17H4', got {spec!r}"
-        )
-    s = spec.strip()
-    if s.lower() == "all":
+    if isinstance(spec, str) and spec.strip().lower() == "all":
         return
-    m = _AUTO.match(s)
-    if s.lower().startswith("auto"):
-        if m is None or (m.group(1) is not None and int(m.group(1)) < 1):
-            raise ValueError(
-                f"--heads {spec!r}: expected 'auto' or 'auto:K' with an integer K >= 1"
-            )
-        return
-    try:
-        parse_heads(s, sys.maxsize, sys.maxsize)
-    except ValueError:
-        raise ValueError(
-            f"--heads {spec!r}: expected 'all', 'auto:K' or heads like 'L5H3,L17H4'"
-        ) from None
+    check_heads_spec(spec)
 
 
 @dataclass
