@@ -160,7 +160,8 @@ def head_lead(h: dict[str, Any]) -> str:
     sig = h.get("significance") or {}
     cr = h.get("causal_rank") or {}
     if cr.get("rank"):
-        bits = [f"causal rank {cr['rank']} (null rank {sig.get('rank_null', '–')}"]
+        null = sig.get("rank_null")
+        bits = [f"causal rank {cr['rank']} (null rank {'–' if null is None else null}"]
     else:
         bits = [f"rank {h['rank']} ({h.get('rank_rule', '')} rule"]
     if sig.get("rank_energy") is not None:
