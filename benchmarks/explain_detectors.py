@@ -13,10 +13,14 @@ Detectors, per head:
 - ``first-token``: mean attention to position 0 (default corpus).
 
 For each detector's top-5 heads, the agreement matrix counts their top hypothesis from
-``explain.json`` (by share, and — second table — by attention lift: attention on the
-hypothesis' positive keys ÷ the uniform share of those keys). The issue's targets: of the 5
-heads with the highest induction score ≥ 4 get ``induction`` first; the same for
-``previous-token``.
+``explain.json`` (by share of what the head selects among the keys after the first, and —
+second table — by attention lift: attention on the hypothesis' positive keys ÷ the uniform
+share of those keys). The first key is the gate, not a selection hypothesis, so the
+first-token detector is compared with the heads' ``sink_share`` (the first key's part of the
+logit variance) and ``sink_attention`` (the mean attention on it, measured in qkcov's hook:
+a parity check): how many of the detector's top-5 heads are among the top-5 by each.
+The targets: of the 5 heads with the highest induction score ≥ 4 get ``induction`` first;
+the same for ``previous-token``.
 
     python benchmarks/explain_detectors.py --from OUT        # OUT: a `qkcov explain` folder
     python benchmarks/explain_detectors.py --docs 360        # runs qkcov.explain itself
@@ -122,12 +126,23 @@ def main() -> None:
             names = ",".join(f"L{l}H{h}({float(score[l, h]):.2f}):{pick(heads[(l, h)])}"
                              for l, h in hs)  # fmt: skip
             print(f"{name:<16}" + "".join(f"{cnt.get(c, 0):>15}" for c in cols) + f"   {names}")
-        for name, hyp in (("induction", "induction"), ("previous-token", "previous-token")):
+        for name, hyp in (("induction", "induction"), ("previous-token", "previous-token"),
+                          ("duplicate-token", "same-token")):  # fmt: skip
             flat = det[name].flatten()
             top = flat.argsort(descending=True)[: args.k].tolist()
             hit = sum(pick(heads[(i // info.n_heads, i % info.n_heads)]) == hyp for i in top)
+            target = "; target >= 4" if name != "duplicate-token" else ""
             print(f"{name}: {hit}/{args.k} of the top-{args.k} {name}-score heads get {hyp} "
-                  f"first ({title}); target >= 4")  # fmt: skip
+                  f"first ({title}){target}")  # fmt: skip
+    flat = det["first-token"].flatten()
+    top = {(i // info.n_heads, i % info.n_heads) for i in flat.argsort(descending=True)[: args.k]}
+    for key in ("sink_attention", "sink_share"):
+        by_sink = sorted(heads, key=lambda h, key=key: heads[h].get(key, 0.0), reverse=True)
+        both = top & set(by_sink[: args.k])
+        print(f"first-token: {len(both)}/{args.k} of the top-{args.k} first-token-score heads "
+              f"are among the top-{args.k} by {key}")  # fmt: skip
+    counts = Counter(h["top"] for h in heads.values())
+    print("top hypothesis over all heads:", dict(counts.most_common()))
 
 
 if __name__ == "__main__":

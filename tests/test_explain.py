@@ -198,25 +198,64 @@ def test_sums_match_explicit_capture_and_attribution():
     centred = delta - torch.einsum("d,ne->nde", qbar, wkey)
     got = acc.delta[:, 0] - torch.einsum("d,ne->nde", acc.qsum[0] / acc.n_rows, acc.wkey[:, 0])
     assert torch.allclose(got, centred, atol=1e-4 * float(centred.abs().max()))
-    # greedy shares == core.attribution.attribute on every row's centred logits
+    # each key subspace's variance share == core.attribution.attribute on the centred logits
     e = out[0]
-    order = sorted(e.hypotheses, key=lambda h: h.order)
-    bases = {h.name: h.key_basis.double() for h in order}
-    num = torch.zeros(len(order) + 1, dtype=torch.float64)
-    den = 0.0
-    for q, k in zip(qs, ks, strict=True):
+    for h in e.hypotheses:
+        if h.rank == 0:
+            continue
+        num = den = 0.0
+        for q, k in zip(qs, ks, strict=True):
+            for r in range(1, q.shape[0]):
+                kk = k[: r + 1] - k[: r + 1].mean(0)
+                a = attribute(q[r], kk, {h.name: h.key_basis.double()})
+                num += float((a.parts[0] * a.total).sum())
+                den += float((a.total**2).sum())
+        assert h.subspace_variance == pytest.approx(num / den, abs=1e-4)
+    # gate and selection == an explicit split and weighted least squares over every row
+    sc = acc.scaling
+    names = plan.names
+    sel_names = [n for n in names if n != "first-token"]
+    cols, ys, ws = [], [], []
+    gate = tot = sink = 0.0
+    for i, (q, k) in enumerate(zip(qs, ks, strict=True)):
+        masks = plan.masks[i]
         for r in range(1, q.shape[0]):
-            kk = k[: r + 1] - k[: r + 1].mean(0)
-            a = attribute(q[r], kk, bases, priority=[h.name for h in order])
-            num += (a.parts * a.total).sum(-1)
-            den += float((a.total**2).sum())
-    explicit = (num / den).tolist()
-    for h, x in zip(order, explicit[:-1], strict=True):
-        assert h.share == pytest.approx(x, abs=1e-4)
-    assert e.unexplained == pytest.approx(explicit[-1], abs=1e-4)
-    assert sum(h.share for h in e.hypotheses) + e.unexplained == pytest.approx(1.0, abs=1e-9)
-    assert len(sequential_bases(list(bases.values()))) == len(order)
-    assert memory_bytes(270, 10, 64) == 270 * 11 * 64 * 64 * 8 + 270 * 11 * 8
+            lg = (q[r] @ k[: r + 1].T) * sc
+            tot += float(((lg - lg.mean()) ** 2).sum())
+            rest = lg[1:]
+            gate += r / (r + 1) * float((lg[0] - rest.mean()) ** 2)
+            sink += float(torch.softmax(lg, 0)[0])
+            w = 0.5 * torch.softmax(rest, 0) + 0.5 / r
+            x = torch.stack([masks[names.index(n), r, 1 : r + 1].double() for n in sel_names], 1)
+            cols.append(x - w @ x)
+            ys.append(rest - w @ rest)
+            ws.append(w)
+    X, y, w = torch.cat(cols), torch.cat(ys), torch.cat(ws)
+    rw = w.sqrt()
+    Xw, yw = X * rw[:, None], y * rw
+    yy = float(yw @ yw)
+
+    def r2(idx):
+        if not idx:
+            return 0.0
+        beta = torch.linalg.lstsq(Xw[:, idx], yw[:, None], driver="gelsd").solution
+        fit = Xw[:, idx] @ beta[:, 0]
+        return float(fit @ fit) / yy
+
+    sel = sorted((h for h in e.hypotheses if h.part == "selection" and h.order >= 0),
+                 key=lambda h: h.order)  # fmt: skip
+    chosen, done = [], 0.0
+    for h in sel:
+        chosen.append(sel_names.index(h.name))
+        now = r2(chosen)
+        assert h.share == pytest.approx(now - done, abs=1e-5), h.name
+        done = now
+    assert e.unexplained == pytest.approx(1 - done, abs=1e-5)
+    assert e.sink_share == pytest.approx(gate / tot, rel=1e-4)
+    assert e.sink_attention == pytest.approx(sink / sum(q.shape[0] - 1 for q in qs), rel=1e-4)
+    assert e.hypotheses[-1].part == "gate" and e.hypotheses[-1].share == e.sink_share
+    assert sum(h.share for h in sel) + e.unexplained == pytest.approx(1.0, abs=1e-9)
+    assert memory_bytes(270, 10, 64) == 270 * (11 * 64 * 64 + 100) * 8 + 270 * 11 * 8
 
 
 # --------------------------------------------------------------------------- planted heads
@@ -303,8 +342,10 @@ def test_explain_api_and_saved_folder(tmp_path):
     h0 = data["heads"][0]
     assert set(h0) >= {"name", "hypotheses", "unexplained", "sentence"}
     assert h0["hypotheses"][0]["name"] == h0["top"]
-    shares = [x["share"] for x in h0["hypotheses"]]
+    shares = [x["share"] for x in h0["hypotheses"] if x["part"] == "selection"]
     assert shares == sorted(shares, reverse=True)
+    assert [x["part"] for x in h0["hypotheses"]][-1] == "gate"  # first-token last
+    assert 0 <= h0["sink_share"] <= 1 and 0 <= h0["sink_attention"] <= 1
     assert sum(shares) + h0["unexplained"] == pytest.approx(1.0, abs=1e-6)
     assert h0["hypotheses"][0]["verdict"] == "untested" and h0["hypotheses"][0]["verdict_reason"]
     assert h0["sentence"].startswith(h0["name"] + ": " + h0["top"])

@@ -89,8 +89,9 @@ def test_click_opens_the_heads_section(browser, atlas):
     assert data["heads"][-1]["sentence"] in text
     assert (
         browser.eval(f"document.querySelectorAll('#head-{name} svg.bars rect').length")
-        == len(data["heads"][-1]["hypotheses"]) + 1
+        == sum(x["part"] == "selection" for x in data["heads"][-1]["hypotheses"]) + 1
     )
+    assert "The first key (the gate" in text
     assert browser.eval(f"document.querySelectorAll('#head-{name} .tok').length") > 10
 
 

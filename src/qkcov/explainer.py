@@ -222,12 +222,18 @@ class ExplainResult:
                     "top": h.top.name if h.top else None,
                     "sentence": h.sentence(),
                     "unexplained": h.unexplained,
+                    "sink_share": h.sink_share,
+                    "sink_attention": h.sink_attention,
                     "logit_std": h.logit_std,
                     "hypotheses": [
                         {
                             "name": x.name,
+                            "part": x.part,
                             "share": x.share,
                             "solo_share": x.solo_share,
+                            "logit_contrast": x.logit_contrast,
+                            "subspace_share": x.subspace_share,
+                            "subspace_variance": x.subspace_variance,
                             "random_share": x.random_share,
                             "rank": x.rank,
                             "rank_energy": x.rank_energy,

@@ -14,28 +14,50 @@ For one sequence batch and one layer, given each selected head's post-RoPE queri
   query (issue "relational features"), so the head's shared query direction is taken out;
 - ``gram [H, D, D]``: ``G = Σ_q q v_qᵀ`` with ``v_q = Σ_k c_qk k_k`` and ``c_qk`` the query
   row's raw dot products centred over its allowed keys (softmax ignores a shift shared by the
-  row). For any symmetric projector ``P`` on the query side, ``tr(P G)`` is exactly
-  ``Σ_q Σ_k ⟨part_P, total⟩`` of the row-centred logits — the numerator of
+  row). For any symmetric projector ``P``, ``tr(P G)`` is exactly ``Σ_q Σ_k ⟨part_P, total⟩``
+  of the row-centred logits — the numerator of
   :func:`qkcov.core.attribution.explain_logits`' ``share`` — so the attribution of every
-  logit of the corpus to any sequence of query subspaces needs only ``G``;
+  logit of the corpus to a hypothesis' key subspace needs only ``G``;
 - per hypothesis, the attention mass on its positive keys (with the model's own mask,
-  scaling and soft-cap) and the uniform baseline (share of positive keys in the row).
+  scaling and soft-cap) and the uniform baseline (share of positive keys in the row);
+- the gate and the selection (below).
 
-Memory: ``heads × (hypotheses + 1) × D² × 8`` bytes of float64 sums (270 heads × 11 × 64² × 8
-= 97 MB for SmolLM2-135M), plus per batch and layer ``B × H × S² × 4 × 3`` bytes of logits,
-weights and centred logits, ``B × N × S² × 5`` of pair masks and weights and
-``B × N × H × S × D × 4`` of weighted keys.
+Gate and selection. Softmax ignores a shift shared by a row, so what a head does is set by
+each row's logits centred over its keys, and their sum of squares splits exactly in two:
 
-:func:`explain_head` turns the sums into per-hypothesis subspaces (SVD of ΔC, energy rank
-capped at ``max_rank``) and their shares of the logit variance, in greedy order: at each step
-the hypothesis whose subspace, orthogonalised against those already chosen
-(:func:`qkcov.core.attribution.sequential_bases`), carries the largest share; the shares and
-the unexplained rest sum to 1 exactly. The split uses each hypothesis' *key* subspace ``V_r``
-by default (``side="key"``): q and k share one space, so ``q·P k = (P q)·k`` and the same
-exact attribution applies; the key side names the key directions in which positives differ
-from their offset-matched negatives, while the query side of every ΔC of a head is dominated
-by the head's shared query direction (measured on SmolLM2: query-side subspaces of unrelated
-hypotheses all take 70–90 % of the variance first).
+- the **gate**: the first key (the sink) against the mean of the others,
+  ``(n−1)/n · (l_0 − l̄_rest)²`` — how much the head attends at all (``sink_share`` of the
+  whole; the ``first-token`` hypothesis is this part, ``part = "gate"``);
+- the **selection**: the logits of the keys after the first, centred among themselves —
+  which of them the head picks.
+
+Hypotheses explain the selection: each is an indicator over the row's keys after the first,
+and the head's selection logits are regressed on the indicators by weighted least squares
+within rows, with weights ``W_qk`` half the head's own attention among those keys and half
+uniform (``SELECTION_ATTENTION = 0.5``). Uniform weights alone let the logits of keys the
+head never attends to (strongly suppressed punctuation, say) dominate; attention weights
+alone ignore what the head suppresses and follow one key of a sharp row. The sums are
+``sel_xx [H, N, N]`` = ``Σ W x̃_n x̃_m``, ``sel_xy [H, N]`` = ``Σ W x̃_n c``, ``sel_yy [H]`` =
+``Σ W c²`` (``x̃``, ``c``: indicators and logits centred by the row's ``W``).
+
+:func:`explain_head` ranks the hypotheses by **greedy forward selection**: at each step the
+indicator whose addition to those already chosen explains the most selection variance; its
+share is that increment of R², so the shares and the unexplained rest sum to 1 exactly and a
+hypothesis that only repeats an earlier one gets little. Each hypothesis also gets its ΔC
+subspace (SVD, energy rank capped at ``max_rank``) — the key directions in which its positives
+differ from their offset-matched negatives — and two exact attributions of it: the part of
+the hypothesis' mean logit contrast (positives − negatives, ``tr ΔC``) that the subspace
+carries, and the subspace's share of the head's whole logit variance (through ``G``) beside
+a random subspace's ``rank / D``. Ranking by the subspaces' variance shares instead does not
+find the heads attention-pattern detectors find: a rank-8 subspace of a positional
+hypothesis spans the recency directions every head varies along (measured on SmolLM2, see
+``docs/explain.md``).
+
+Memory: ``heads × ((hypotheses + 1) × D² + hypotheses²) × 8`` bytes of float64 sums (270
+heads × (11 × 64² + 10²) × 8 = 97 MB for SmolLM2-135M), plus per batch and layer
+``B × H × S² × 4 × 5`` bytes of logits, weights and centred logits, ``B × H × N × S² × 4`` of
+weighted indicators, ``B × N × S² × 5`` of pair masks and weights and ``B × N × H × S × D × 4``
+of weighted keys.
 """
 
 from __future__ import annotations
@@ -45,8 +67,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .attribution import sequential_bases
-from .subspace import feature_subspace, orthonormalize, rank_at_energy
+from .subspace import feature_subspace, rank_at_energy
 
 __all__ = [
     "OFFSET_EDGES",
@@ -57,8 +78,13 @@ __all__ = [
     "HypothesisExplanation",
     "HeadExplanation",
     "explain_head",
+    "greedy_selection",
+    "SELECTION_ATTENTION",
     "memory_bytes",
 ]
+
+#: Weight of the head's own attention in the selection weights (the rest is uniform).
+SELECTION_ATTENTION = 0.5
 
 #: Offset bins for matching negatives to positives: 0..16 exactly, then doubling widths.
 OFFSET_EDGES = (*range(0, 17), 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048,
@@ -159,6 +185,14 @@ class LayerSums:
     rows_pos: torch.Tensor = field(init=False)  # [N] rows with >= 1 positive
     n_pos: torch.Tensor = field(init=False)  # [N] positive pairs
     logit_var: torch.Tensor = field(init=False)  # [H] Σ centred logit² (scaled)
+    total_ss: torch.Tensor = field(init=False)  # [H] Σ row-centred logit² (model's logits)
+    sink_ss: torch.Tensor = field(init=False)  # [H] the first key's part of total_ss
+    sink_attn: torch.Tensor = field(init=False)  # [H] Σ attention on the first key
+    gate_rows: torch.Tensor = field(init=False)  # [] rows with the first key and another
+    sel_xx: torch.Tensor = field(init=False)  # [H, N, N] Σ W x̃_n x̃_m (selection)
+    sel_xy: torch.Tensor = field(init=False)  # [H, N] Σ W x̃_n c
+    sel_yy: torch.Tensor = field(init=False)  # [H] Σ W c²
+    scaling: float = field(init=False, default=1.0)  # the layer's logit scaling (last update)
 
     def __post_init__(self) -> None:
         H, N, D = len(self.heads), self.n_hyp, self.head_dim
@@ -173,6 +207,13 @@ class LayerSums:
         self.rows_pos = torch.zeros(N, dtype=f64)
         self.n_pos = torch.zeros(N, dtype=f64)
         self.logit_var = torch.zeros(H, dtype=f64)
+        self.total_ss = torch.zeros(H, dtype=f64)
+        self.sink_ss = torch.zeros(H, dtype=f64)
+        self.sink_attn = torch.zeros(H, dtype=f64)
+        self.gate_rows = torch.zeros((), dtype=f64)
+        self.sel_xx = torch.zeros(H, N, N, dtype=f64)
+        self.sel_xy = torch.zeros(H, N, dtype=f64)
+        self.sel_yy = torch.zeros(H, dtype=f64)
 
     def update(
         self,
@@ -186,6 +227,7 @@ class LayerSums:
     ) -> None:
         """Add one batch: ``q, k [B, H, S, D]``, ``pos [B, N, S, S]`` bool, ``weights
         [B, N, S, S]`` (:func:`pair_weights`), ``allowed [B, S, S]`` bool."""
+        self.scaling = float(scaling)
         q, k = q.float(), k.float()
         dev = q.device
         allowed = allowed.to(dev)
@@ -204,10 +246,10 @@ class LayerSums:
         v = centred @ k  # [B, H, S, D]
         self.gram += torch.einsum("bhqd,bhqe->hde", q, v).double().cpu()
         self.logit_var += ((centred * scaling) ** 2).sum((0, 2, 3)).double().cpu()
-        logits = dots * scaling  # = attention_logits(q, k, scaling, softcap), one matmul
+        raw = dots * scaling  # = attention_logits(q, k, scaling, softcap), one matmul
         if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
-        logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+            raw = softcap * torch.tanh(raw / softcap)
+        logits = raw.masked_fill(~allowed[:, None], float("-inf"))
         attn = torch.softmax(logits, -1).nan_to_num(0.0)
         posf = pos.float()
         self.attn_pos += torch.einsum("bhqk,bnqk->nh", attn, posf).double().cpu()
@@ -216,25 +258,75 @@ class LayerSums:
         self.rows_pos += has.sum((0, 2)).double().cpu()
         self.n_pos += npos_row.sum((0, 2)).double().cpu()
         self.base_pos += (npos_row / cnt[:, 0, :, 0][:, None]).sum((0, 2)).double().cpu()
+        self._gate_and_selection(raw, attn, pos, allowed)
+
+    def _gate_and_selection(
+        self, raw: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, allowed: torch.Tensor
+    ) -> None:
+        """The exact split of each row's logit variance into the gate (the first key against
+        the others) and the selection (among the others), and the selection's weighted
+        least-squares sums (module doc, "Gate and selection")."""
+        raw = raw.masked_fill(~allowed[:, None], 0.0)  # [B, H, S, S], finite
+        am = allowed[:, None].float()
+        n_all = am.sum(-1)  # [B, 1, S]
+        mean_all = raw.sum(-1) / n_all.clamp_min(1.0)
+        self.total_ss += (((raw - mean_all[..., None]) * am) ** 2).sum((0, 2, 3)).double().cpu()
+        sel = allowed.clone()
+        sel[..., 0] = False
+        sm = sel[:, None].float()  # [B, 1, S, S]
+        n_sel = sm.sum(-1)  # [B, 1, S]
+        gate_rows = allowed[:, None, :, 0].float() * (n_sel > 0).float()  # [B, 1, S]
+        mean_sel = (raw * sm).sum(-1) / n_sel.clamp_min(1.0)
+        gap = raw[..., 0] - mean_sel  # [B, H, S]
+        frac = n_sel / n_all.clamp_min(1.0)
+        self.sink_ss += (frac * gap**2 * gate_rows).sum((0, 2)).double().cpu()
+        self.sink_attn += (attn[..., 0] * gate_rows).sum((0, 2)).double().cpu()
+        self.gate_rows += float(gate_rows.sum())
+        # selection weights: half the head's attention among the keys after the first, half
+        # uniform over them; each row sums to 1 (0 for a row without such keys)
+        a_sel = torch.softmax(raw.masked_fill(~sel[:, None], float("-inf")), -1).nan_to_num(0.0)
+        W = SELECTION_ATTENTION * a_sel + (1 - SELECTION_ATTENTION) * sm / n_sel.clamp_min(
+            1.0
+        ).unsqueeze(-1)
+        c = (raw - (W * raw).sum(-1, keepdim=True)) * sm  # weighted row-centred logits
+        x = (pos & sel[:, None]).float()  # [B, N, S, S]
+        self.sel_xy += torch.einsum("bhqk,bnqk->hn", W * c, x).double().cpu()
+        self.sel_yy += (W * c * c).sum((0, 2, 3)).double().cpu()
+        xbar = torch.einsum("bhqk,bnqk->bhnq", W, x)  # [B, H, N, S]
+        wx = W.unsqueeze(2) * x.unsqueeze(1)  # [B, H, N, S, S]
+        xx = torch.einsum("bhnqk,bmqk->hnm", wx, x) - torch.einsum("bhnq,bhmq->hnm", xbar, xbar)
+        self.sel_xx += xx.double().cpu()
 
 
 def memory_bytes(n_heads: int, n_hyp: int, head_dim: int) -> int:
-    """Bytes of the running sums: ``heads × (hypotheses + 1) × D² × 8`` (+ small vectors)."""
-    return n_heads * (n_hyp + 1) * head_dim * head_dim * 8 + n_heads * (n_hyp + 1) * 8
+    """Bytes of the running sums: ``heads × ((hypotheses + 1) × D² + hypotheses²) × 8``
+    (+ small vectors)."""
+    return (
+        n_heads * ((n_hyp + 1) * head_dim * head_dim + n_hyp * n_hyp) * 8
+        + n_heads * (n_hyp + 1) * 8
+    )
 
 
 @dataclass
 class HypothesisExplanation:
     """One hypothesis at one head.
 
-    ``share``: its part of the head's centred logit variance in the greedy attribution
-    (``order`` = its step, 0-based); ``solo_share``: its subspace alone; ``random_share``:
-    the expected share of a random query subspace of the same rank (``rank / D``);
-    ``rank`` / ``rank_energy``: kept rank (energy rank capped at ``max_rank``) and the
-    uncapped energy rank; ``singular_values``: ΔC's first 8; ``attention``: the head's mean
-    attention mass on the positive keys over rows having one, ``attention_baseline`` the
-    same for uniform attention; ``n_pairs``: positive pairs; ``query_basis [D, r]``,
-    ``key_basis [D, r]``."""
+    ``part``: ``"selection"`` (which of the keys after the first the head picks) or
+    ``"gate"`` (the first key against the others; ``first-token``). ``share``: a selection
+    hypothesis' part of the head's selection variance in the greedy order (``order`` = its
+    step, 0-based; shares and the head's ``unexplained`` sum to 1); a gate hypothesis' share
+    is the first key's part of the head's whole logit variance (the head's ``sink_share``).
+    ``solo_share``: the hypothesis alone. ``logit_contrast``: the mean logit on its positive
+    keys minus on their offset-matched negatives (``scaling × tr ΔC``); ``subspace_share``:
+    the part of that contrast its rank-``rank`` key subspace carries (``tr(Vᵀ ΔC V) / tr ΔC``
+    with the ΔC the subspace came from; ``None`` when ``tr ΔC`` is ~0);
+    ``subspace_variance``: that key subspace's share of the head's whole centred logit
+    variance (exact attribution) and ``random_share`` a random subspace's expectation of it
+    (``rank / D``); ``rank`` / ``rank_energy``: kept rank (energy rank capped at
+    ``max_rank``) and the uncapped energy rank; ``singular_values``: ΔC's first 8;
+    ``attention``: the head's mean attention mass on the positive keys over rows having one,
+    ``attention_baseline`` the same for uniform attention; ``n_pairs``: positive pairs;
+    ``query_basis [D, r]``, ``key_basis [D, r]``."""
 
     name: str
     share: float
@@ -251,12 +343,18 @@ class HypothesisExplanation:
     key_basis: torch.Tensor
     verdict: str = "untested"
     verdict_reason: str = ""
+    part: str = "selection"
+    logit_contrast: float = 0.0
+    subspace_share: float | None = None
+    subspace_variance: float = 0.0
 
 
 @dataclass
 class HeadExplanation:
-    """One head: hypotheses sorted by share, the unexplained rest, a one-line sentence;
-    ``logit_std``: √(Σ centred logit² ÷ query rows), the scale of what the shares split."""
+    """One head: selection hypotheses sorted by share (gate hypotheses after them), the
+    unexplained rest of the selection variance, the first key's ``sink_share`` of the whole
+    logit variance and its mean ``sink_attention``; ``logit_std``: √(Σ centred logit² ÷
+    query rows), the scale of what the shares split."""
 
     layer: int
     head: int
@@ -264,22 +362,29 @@ class HeadExplanation:
     hypotheses: list[HypothesisExplanation]
     unexplained: float
     logit_std: float
+    sink_share: float = 0.0
+    sink_attention: float = 0.0
 
     @property
     def top(self) -> HypothesisExplanation | None:
-        return self.hypotheses[0] if self.hypotheses else None
+        """The hypothesis that explains most of what the head selects (never a gate)."""
+        sel = [h for h in self.hypotheses if h.part == "selection"]
+        return sel[0] if sel else (self.hypotheses[0] if self.hypotheses else None)
 
     def sentence(self) -> str:
-        """``"L17H4: induction — 71 % of the logit variance; previous-token 9 %; rest 20 %"``."""
-        if not self.hypotheses:
-            return f"{self.name}: no hypothesis had pairs; rest 100 %"
-        first, *more = self.hypotheses
-        parts = [f"{self.name}: {first.name} — {100 * first.share:.0f} % of the logit variance"]
+        """``"L17H4: induction — 41 % of what it selects, reads-feature; same-token 6 %; rest
+        53 % · first key 78 % of attention"``."""
+        sink = f" · first key {100 * self.sink_attention:.0f} % of attention"
+        sel = [h for h in self.hypotheses if h.part == "selection"]
+        if not sel:
+            return f"{self.name}: no hypothesis had pairs among the keys after the first" + sink
+        first, *more = sel
+        parts = [f"{self.name}: {first.name} — {100 * first.share:.0f} % of what it selects"]
         if first.verdict != "untested":
             parts[0] += f", {first.verdict}"
         parts += [f"{h.name} {100 * h.share:.0f} %" for h in more[:2] if h.share >= 0.005]
         parts.append(f"rest {100 * self.unexplained:.0f} %")
-        return "; ".join(parts)
+        return "; ".join(parts) + sink
 
 
 def _proj_trace(basis: torch.Tensor, g: torch.Tensor) -> float:
@@ -287,6 +392,39 @@ def _proj_trace(basis: torch.Tensor, g: torch.Tensor) -> float:
     if basis.shape[1] == 0:
         return 0.0
     return float(torch.einsum("dr,de,er->", basis, g, basis))
+
+
+def _explained(xx: torch.Tensor, xy: torch.Tensor, idx: Sequence[int]) -> float:
+    """``x_Sᵀ A_S⁺ x_S``: the weighted sum of squares the indicators ``idx`` explain together
+    (least squares, minimum-norm for collinear ones)."""
+    if not idx:
+        return 0.0
+    i = torch.tensor(list(idx))
+    a, b = xx[i][:, i], xy[i]
+    beta = torch.linalg.lstsq(a, b[:, None], driver="gelsd").solution[:, 0]
+    return float(b @ beta)
+
+
+def greedy_selection(
+    xx: torch.Tensor, xy: torch.Tensor, yy: float, candidates: Sequence[int]
+) -> tuple[list[int], dict[int, float], dict[int, float]]:
+    """Greedy forward selection: at each step the indicator whose addition explains most;
+    returns the order, each step's share (increments of R², summing with the rest to 1) and
+    each candidate's solo R²."""
+    order: list[int] = []
+    shares: dict[int, float] = {}
+    solo = {i: (_explained(xx, xy, [i]) / yy if yy > 0 else 0.0) for i in candidates}
+    remaining = list(candidates)
+    done = 0.0
+    while remaining:
+        vals = {i: _explained(xx, xy, [*order, i]) for i in remaining}
+        best = max(remaining, key=lambda i: (vals[i], -remaining.index(i)))
+        now = max(vals[best], done)
+        shares[best] = (now - done) / yy if yy > 0 else 0.0
+        done = now
+        order.append(best)
+        remaining.remove(best)
+    return order, shares, solo
 
 
 def explain_head(
@@ -300,78 +438,81 @@ def explain_head(
     max_rank: int = 8,
     side: str = "key",
     relational: Sequence[str] = (),
+    gate: Sequence[str] = ("first-token",),
+    scaling: float | None = None,
 ) -> HeadExplanation:
-    """Subspaces and greedy shares of head ``sums.heads[index]`` (see the module doc);
-    ``name`` is its name (``qkcov.models.heads.format_head``)."""
+    """Shares, subspaces and their attributions of head ``sums.heads[index]`` (see the module
+    doc); ``name`` is its name (``qkcov.models.heads.format_head``), ``gate`` the hypotheses
+    about the first key, ``scaling`` the head's logit scaling for ``logit_contrast`` (default: the
+    one the sums saw)."""
+    scaling = sums.scaling if scaling is None else scaling
     D = sums.head_dim
     if side not in ("key", "query"):
         raise ValueError(f"side must be 'key' or 'query', got {side!r}")
     g = sums.gram[index]
     g = (g + g.T) / 2
     total = float(torch.trace(g))
-    bases, infos = [], []
     qbar = sums.qsum[index] / max(float(sums.n_rows), 1.0)
     centred = set(relational or ())
-    for n, _hyp in enumerate(names):
+    gates = set(gate or ())
+    tot_ss = float(sums.total_ss[index])
+    sink_share = float(sums.sink_ss[index]) / tot_ss if tot_ss > 0 else 0.0
+    n_q = float(sums.gate_rows)
+    sink_attention = float(sums.sink_attn[index]) / n_q if n_q > 0 else 0.0
+    xx, xy = sums.sel_xx[index], sums.sel_xy[index]
+    yy = float(sums.sel_yy[index])
+    candidates = [
+        n for n, h in enumerate(names) if h not in gates and float(xx[n, n]) > 1e-12 * max(yy, 1)
+    ]
+    order, shares, solo = greedy_selection(xx, xy, yy, candidates)
+    order += [n for n, h in enumerate(names) if n not in candidates and h not in gates]
+    hyps = []
+    for n, hyp in enumerate(names):
         delta = sums.delta[n, index]
-        if _hyp in centred:  # Σ w (q − q̄) kᵀ: the relation, not the shared query direction
+        if hyp in centred:  # Σ w (q − q̄) kᵀ: the relation, not the shared query direction
             delta = delta - torch.outer(qbar, sums.wkey[n, index])
         has_pairs = float(sums.n_pos[n]) > 0 and bool(torch.isfinite(delta).all())
+        sub, r_e, basis = None, 0, torch.zeros(D, 0, dtype=torch.float64)
         if has_pairs and float(delta.abs().max()) > 0:
             s = torch.linalg.svdvals(delta)
             r_e = rank_at_energy(s, energy)
             sub = feature_subspace(delta, rank=min(r_e, max_rank))
-            bases.append(sub.key_basis if side == "key" else sub.query_basis)
-            infos.append((sub, r_e))
-        else:
-            bases.append(torch.zeros(D, 0, dtype=torch.float64))
-            infos.append((None, 0))
-    # greedy order: the largest share given those already chosen
-    order: list[int] = []
-    span = torch.zeros(D, 0, dtype=torch.float64)
-    remaining = list(range(len(names)))
-    while remaining:
-        best, best_val = remaining[0], -float("inf")
-        for i in remaining:
-            b = bases[i] - span @ (span.T @ bases[i]) if span.shape[1] else bases[i]
-            val = _proj_trace(orthonormalize(b) if b.shape[1] else b, g) if total > 0 else 0.0
-            if val > best_val:
-                best, best_val = i, val
-        order.append(best)
-        remaining.remove(best)
-        if bases[best].shape[1]:
-            span = torch.cat([span, bases[best]], 1)
-            span = orthonormalize(span)
-    ortho = sequential_bases([bases[i] for i in order]) if order else []
-    shares = {
-        i: (_proj_trace(b, g) / total if total > 0 else 0.0)
-        for i, b in zip(order, ortho, strict=False)
-    }
-    hyps = []
-    for step, i in enumerate(order):
-        sub, r_e = infos[i]
-        rows = float(sums.rows_pos[i])
+            basis = sub.key_basis if side == "key" else sub.query_basis
+        tr = float(torch.trace(delta))
+        scale = float(delta.abs().sum()) if has_pairs else 0.0
+        carried = None
+        if sub is not None and abs(tr) > 1e-9 * max(scale, 1e-30):
+            v = sub.key_basis
+            carried = float(torch.trace(v.T @ delta @ v)) / tr
+        rows = float(sums.rows_pos[n])
+        is_gate = hyp in gates
         hyps.append(
             HypothesisExplanation(
-                name=names[i],
-                share=shares[i],
-                solo_share=(_proj_trace(bases[i], g) / total) if total > 0 else 0.0,
-                random_share=bases[i].shape[1] / D,
-                rank=int(bases[i].shape[1]),
+                name=hyp,
+                share=sink_share if is_gate else shares.get(n, 0.0),
+                solo_share=sink_share if is_gate else solo.get(n, 0.0),
+                random_share=basis.shape[1] / D,
+                rank=int(basis.shape[1]),
                 rank_energy=int(r_e),
-                order=step,
+                order=-1 if is_gate else order.index(n),
                 singular_values=[] if sub is None else sub.singular_values[:8].tolist(),
-                attention=float(sums.attn_pos[i, index]) / rows if rows else 0.0,
-                attention_baseline=float(sums.base_pos[i]) / rows if rows else 0.0,
-                n_pairs=int(sums.n_pos[i]),
-                query_basis=bases[i].float(),
-                key_basis=(sub.key_basis if sub is not None else bases[i]).float(),
+                attention=float(sums.attn_pos[n, index]) / rows if rows else 0.0,
+                attention_baseline=float(sums.base_pos[n]) / rows if rows else 0.0,
+                n_pairs=int(sums.n_pos[n]),
+                query_basis=basis.float(),
+                key_basis=(sub.key_basis if sub is not None else basis).float(),
                 verdict="untested",
                 verdict_reason="not verified (--verify-top)",
+                part="gate" if is_gate else "selection",
+                logit_contrast=scaling * float(torch.trace(sums.delta[n, index])),
+                subspace_share=carried,
+                subspace_variance=(_proj_trace(basis, g) / total) if total > 0 else 0.0,
             )
         )
-    hyps.sort(key=lambda h: h.share, reverse=True)
-    unexplained = 1.0 - sum(shares.values()) if total > 0 else 1.0
+    hyps.sort(key=lambda h: (h.part != "selection", -h.share, h.order))
+    unexplained = 1.0 - sum(shares.values()) if yy > 0 else 1.0
     n_rows = float(sums.rows_pos.max()) if sums.rows_pos.numel() else 0.0
     std = (float(sums.logit_var[index]) / max(n_rows, 1.0)) ** 0.5
-    return HeadExplanation(layer, sums.heads[index], name, hyps, unexplained, std)
+    return HeadExplanation(
+        layer, sums.heads[index], name, hyps, unexplained, std, sink_share, sink_attention
+    )

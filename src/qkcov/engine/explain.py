@@ -192,6 +192,7 @@ def explain_heads(
                 energy=energy,
                 max_rank=max_rank,
                 relational=[h.name for h in plan.hypotheses if h.relational],
+                gate=[h.name for h in plan.hypotheses if h.first_key],
             )  # fmt: skip
         )
     return out, sums

@@ -59,9 +59,13 @@ def _pct(x: Any) -> str:
     return f"{100 * float(x):.0f} %" if isinstance(x, (int, float)) else "–"
 
 
+def _selection(h: dict[str, Any]) -> list[dict[str, Any]]:
+    return [x for x in h["hypotheses"] if x.get("part", "selection") == "selection"]
+
+
 def _bars(h: dict[str, Any]) -> str:
-    """Inline SVG: one bar per hypothesis (share), the unexplained rest last."""
-    rows = [(x["name"], float(x["share"])) for x in h["hypotheses"]]
+    """Inline SVG: one bar per selection hypothesis (share), the unexplained rest last."""
+    rows = [(x["name"], float(x["share"])) for x in _selection(h)]
     rows.append(("rest (unexplained)", float(h.get("unexplained", 0.0))))
     w, bh = 360, 16
     parts = [f'<svg class="bars" width="{w + 190}" height="{bh * len(rows) + 4}" role="img">']
@@ -76,18 +80,29 @@ def _bars(h: dict[str, Any]) -> str:
             f'<text x="{134 + width:.1f}" y="{y + 12}" font-size="11">{_e(_pct(share))}</text>'
         )
     parts.append("</svg>")
-    return "".join(parts)
+    gate = (
+        f"The first key (the gate, not in the bars): {_pct(h.get('sink_share'))} of the head's "
+        f"whole logit variance; {_pct(h.get('sink_attention'))} of its attention."
+    )
+    return "".join(parts) + f'<p class="note">{_e(gate)}</p>'
+
+
+def _num(x: Any, fmt: str = "{:.3f}") -> str:
+    return fmt.format(float(x)) if isinstance(x, (int, float)) else "–"
 
 
 def _table(h: dict[str, Any]) -> str:
-    cols = ["hypothesis", "share", "alone", "random", "rank", "attention", "uniform", "pairs",
+    cols = ["hypothesis", "part", "share", "alone", "logit contrast", "in subspace",
+            "subspace variance", "random", "rank", "attention", "uniform", "pairs",
             "verdict"]  # fmt: skip
     head = "".join(f"<th>{_e(c)}</th>" for c in cols)
     body = []
     for x in h["hypotheses"]:
-        cells = [x["name"], _pct(x["share"]), _pct(x["solo_share"]), _pct(x["random_share"]),
-                 x["rank"], f"{x['attention']:.3f}", f"{x['attention_baseline']:.3f}",
-                 x["n_pairs"], x["verdict"]]  # fmt: skip
+        cells = [x["name"], x.get("part", "selection"), _pct(x["share"]), _pct(x["solo_share"]),
+                 _num(x.get("logit_contrast"), "{:+.2f}"), _pct(x.get("subspace_share")),
+                 _pct(x.get("subspace_variance")), _pct(x["random_share"]), x["rank"],
+                 _num(x["attention"]), _num(x["attention_baseline"]), x["n_pairs"],
+                 x["verdict"]]  # fmt: skip
         tip = x.get("verdict_reason") or ""
         body.append(
             "<tr>"
@@ -146,6 +161,9 @@ def atlas_html(data: dict[str, Any]) -> str:
     heads = {h["name"]: h for h in data.get("heads", [])}
     by_pos = {(h["layer"], h["head"]): h for h in heads.values()}
     tops = sorted({h["top"] for h in heads.values() if h.get("top")})
+    top_of = {n: next((x for x in h["hypotheses"] if x["name"] == h.get("top")), None)
+              for n, h in heads.items()}  # fmt: skip
+    best = max((float(x["share"]) for x in top_of.values() if x), default=0.0)
     legend = "".join(
         f'<span style="background:{hypothesis_colour(t, 0.8)}">{_e(t)}</span>' for t in tops
     )
@@ -159,8 +177,8 @@ def atlas_html(data: dict[str, Any]) -> str:
             if h is None or not h["hypotheses"]:
                 grid.append('<td><span class="cell empty"></span></td>')
                 continue
-            top = h["hypotheses"][0]
-            colour = hypothesis_colour(top["name"], top["share"])
+            top = top_of.get(h["name"]) or h["hypotheses"][0]
+            colour = hypothesis_colour(top["name"], float(top["share"]) / best if best > 0 else 0)
             tip = h.get("sentence", "")
             grid.append(
                 f'<td><a class="cell" href="#head-{_e(h["name"])}" data-head="{_e(h["name"])}" '
@@ -189,9 +207,14 @@ def atlas_html(data: dict[str, Any]) -> str:
         f"({mem.get('formula', '')})."
     )
     note = (
-        "Each cell: the head's top hypothesis (colour) and its share of the head's centred "
-        "attention-logit variance over the corpus (shade, number in %), by exact attribution "
-        "to each hypothesis' key subspace in greedy order. Click a cell for the head."
+        "Each cell: the head's top hypothesis (colour) and its share (number in %; shade "
+        "relative to the largest share on the page) of what the head selects: the variance of "
+        "its attention logits among the keys after the first, each row's keys weighted half "
+        "by the head's attention and half uniformly, explained by the hypotheses in greedy "
+        "order (exact; shares and rest sum to 100 %). The first key's part (the gate, how "
+        "much the head attends at all) is reported apart. Each hypothesis also has a ΔC key "
+        "subspace; the table gives the part of its logit contrast that subspace carries. "
+        "Click a cell for the head."
     )
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
