@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from qkcov.core.attribution import attribute, sequential_bases
+from qkcov.core.attribution import attribute
 from qkcov.core.explain import LayerSums, explain_head, memory_bytes, offset_bins
 from qkcov.engine.explain import plan_corpus, tokenize_corpus
 from qkcov.tasks.corpus import default_corpus
