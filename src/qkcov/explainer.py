@@ -8,9 +8,12 @@ Steps: the corpus (the generated default, :mod:`qkcov.tasks.corpus`, or your ``.
 it from tokens alone, with every input check, *before* any forward; one forward per batch then
 adds every selected head's post-RoPE q/k to running sums (:mod:`qkcov.engine.explain`,
 :mod:`qkcov.core.explain`); offline, each head gets, per hypothesis, ΔC = E[q k⁺ᵀ] − E[q k⁻ᵀ]
-(negatives offset-matched unless the hypothesis is positional), its subspaces and its share
-of the head's centred attention-logit variance (exact attribution, greedy order) with the
-unexplained rest. Memory of the sums: ``heads × (hypotheses + 1) × D² × 8`` bytes.
+(negatives offset-matched unless the hypothesis is positional) and its subspaces, and every
+hypothesis its share of what the head *selects* — the head's logit variance among the keys
+after the first, explained by the hypotheses' indicators in greedy order (exact; the rest
+unexplained) — while the first key's part (the gate) is reported apart
+(:mod:`qkcov.core.explain`, ``docs/explain.md``). Memory of the sums:
+``heads × ((hypotheses + 1) × D² + hypotheses²) × 8`` bytes.
 
 Verdicts: with ``verify_top=K`` the top hypothesis of the first K heads (by share) becomes
 contrast records (:func:`qkcov.tasks.hypotheses.contrast_records`: a document prefix ending at
@@ -404,7 +407,8 @@ def explain(
             for i, h in enumerate(hyps)
         ],
         memory={
-            "formula": "heads x (hypotheses + 1) x head_dim^2 x 8 bytes (float64 sums)",
+            "formula": "heads x ((hypotheses + 1) x head_dim^2 + hypotheses^2) x 8 bytes "
+            "(float64 sums)",
             "heads": len(head_list),
             "hypotheses": len(hyps),
             "head_dim": info.head_dim,

@@ -13,10 +13,12 @@ __all__ = ["register", "run"]
 _DESCRIPTION = """\
 Explain every attention head of a model without labels: hypotheses computed from the tokens
 alone (previous-token, offset bins, same-token, induction, first-token, same-word,
-delimiter, capitalised, number, and your own --hypothesis) are each contrasted (ΔC between
-the keys satisfying it and offset-matched keys that don't), and each head's attention-logit
-variance over the corpus is split exactly over their key subspaces in greedy order, with the
-unexplained rest. One forward over the corpus serves every head.
+delimiter, capitalised, number, and your own --hypothesis). For each head, what it selects
+(its attention-logit variance among the keys after the first) is split exactly over the
+hypotheses in greedy order, with the unexplained rest; the first key's part (the gate: how
+much the head attends at all) is reported apart. Each hypothesis also gets ΔC between the
+keys satisfying it and offset-matched keys that don't, and its key subspace. One forward
+over the corpus serves every head.
 
 Writes OUT/explain.json (heads sorted by the share of their top hypothesis; one sentence
 each), OUT/explain.safetensors (every subspace) and OUT/atlas.html (layer x head grid)."""
