@@ -1,6 +1,6 @@
 """``qkcov explain`` against its limit: a lean forward over the corpus plus the offline math.
 
-In one process, interleaved (lean, math, explain, lean, math, explain, …):
+In one process, interleaved (explain, lean, math, explain, lean, math, …):
 
 - ``lean``: ``model(input_ids, attention_mask)`` over the same batches the explain pass runs
   (right padding, position ids from the mask, no cache, last position's logits only, under
@@ -20,6 +20,7 @@ rise during ``explain`` (``VmRSS`` sampled every 5 ms) against the formula
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -99,7 +100,13 @@ def main() -> None:
         return total + (time.perf_counter() - t)
 
     def full() -> tuple[float, int]:
+        import ctypes
+        import gc
         import threading
+
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):  # hand freed heap back to the OS
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
         base = _vm("VmRSS")
         peak = [base]
@@ -120,9 +127,9 @@ def main() -> None:
 
     ratios = []
     for r in range(args.repeats):
+        e, peak = full()  # first: the other phases' freed memory would hide its allocations
         a = lean()
         m = math_only()
-        e, peak = full()
         ratios.append(e / (a + m))
         print(
             f"repeat {r}: lean {a:.1f} s, math {m:.1f} s, explain {e:.1f} s -> "

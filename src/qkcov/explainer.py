@@ -434,19 +434,24 @@ def _verify(
         if top is None:
             continue
         i = plan.names.index(top.name)
+        hyp = plan.hypotheses[i]
         recs = contrast_records(
-            texts, plan.seqs, plan.masks, i, positional=plan.hypotheses[i].positional,
-            n=cfg.verify_records, seed=cfg.seed,
+            texts, plan.seqs, plan.masks, i, positional=hyp.positional,
+            n=cfg.verify_records, seed=cfg.seed, kind="relation" if hyp.relational else "class",
         )  # fmt: skip
-        for x in h.hypotheses[1:]:
-            x.verdict_reason = "not verified: only each verified head's top hypothesis is"
+        for x in h.hypotheses:
+            if x is not top:
+                x.verdict_reason = "not verified: only each verified head's top hypothesis is"
         if len(recs) < 16:
             top.verdict_reason = f"untested: only {len(recs)} contrast records could be built"
             continue
-        timer.log(f"verifying {h.name}: {top.name} on {len(recs)} records")
+        # a positional hypothesis is a claim about the offset itself: its labels cannot be
+        # permuted within offsets, so its label nulls are unconditioned (and say so)
+        control = "none" if hyp.positional else "offset"
+        timer.log(f"verifying {h.name}: {top.name} on {len(recs)} records (control {control})")
         try:
             res = analyze(model, tokenizer, recs, heads=h.name, seed=cfg.seed,
-                          batch_size=cfg.batch_size, progress=False)  # fmt: skip
+                          batch_size=cfg.batch_size, progress=False, control=control)  # fmt: skip
         except ValueError as err:
             top.verdict_reason = f"untested: {str(err).splitlines()[0]}"
             continue
@@ -454,7 +459,13 @@ def _verify(
         if v is None:
             top.verdict_reason = "untested: the run gave no verdict"
             continue
-        top.verdict, top.verdict_reason = v.status, v.sentence
+        note = (
+            " (a positional hypothesis: label nulls not conditioned on the offset, which is "
+            "the hypothesis itself)"
+            if hyp.positional
+            else ""
+        )
+        top.verdict, top.verdict_reason = v.status, v.sentence + note
 
 
 def _load_kwargs(cfg: ExplainConfig) -> dict[str, Any]:

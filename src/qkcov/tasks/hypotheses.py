@@ -472,12 +472,15 @@ def contrast_records(
     n: int = 120,
     n_negatives: int = 3,
     seed: int = 0,
+    kind: str | None = None,
 ) -> list[Any]:
     """Contrast records for hypothesis ``index`` of ``masks`` (``[N, S, S]`` per sequence):
     the prompt is the document up to a query token that has a positive key; positives are its
     keys satisfying the hypothesis, negatives up to ``n_negatives`` keys that don't — the ones
     nearest in offset to a positive unless the hypothesis is positional (then drawn at random).
-    Only sequences that start their document are used (the spans index the document text)."""
+    Only sequences that start their document are used (the spans index the document text).
+    ``kind``: the records' feature kind (``"relation"`` for a match between query and key,
+    ``"class"`` otherwise), which picks the verdict's label-sensitive test."""
     import random
 
     from .records import ContrastRecord, Span
@@ -510,6 +513,7 @@ def contrast_records(
                 positives=tuple(span(k) for k in sorted(keys)),
                 negatives=tuple(span(k) for k in sorted(neg)),
                 meta={"document": s.doc, "query": q},
+                kind=kind,
             )
         )
     return out
