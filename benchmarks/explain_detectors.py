@@ -135,7 +135,10 @@ def main() -> None:
             print(f"{name}: {hit}/{args.k} of the top-{args.k} {name}-score heads get {hyp} "
                   f"first ({title}){target}")  # fmt: skip
     flat = det["first-token"].flatten()
-    top = {(i // info.n_heads, i % info.n_heads) for i in flat.argsort(descending=True)[: args.k]}
+    top = {
+        (i // info.n_heads, i % info.n_heads)
+        for i in flat.argsort(descending=True)[: args.k].tolist()
+    }
     for key in ("sink_attention", "sink_share"):
         by_sink = sorted(heads, key=lambda h, key=key: heads[h].get(key, 0.0), reverse=True)
         both = top & set(by_sink[: args.k])
