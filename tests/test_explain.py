@@ -323,6 +323,10 @@ def test_planted_hypothesis_ranks_first(kind, planted, seed):
     assert e.top.name == planted, e.sentence()
     assert e.top.share > e.top.random_share, e.sentence()  # above a random subspace's r/D
     assert e.top.attention > 3 * e.top.attention_baseline
+    # its ΔC key subspace carries most of its logit contrast, and more of the head's
+    # variance than a random subspace of its rank
+    assert e.top.subspace_share is not None and e.top.subspace_share > 0.5, e.top
+    assert e.top.subspace_variance > 1.5 * e.top.random_share
 
 
 def test_explain_api_and_saved_folder(tmp_path):

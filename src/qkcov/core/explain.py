@@ -86,6 +86,10 @@ __all__ = [
 #: Weight of the head's own attention in the selection weights (the rest is uniform).
 SELECTION_ATTENTION = 0.5
 
+#: ``subspace_share`` is reported only where ``|tr ΔC| ≥ MIN_CONTRAST × ‖ΔC‖_*`` (the nuclear
+#: norm bounds ``|tr ΔC|``): a ratio to a contrast near zero means nothing.
+MIN_CONTRAST = 0.1
+
 #: Offset bins for matching negatives to positives: 0..16 exactly, then doubling widths.
 OFFSET_EDGES = (*range(0, 17), 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048,
                 4096, 8192, 1 << 62)  # fmt: skip
@@ -319,7 +323,8 @@ class HypothesisExplanation:
     ``solo_share``: the hypothesis alone. ``logit_contrast``: the mean logit on its positive
     keys minus on their offset-matched negatives (``scaling × tr ΔC``); ``subspace_share``:
     the part of that contrast its rank-``rank`` key subspace carries (``tr(Vᵀ ΔC V) / tr ΔC``
-    with the ΔC the subspace came from; ``None`` when ``tr ΔC`` is ~0);
+    with the ΔC the subspace came from; ``None`` when ``|tr ΔC| < MIN_CONTRAST × ‖ΔC‖_*``:
+    the hypothesis moves the logits little on average, whatever its directions);
     ``subspace_variance``: that key subspace's share of the head's whole centred logit
     variance (exact attribution) and ``random_share`` a random subspace's expectation of it
     (``rank / D``); ``rank`` / ``rank_energy``: kept rank (energy rank capped at
@@ -479,9 +484,8 @@ def explain_head(
             sub = feature_subspace(delta, rank=min(r_e, max_rank))
             basis = sub.key_basis if side == "key" else sub.query_basis
         tr = float(torch.trace(delta))
-        scale = float(delta.abs().sum()) if has_pairs else 0.0
-        carried = None
-        if sub is not None and abs(tr) > 1e-9 * max(scale, 1e-30):
+        carried = None  # only where the contrast is a real part of what ΔC could give
+        if sub is not None and abs(tr) >= MIN_CONTRAST * float(torch.linalg.svdvals(delta).sum()):
             v = sub.key_basis
             carried = float(torch.trace(v.T @ delta @ v)) / tr
         rows = float(sums.rows_pos[n])
