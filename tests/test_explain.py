@@ -350,6 +350,12 @@ def test_explain_api_and_saved_folder(tmp_path):
     assert shares == sorted(shares, reverse=True)
     assert [x["part"] for x in h0["hypotheses"]][-1] == "gate"  # first-token last
     assert 0 <= h0["sink_share"] <= 1 and 0 <= h0["sink_attention"] <= 1
+    # each head's token view is a corpus row where its top hypothesis holds
+    for h in data["heads"]:
+        ex = data["examples"][h["example"]]
+        assert ex["hypothesis"] == h["top"] and ex["positives"], h["name"]
+        assert len(ex["attention"][h["name"]]) == ex["query"] + 1 == len(ex["tokens"])
+        assert sum(ex["attention"][h["name"]]) == pytest.approx(1.0, abs=1e-3)
     assert sum(shares) + h0["unexplained"] == pytest.approx(1.0, abs=1e-6)
     assert h0["hypotheses"][0]["verdict"] == "untested" and h0["hypotheses"][0]["verdict_reason"]
     assert h0["sentence"].startswith(h0["name"] + ": " + h0["top"])

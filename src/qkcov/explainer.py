@@ -185,8 +185,9 @@ class ExplainResult:
     ``heads``: :class:`qkcov.core.explain.HeadExplanation` objects; ``shape``: ``{"n_layers",
     "n_heads", "head_dim"}``; ``corpus``: documents, sequences, tokens, source;
     ``hypotheses``: name, description, positional, positive pairs; ``memory``: the formula
-    and its bytes; ``example``: one sequence's tokens and every head's attention row of its
-    last query (the atlas' token view)."""
+    and its bytes; ``examples``: the atlas' token views, one per top hypothesis (a corpus row
+    where it holds, its positive keys, the attention of every head with that top; each head's
+    ``example`` indexes it); ``example``: the first of them."""
 
     model: str | None
     heads: list[Any]
@@ -197,6 +198,7 @@ class ExplainResult:
     seconds: dict[str, float]
     config: dict[str, Any]
     example: dict[str, Any] | None = None
+    examples: list[dict[str, Any]] = field(default_factory=list)
 
     def head(self, name: str) -> Any:
         for h in self.heads:
@@ -227,6 +229,7 @@ class ExplainResult:
                     "unexplained": h.unexplained,
                     "sink_share": h.sink_share,
                     "sink_attention": h.sink_attention,
+                    "example": h.example,
                     "logit_std": h.logit_std,
                     "hypotheses": [
                         {
@@ -262,6 +265,7 @@ class ExplainResult:
             "seconds": self.seconds,
             "config": self.config,
             "example": self.example,
+            "examples": self.examples,
             "heads": heads,
         }
 
@@ -376,14 +380,8 @@ def explain(
                 "first heads by share only"
             )
     with timer.phase("example"):
-        ex_seq = next((s for s in seqs if len(s) >= 16), seqs[0])
-        rows = attention_example(model, ex_seq, [(h.layer, h.head) for h in explained])
-    example = {
-        "tokens": list(ex_seq.pieces),
-        "document": ex_seq.doc,
-        "query": len(ex_seq) - 1,
-        "attention": rows,
-    }
+        examples = _examples(model, plan, explained, attention_example)
+    example = examples[0] if examples else None
     n_pairs = plan.pos_counts.sum(1)
     mem = memory_bytes(len(head_list), len(hyps), info.head_dim)
     return ExplainResult(
@@ -417,7 +415,57 @@ def explain(
         seconds=dict(timer.seconds),
         config=cfg.to_dict(),
         example=example,
+        examples=examples,
     )
+
+
+def _pick_row(plan: Any, n: int, min_len: int = 16) -> tuple[int, int] | None:
+    """A (sequence, query) whose query has a positive key of hypothesis ``n`` after the first
+    key: the last such query of the first sequence where it lies at ``min_len − 1`` or later,
+    else the first such row anywhere; ``None`` when the hypothesis holds nowhere."""
+    first = None
+    for i in range(len(plan.seqs)):
+        rows = plan.masks[i][n][:, 1:].any(-1).nonzero().flatten()
+        if rows.numel():
+            q = int(rows[-1])
+            if q >= min_len - 1:
+                return i, q
+            first = first or (i, q)
+    return first
+
+
+def _examples(model: Any, plan: Any, heads: Sequence[Any], attention_example: Any) -> list:
+    """The atlas' token views: per top hypothesis among ``heads``, one corpus row where it
+    holds (its positive keys marked) and the attention of every head with that top over it;
+    each head's ``example`` is the index of its view. Heads without a top, or whose top holds
+    nowhere, share a view of the first sequence's last token."""
+    groups: dict[str, list[Any]] = {}
+    for h in heads:
+        groups.setdefault(h.top.name if h.top else "", []).append(h)
+    out: list[dict[str, Any]] = []
+    fallback: list[Any] = []
+    for name, hs in groups.items():
+        n = plan.names.index(name) if name in plan.names else None
+        picked = _pick_row(plan, n) if n is not None else None
+        if picked is None:
+            fallback += hs
+            continue
+        i, q = picked
+        seq = plan.seqs[i]
+        rows = attention_example(model, seq, [(h.layer, h.head) for h in hs], query=q)
+        positives = plan.masks[i][n][q, : q + 1].nonzero().flatten().tolist()
+        for h in hs:
+            h.example = len(out)
+        out.append({"hypothesis": name, "tokens": list(seq.pieces[: q + 1]), "document": seq.doc,
+                    "query": q, "positives": positives, "attention": rows})  # fmt: skip
+    if fallback:
+        seq = next((s for s in plan.seqs if len(s) >= 16), plan.seqs[0])
+        rows = attention_example(model, seq, [(h.layer, h.head) for h in fallback])
+        for h in fallback:
+            h.example = len(out)
+        out.append({"hypothesis": None, "tokens": list(seq.pieces), "document": seq.doc,
+                    "query": len(seq) - 1, "positives": [], "attention": rows})  # fmt: skip
+    return out
 
 
 def _verify(

@@ -369,6 +369,7 @@ class HeadExplanation:
     logit_std: float
     sink_share: float = 0.0
     sink_attention: float = 0.0
+    example: int | None = None  # the atlas' token view of this head (index into examples)
 
     @property
     def top(self) -> HypothesisExplanation | None:

@@ -120,19 +120,24 @@ def _token_view(example: dict[str, Any] | None, name: str) -> str:
     row = example["attention"][name]
     toks = example["tokens"]
     q = int(example.get("query", len(toks) - 1))
+    positives = {int(i) for i in example.get("positives") or [] if isinstance(i, int)}
+    hyp = example.get("hypothesis")
     top = max(row) if row else 1.0
     spans = []
     for i, tok in enumerate(toks[: q + 1]):
         a = row[i] if i < len(row) else 0.0
         alpha = a / top if top > 0 else 0.0
-        cls = "tok q" if i == q else "tok"
+        cls = "tok" + (" q" if i == q else "") + (" pos" if i in positives else "")
+        tip = f"position {i}: attention {a:.3f}" + (f"; {hyp} holds" if i in positives else "")
         spans.append(
             f'<span class="{cls}" style="background:rgba(220,60,30,{alpha:.3f})" '
-            f'title="{_e(f"position {i}: attention {a:.3f}")}">{_e(tok)}</span>'
+            f'title="{_e(tip)}">{_e(tok)}</span>'
         )
+    where = f"; keys where {hyp} holds are underlined" if hyp and positives else ""
     return (
-        f'<p class="tv-cap">Attention of the last token (boxed) of corpus document '
-        f'{_e(example.get("document", "?"))} over its keys:</p><p class="tokens">{"".join(spans)}</p>'
+        f'<p class="tv-cap">Attention of the boxed token of corpus document '
+        f"{_e(example.get('document', '?'))} over its keys (shade: attention ÷ the row's "
+        f'largest){_e(where)}:</p><p class="tokens">{"".join(spans)}</p>'
     )
 
 
@@ -150,8 +155,16 @@ table.hyp td,table.hyp th{border:1px solid #ccc;padding:2px 6px;text-align:right
 table.hyp td:first-child{text-align:left}
 .tokens{font-family:monospace;white-space:pre-wrap;line-height:1.7}
 .tok{border-radius:2px}.tok.q{outline:2px solid #000}
+.tok.pos{text-decoration:underline 2px;text-underline-offset:3px}
 .note{color:#555;font-size:13px}
 """
+
+
+def _example_of(h: dict[str, Any], examples: list, data: dict[str, Any]) -> Any:
+    i = h.get("example")
+    if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(examples):
+        return examples[i] if isinstance(examples[i], dict) else None
+    return data.get("example")
 
 
 def atlas_html(data: dict[str, Any]) -> str:
@@ -188,13 +201,14 @@ def atlas_html(data: dict[str, Any]) -> str:
         grid.append("</tr>")
     grid.append("</tbody></table>")
     sections = []
-    example = data.get("example")
+    examples = data.get("examples")
+    examples = examples if isinstance(examples, list) else []
     for h in data.get("heads", []):
         name = h["name"]
         sections.append(
             f'<section class="head" id="head-{_e(name)}"><h2>{_e(name)}</h2>'
             f'<p class="sentence">{_e(h.get("sentence", ""))}</p>{_bars(h)}{_table(h)}'
-            f"<h3>{_e(name)}: token view</h3>{_token_view(example, name)}"
+            f"<h3>{_e(name)}: token view</h3>{_token_view(_example_of(h, examples, data), name)}"
             '<p><a href="#top">back to the grid</a></p></section>'
         )
     corpus = data.get("corpus", {})
