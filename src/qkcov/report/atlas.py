@@ -147,6 +147,7 @@ table.grid{border-collapse:collapse;margin:1em 0}
 table.grid td,table.grid th{padding:0;border:1px solid #fff;font-size:11px;text-align:center}
 table.grid a.cell{display:block;width:34px;height:22px;line-height:22px;color:#111;text-decoration:none}
 table.grid a.cell:hover,table.grid a.cell:focus{outline:2px solid #000}
+table.grid .cell.empty{display:block;width:34px;height:22px;background:#f6f6f6}
 .legend span{display:inline-block;padding:2px 6px;margin:2px;font-size:12px;border-radius:3px}
 section.head{display:none;border-top:2px solid #444;margin-top:1em;padding-top:.5em}
 section.head:target{display:block}
