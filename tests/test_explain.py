@@ -414,3 +414,45 @@ def test_verify_top_runs_the_whole_method_on_the_top_hypothesis():
     assert all(x.verdict == "untested" for x in first.hypotheses[1:])
     assert all(x.verdict == "untested" and "not verified" in x.verdict_reason
                for x in second.hypotheses)  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "gemma2", "llama"])
+def test_attention_sums_match_the_models_own_attention(arch):
+    """Attention on the first key and on each hypothesis' positives, from the one-pass sums,
+    equal the model's eager attention — sliding windows and soft-capping included (the texts
+    are longer than the tiny models' windows)."""
+    from qkcov.engine.explain import explain_heads
+    from qkcov.models.tiny import tiny_model, tiny_tokenizer
+
+    torch.manual_seed(0)
+    model, tok = tiny_model(arch, attn_implementation="eager"), tiny_tokenizer()
+    texts = ["abc abd abc. Hello 42 hello 42 x y z abc", "the cat sat on the mat, the cat sat"]
+    seqs = tokenize_corpus(tok, texts, max_len=64)
+    assert min(len(s) for s in seqs) > 7  # longer than every tiny window
+    hyps = resolve_hypotheses(["previous-token", "same-token", "first-token"])
+    plan = plan_corpus(seqs, hyps)
+    L, H = model.config.num_hidden_layers, model.config.num_attention_heads
+    heads = [(l, h) for l in range(L) for h in range(H)]
+    out, sums = explain_heads(model, plan, heads, batch_size=2, progress=False, pad_id=0)
+    got = {(e.layer, e.head): e for e in out}
+    sink = torch.zeros(L, H, dtype=torch.float64)
+    on_pos = torch.zeros(len(hyps), L, H, dtype=torch.float64)
+    rows = torch.zeros(L, 1, dtype=torch.float64)  # rows that see the first key, per layer
+    types = getattr(model.config, "layer_types", None) or ["full_attention"] * L
+    window = getattr(model.config, "sliding_window", None)
+    for i, s in enumerate(plan.seqs):
+        ids = torch.tensor([s.ids])
+        with torch.no_grad():
+            att = model(input_ids=ids, output_attentions=True, use_cache=False).attentions
+        a = torch.stack([t[0] for t in att]).double()  # [L, H, S, S]
+        sink += a[:, :, 1:, 0].sum(-1)
+        n = a.shape[-1]
+        for l in range(L):
+            sliding = types[l] == "sliding_attention" and window
+            rows[l] += min(n, window) - 1 if sliding else n - 1
+        on_pos += torch.einsum("lhqk,nqk->nlh", a, plan.masks[i].double())
+    for (l, h), e in got.items():
+        assert e.sink_attention == pytest.approx(float(sink[l, h] / rows[l]), abs=1e-4)
+        acc = sums[l]
+        j = acc.heads.index(h)
+        assert torch.allclose(acc.attn_pos[:, j], on_pos[:, l, h], atol=1e-3)

@@ -33,6 +33,7 @@ from ..models.capture import LayerCall, _StopForward, attention_hooks, padded_fo
 from ..models.heads import format_head
 from ..models.loading import input_device, model_info
 from ..models.positions import encode
+from ..models.verify import causal_mask
 from ..tasks.hypotheses import Hypothesis, TokenSeq, token_seq
 
 __all__ = ["tokenize_corpus", "CorpusPlan", "plan_corpus", "explain_heads", "attention_example"]
@@ -130,6 +131,15 @@ def plan_corpus(seqs: Sequence[TokenSeq], hypotheses: Sequence[Hypothesis]) -> C
     return plan
 
 
+def _windowed(allowed: torch.Tensor, window: int | None) -> torch.Tensor:
+    """``allowed [..., S, S]`` inside a layer's sliding window (the model's own mask: query
+    ``i`` sees key ``j`` iff ``i − window < j ≤ i``); unchanged for a full-attention layer.
+    ΔC keeps every causal pair: q·k of a pair outside the window is still a q·k."""
+    if not window or allowed.shape[-1] <= window:
+        return allowed
+    return allowed & causal_mask(allowed.shape[-1], window, allowed.device)
+
+
 def explain_heads(
     model: torch.nn.Module,
     plan: CorpusPlan,
@@ -165,7 +175,8 @@ def explain_heads(
             hq = torch.tensor(acc.heads, device=call.query.device)
             q = call.query[:, hq]
             k = call.key[:, hq // call.group_size]
-            acc.update(q, k, pos, w, allowed, call.scaling, call.softcap)
+            acc.update(q, k, pos, w, _windowed(allowed, call.sliding_window), call.scaling,
+                       call.softcap)  # fmt: skip
             if call.layer == last:
                 raise _StopForward  # nothing after the deepest selected layer is used
 
@@ -219,7 +230,9 @@ def attention_example(
         hq = torch.tensor(hs, device=call.query.device)
         q = call.query[0, hq, qi : qi + 1].float()  # [h, 1, D]
         k = call.key[0, hq // call.group_size, : qi + 1].float()  # [h, q+1, D]
-        a = attention_weights(q, k, None, call.scaling, call.softcap)[:, 0]
+        mask = _windowed(torch.ones(qi + 1, qi + 1, dtype=torch.bool, device=q.device),
+                         call.sliding_window)[qi]  # fmt: skip
+        a = attention_weights(q, k, mask[None, None], call.scaling, call.softcap)[:, 0]
         for j, h in enumerate(hs):
             rows[format_head(call.layer, h)] = [round(float(x), 5) for x in a[j]]
 
