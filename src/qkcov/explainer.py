@@ -287,15 +287,72 @@ class ExplainResult:
     ) -> Path:  # fmt: skip
         """``OUT/explain.json``, ``OUT/explain.safetensors`` and ``OUT/atlas.html`` in one
         :class:`qkcov.artifacts.RunFolder` (one complete folder or none)."""
-        from .artifacts import RunFolder, save_tensors, write_json
-        from .report.atlas import write_atlas
+        from .artifacts import RunFolder
 
         folder = RunFolder(out, command=command, force=force, protect=protect)
         with folder as staging:
-            write_json(staging / EXPLAIN_FILE, self.to_json())
-            save_tensors(staging / TENSOR_FILE, self.tensors())
-            write_atlas(staging)
+            self.write(staging)
         return Path(folder.out)
+
+    def write(self, folder: str | Path) -> None:
+        """The folder's files (``save`` wraps them in a run folder; ``qkcov demo`` writes
+        them into its own): ``explain.json``, ``explain.safetensors``, ``atlas.html`` and
+        ``section.json`` (the report's section: the best heads and a link to the atlas)."""
+        from .artifacts import save_tensors, write_json
+        from .report.atlas import write_atlas
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / EXPLAIN_FILE, self.to_json())
+        save_tensors(folder / TENSOR_FILE, self.tensors())
+        write_atlas(folder)
+        write_json(folder / "section.json", self.section())
+
+    def section(self, n: int = 20) -> dict[str, Any]:
+        """The report's section of this explanation: the first ``n`` heads as a table."""
+        rows = []
+        for h in self.heads[:n]:
+            top = h.top
+            rows.append([h.name, top.name if top else "–", round(top.share, 3) if top else 0.0,
+                         round(h.unexplained, 3), round(h.sink_attention, 3),
+                         top.verdict if top else "–"])  # fmt: skip
+        c = self.corpus
+        return {
+            "key": "explain",
+            "title": "What each head selects (qkcov explain, no labels)",
+            "order": 90,
+            "text": [
+                f"Every head ({len(self.heads)} here) explained in one forward over "
+                f"{c.get('tokens')} tokens ({c.get('source')}). A head's attention logits split "
+                "exactly into the gate (the first key against the others: how much the head "
+                "attends at all) and the selection (which of the other keys it picks); token "
+                "hypotheses explain the selection in greedy order, with the rest unexplained. "
+                "Each hypothesis also gets its ΔC and key subspace; --verify-top runs the whole "
+                "method on a head's top hypothesis for a verdict.",
+            ],
+            "tables": [
+                {
+                    "caption": f"the {min(n, len(self.heads))} heads whose top hypothesis explains "
+                    "most of what they select",
+                    "columns": [
+                        "head",
+                        "top hypothesis",
+                        "share",
+                        "unexplained",
+                        "attention on the first key",
+                        "verdict",
+                    ],
+                    "rows": rows,
+                }
+            ],  # fmt: skip
+            "pages": [
+                {
+                    "file": "atlas.html",
+                    "caption": "Open the atlas: every head on a layer × head grid, each "
+                    "with its shares, table and token view",
+                }
+            ],  # fmt: skip
+        }
 
 
 # --------------------------------------------------------------------------- orchestration

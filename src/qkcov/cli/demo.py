@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Runs the toy-model experiments (rank recovery, projections, key swaps, interaction "
             "matrix) and the pipeline on three built-in tasks (filter heads, binding, "
-            "subject-verb agreement) on the embedded default model, then writes OUT/report.html."
+            "subject-verb agreement) on the embedded default model, explains every head without "
+            "labels (qkcov explain: OUT/explain/atlas.html), then writes OUT/report.html."
         ),
     )
     from ..pipeline import RunConfig
@@ -86,8 +87,19 @@ def run(args: argparse.Namespace) -> int:
                     extras=EXTRAS.get(name),
                 )
                 rows.append((name, result))
+            from ..explainer import ExplainConfig, explain
+
+            print(f"[demo] explain: every head of {cfg.model}, no labels -> {args.out / 'explain'}",
+                  flush=True)  # fmt: skip
+            ecfg = ExplainConfig(model=cfg.model, seed=cfg.seed, batch_size=cfg.batch_size)
+            explained = explain(lm.model, lm.tokenizer, config=ecfg, progress=not args.quiet,
+                                model_name=cfg.model)  # fmt: skip
+            explained.write(staging / "explain")
         build_report(staging, title="qkcov demo")
     for name, result in rows:
         print(f"\n{name}:\n{result.summary(wide=args.wide)}")
+    if not args.skip_llm:
+        print(f"\nexplain (best 5 of {len(explained.heads)} heads; atlas: "
+              f"{args.out / 'explain' / 'atlas.html'}):\n{explained.summary(5)}")  # fmt: skip
     print(f"\n[demo] {time.perf_counter() - t0:.0f} s; report: {args.out / 'report.html'}")
     return 0

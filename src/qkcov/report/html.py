@@ -140,7 +140,7 @@ def _load_section(root: Path, path: Path, listed: Listed = None) -> dict[str, An
     ):
         raise ValueError(f"{path}: 'heads' must be a list of {{'name': ..., ...}}")
     checks: list[tuple[str, Any]] = [
-        (k, sec.get(k, [])) for k in ("figures", "interactive", "scatter")
+        (k, sec.get(k, [])) for k in ("figures", "interactive", "scatter", "pages")
     ]
     for hd in heads:
         checks += [(f"heads[{hd['name']}].{k}", hd.get(k, [])) for k in ("figures", "scatter")]
@@ -332,6 +332,11 @@ def _section_html(folder: Path, sec: dict[str, Any], root: Path, ids: _Ids) -> s
         div = pio.to_html(pfig, full_html=False, include_plotlyjs=False)
         figs += f"<figure>{div}<figcaption>{esc.text(fig.get('caption', ''))}</figcaption></figure>"
     parts.append(figs)
+    for page in sec.get("pages", []):  # another page of the folder (the explain atlas)
+        real = _inside(root, folder / page["file"], "page")
+        href = esc.url(Path(os.path.relpath(real, ids.base)).as_posix())
+        cap = str(page.get("caption", "") or page["file"])
+        parts.append(f'<p class="page"><a href="{href}">{esc.text(cap)}</a></p>')
     for t in sec.get("tables", []):
         cap = str(t.get("caption", "") or "table")
         parts.append(
