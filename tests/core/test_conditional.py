@@ -146,3 +146,21 @@ def test_planted_conditional_null_is_calibrated():
     assert sum(r["status"] == "reads-feature" for r in cond) <= 2
     plain = [run_head(s, "tilted", control=(), n_perm=39, n_random=19, n_null=19) for s in seeds]
     assert sum(r["p_label"] < 0.05 for r in plain) >= 8
+
+
+def test_an_underpowered_label_test_never_says_not_by_the_feature():
+    """Beating label-permuted subspaces while the relational test fails to reject reads as
+    "separates the keys but not by the feature" only with enough record pairs; with too few
+    (fewer than MIN_RELATION_PAIRS, where planted relations are missed 21–80 % of the time)
+    it is no evidence either way."""
+    from qkcov.core.conditional import decide
+
+    ev = {"p_null": 0.001, "delta_p": 0.8, "random_mean": 0.1, "p_vs_random": 0.001,
+          "p_vs_permuted": 0.001, "label_effect": 0.05, "label_permuted_mean": 0.0,
+          "p_label": 0.3}  # fmt: skip
+    assert decide(ev, 0.05) == ("separates-keys-not-feature", "separates")
+    assert decide({**ev, "label_underpowered": True}, 0.05) == (
+        "no-evidence", "label-underpowered")  # fmt: skip
+    # a test that rejects is evidence whatever its size
+    passed = {**ev, "label_effect": 0.5, "p_label": 0.001, "label_underpowered": True}
+    assert decide(passed, 0.05) == ("reads-feature", "label")

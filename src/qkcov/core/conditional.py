@@ -64,6 +64,10 @@ CONFOUNDED_MIXED = 0.25
 FLOOR_FACTOR = 5
 # effect-size floors of a positive verdict (beyond each null's mean; see docs/method.md)
 MIN_LABEL_EFFECT = 0.1  # centroid-patch effect − its permuted-label mean
+#: Fewest record pairs for the relational exchange's failure to reject to count against the
+#: feature: on planted relational heads (``benchmarks/relational_power.py``) the test rejects
+#: 20–79 % of seeds with 7 pairs and 90–100 % with 12 at the planted strengths ≥ 1.0.
+MIN_RELATION_PAIRS = 12
 MIN_SWAP_EFFECT = 0.1  # swap Δp − the equal-rank random subspaces' mean
 OFFSET_BINS = 8  # distinct offsets kept exact up to this many, else this many quantile bins
 
@@ -271,13 +275,14 @@ def decide(ev: Mapping[str, object], alpha: float) -> tuple[str, str]:
     ``ev`` keys (``None`` = not measured): ``p_null``, ``delta_p``, ``random_mean``,
     ``p_vs_random``, ``p_vs_permuted``, ``label_effect``, ``label_permuted_mean``, ``p_label``,
     ``confounded`` (bool), ``min_swap_effect`` / ``min_label_effect`` (default the module's
-    floors). Order: no subspace above the null, a swap not beating random or below the swap
+    floors), ``label_underpowered`` (bool: the label test had too little data for a failure to
+    reject to say anything — then never ``separates-keys-not-feature``). Order: no subspace above the null, a swap not beating random or below the swap
     floor → ``no-evidence``; strata leaving the labels fixed → ``confounded``; no label test →
     ``not-testable``; the label test beating permuted labels by at least the label floor →
     ``reads-feature``; beating the label-permuted subspaces → ``separates-keys-not-feature``;
     else ``no-evidence``. Reasons: ``no-subspace``, ``no-swap-effect``, ``swap-below-floor``,
-    ``confounded``, ``no-label-test``, ``label``, ``separates``, ``label-below-floor``,
-    ``no-label-evidence``.
+    ``confounded``, ``no-label-test``, ``label``, ``label-underpowered``, ``separates``,
+    ``label-below-floor``, ``no-label-evidence``.
     """
 
     def num(key: str) -> float | None:
@@ -304,6 +309,8 @@ def decide(ev: Mapping[str, object], alpha: float) -> tuple[str, str]:
     beyond = eff - (perm or 0.0)
     if p_lab < alpha and eff > 0 and beyond >= floor_label:
         return "reads-feature", "label"
+    if ev.get("label_underpowered"):
+        return "no-evidence", "label-underpowered"
     p_perm = num("p_vs_permuted")
     if p_perm is not None and p_perm < alpha:
         return "separates-keys-not-feature", "separates"

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core.conditional import MIN_LABEL_EFFECT, MIN_SWAP_EFFECT, decide, p_floor
+from ..core.conditional import (
+    MIN_LABEL_EFFECT,
+    MIN_RELATION_PAIRS,
+    MIN_SWAP_EFFECT,
+    decide,
+    p_floor,
+)
 from ..results import HeadResult, SwapResult, Verdict, format_p, headline_p
 from .config import RunConfig
 
@@ -137,6 +143,7 @@ def _verdict(h: HeadResult, cfg: RunConfig) -> Verdict:
             label_effect=rel.get("effect") if rel.get("available") else None,
             label_permuted_mean=0.0,  # the exact sign-flip null is centred on 0
             p_label=rel.get("p_value") if rel.get("available") else None,
+            label_underpowered=int(rel.get("n_pairs") or 0) < MIN_RELATION_PAIRS,
         )
         patch = (
             f"giving the positive key another record's positive coordinates inside it moves "
@@ -170,6 +177,10 @@ def _verdict(h: HeadResult, cfg: RunConfig) -> Verdict:
     elif why == "label":
         what = "the feature" if kind == "class" else "the query–key relation"
         text = f"{name} reads {what}: {patch}; {swap}{extra}."
+    elif why == "label-underpowered":
+        text = (f"{name}: {swap}, and {patch}: with {rel.get('n_pairs')} record pairs (fewer than "
+                f"{MIN_RELATION_PAIRS}) the relational test cannot rule the relation out — give "
+                f"more held-out records{extra}.")  # fmt: skip
     elif why == "separates":
         text = f"{name} separates the keys but not by the feature: {swap}, yet {patch}{extra}."
     elif why == "label-below-floor":
