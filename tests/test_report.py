@@ -196,7 +196,7 @@ def test_title_and_method_text_name_the_run(tiny_saved_run):
 
     page = (tiny_saved_run / "report.html").read_text()
     title = page.split("<title>")[1].split("</title>")[0]
-    assert "pronouns.jsonl" in title and "feature: feature" in title
+    assert "pronouns.jsonl" in title and "feature" not in title  # one unnamed feature
     sec = read_json(tiny_saved_run / "section.json")
     text = " ".join(sec["text"])
     assert "whitened sequential deflated permutation test" in text

@@ -162,9 +162,9 @@ def test_after_toggle_recolours_with_the_swapped_attention(browser, report):
     assert browser.errors() == []
 
 
-def test_title_names_records_file_and_feature(browser):
+def test_title_names_records_file_not_the_unnamed_feature(browser):
     title = browser.eval("document.title")
-    assert "records.jsonl" in title and "feature: feature" in title
+    assert "records.jsonl" in title and "feature" not in title
     assert browser.eval("document.querySelector('h1').textContent") == title
 
 

@@ -293,6 +293,10 @@ NO_VIEW_OLD = (
 )
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _section_html(folder: Path, sec: dict[str, Any], root: Path, ids: _Ids) -> str:
     import plotly.io as pio
 
@@ -340,7 +344,9 @@ def _section_html(folder: Path, sec: dict[str, Any], root: Path, ids: _Ids) -> s
     for t in sec.get("tables", []):
         cap = str(t.get("caption", "") or "table")
         parts.append(
-            _folded(f"Table: {cap} ({len(t['rows'])} rows)", _table(t["columns"], t["rows"]))
+            _folded(
+                f"Table: {cap} ({_count(len(t['rows']), 'row')})", _table(t["columns"], t["rows"])
+            )
         )
     parts.append("</section>")
     return "\n".join(parts)

@@ -206,8 +206,11 @@ def run_title(info: dict[str, Any], title: str | None = None) -> str:
     """The section (and, for one run, the page) title: what was run, on which records file,
     for which feature(s)."""
     feats = [f["name"] for f in info.get("features") or []]
+    head = f"{title or 'Contrast analysis'} — {records_source(info)}"
+    if feats == ["feature"]:  # the records named no feature (run.json's default name)
+        return head
     what = "feature" if len(feats) == 1 else "features"
-    return f"{title or 'Contrast analysis'} — {records_source(info)}, {what}: {', '.join(feats)}"
+    return f"{head}, {what}: {', '.join(feats)}"
 
 
 def rank_text(info: dict[str, Any]) -> str:
