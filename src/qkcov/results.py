@@ -935,8 +935,8 @@ class AnalysisResult:
         ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines += [w for text in self._legend(wide) for w in textwrap.wrap(text, 120)]
-        lines += self.summary_lines()
-        lines += self.notes
+        for text in [*self.summary_lines(), *self.notes]:  # at the table's 120 characters
+            lines += textwrap.wrap(text, 120, subsequent_indent="  ", break_on_hyphens=False)
         return "\n".join(lines)
 
     def __repr__(self) -> str:
