@@ -44,7 +44,7 @@ REPORT_FIELDS = [
     "folder name", "section key", "title", "text (method text)", "method_html", "summary key",
     "summary value (model)", "table caption", "table column", "table cell (feature)",
     "table cell (group)", "head name", "verdict status", "verdict sentence", "verdict evidence",
-    "lead", "token view reason", "figure caption", "notes",
+    "lead", "token view reason", "figure caption", "notes", "page link caption",
 ]  # fmt: skip
 INDEX_FIELDS = ["folder name", "model"]
 COMPARE_FIELDS = ["run labels", "model", "head", "feature", "only_in_one"]
@@ -83,6 +83,7 @@ def _hostile_section(sec: dict, p: str) -> dict:
         heads.append(h)
     sec["heads"] = heads
     sec["figures"] = [dict(f, caption=p) for f in sec.get("figures", [])]
+    sec["pages"] = [{"file": "run.json", "caption": p}]  # a link to a file of the folder
     return sec
 
 
@@ -155,7 +156,7 @@ def test_hostile_strings_in_every_field_never_run_and_the_pages_render(run, tmp_
         "compare": len(COMPARE_FIELDS),
     }
     cases = sum(n_fields[kind] for _, kind, _ in pages)
-    assert len(pages) == 3 * len(PAYLOADS) and cases == len(PAYLOADS) * 26  # 14 × 26 = 364
+    assert len(pages) == 3 * len(PAYLOADS) and cases == len(PAYLOADS) * 27  # 14 × 27 = 378
     b = Browser(CHROMIUM)
     try:
         for p, kind, page in pages:

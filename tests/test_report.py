@@ -201,3 +201,24 @@ def test_title_and_method_text_name_the_run(tiny_saved_run):
     text = " ".join(sec["text"])
     assert "whitened sequential deflated permutation test" in text
     assert "causal rank" in text and "above the permutation null's (1−α) quantile" not in text
+
+
+def test_a_section_links_only_files_of_its_folder(tmp_path):
+    """``pages`` (the explain atlas' link): a file inside the folder becomes a relative link;
+    one outside it, or missing, is refused in one line naming the section."""
+    from qkcov.artifacts import write_json
+    from qkcov.report import build_report
+
+    root = tmp_path / "r"
+    (root / "x").mkdir(parents=True)
+    (root / "x" / "atlas.html").write_text("<p>atlas</p>")
+    (tmp_path / "evil.html").write_text("<p>outside</p>")
+    write_json(root / "x" / "section.json",
+               {"title": "t", "pages": [{"file": "atlas.html", "caption": "the atlas"}]})  # fmt: skip
+    page = build_report(root).read_text()
+    assert '<a href="x/atlas.html">the atlas</a>' in page
+    for bad in ("../../evil.html", "missing.html"):
+        write_json(root / "x" / "section.json", {"title": "t", "pages": [{"file": bad}]})
+        with pytest.raises((ValueError, FileNotFoundError)) as err:
+            build_report(root)
+        assert len(str(err.value).splitlines()) == 1 and "section" in str(err.value)
