@@ -376,13 +376,17 @@ def explain(
     config: ExplainConfig | None = None,
     progress: bool = True,
     model_name: str | None = None,
+    dist: Any = None,
     **overrides: Any,
 ) -> ExplainResult:
     """Explain every head (or ``heads``) of a model you loaded, on ``texts`` (default: the
     generated corpus). ``hypotheses``: built-in names and :class:`qkcov.Hypothesis` objects
     (e.g. ``Hypothesis.from_predicate("caps", lambda q, k: k.text[:1].isupper())``);
     default: the built-ins of ``config.hypotheses``. ``overrides`` are
-    :class:`ExplainConfig` fields."""
+    :class:`ExplainConfig` fields. ``dist`` (a :class:`qkcov.engine.distributed.Dist`, under
+    ``torchrun``): each rank forwards its whole batches and the sums are added over ranks;
+    every rank then does the same offline math, verification and token views and returns
+    the one-process result (rank 0 alone should save it)."""
     from .core.explain import memory_bytes
     from .engine.explain import attention_example, explain_heads, plan_corpus, tokenize_corpus
     from .models.loading import model_info
@@ -402,6 +406,7 @@ def explain(
     )
     for h in hyps:
         h.check()
+    progress = progress and (dist is None or dist.is_main)  # under torchrun rank 0 logs
     source = "default corpus (qkcov.tasks.corpus)" if texts is None else "user text"
     if texts is None:
         texts = default_corpus(cfg.n_documents, cfg.seed)
@@ -421,7 +426,7 @@ def explain(
     with timer.phase("forward"):
         explained, _ = explain_heads(
             model, plan, head_list, batch_size=cfg.batch_size, energy=cfg.energy,
-            max_rank=cfg.max_rank, progress=progress, pad_id=pad,
+            max_rank=cfg.max_rank, progress=progress, pad_id=pad, dist=dist,
         )  # fmt: skip
     explained.sort(key=lambda h: h.top.share if h.top else -1.0, reverse=True)
     m = _AUTO.match(cfg.heads.strip())
@@ -573,15 +578,18 @@ def _verify(
         top.verdict, top.verdict_reason = v.status, v.sentence + note
 
 
-def _load_kwargs(cfg: ExplainConfig) -> dict[str, Any]:
-    """``load_model`` arguments as ``qkcov run`` passes them (``auto`` = cuda when there)."""
+def _load_kwargs(cfg: ExplainConfig, dist: Any = None) -> dict[str, Any]:
+    """``load_model`` arguments as ``qkcov run`` passes them (``auto`` = cuda when there;
+    under torchrun this rank's device)."""
     import torch
 
     device = cfg.device
     if device.strip().lower() == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     kw: dict[str, Any] = {}
-    if device != "cpu" and not cfg.device_map:
+    if dist is not None and dist.enabled:
+        kw["device"] = str(dist.device)
+    elif device != "cpu" and not cfg.device_map:
         kw["device"] = device
     if cfg.dtype != "auto":
         kw["dtype"] = cfg.dtype
@@ -598,8 +606,13 @@ def run_explain(
     force: bool = False,
     command_line: str | None = None,
 ) -> ExplainResult:
-    """The CLI path: every input check, then the model, then :func:`explain` and the folder."""
+    """The CLI path: every input check, then the model, then :func:`explain` and the folder.
+
+    Under ``torchrun`` (``Dist.from_env``) each rank loads the model on its device and
+    forwards its whole batches; the sums are added over ranks and rank 0 alone checks and
+    writes ``out`` and logs."""
     from .artifacts import RunFolder
+    from .engine.distributed import Dist
     from .models.loading import load_model
 
     texts = None
@@ -607,12 +620,16 @@ def run_explain(
     if cfg.text is not None:
         texts = check_texts(load_texts(cfg.text), f"--text {cfg.text}")
         protect.append(Path(cfg.text))
-    RunFolder(out, command="explain", force=force, protect=protect).close()  # --out check, no model
+    dist = Dist.from_env(None if cfg.device.strip().lower() == "auto" else cfg.device)
+    quiet = quiet or not dist.is_main
+    if dist.is_main:  # --out check (and lock test) before the model; rank 0 alone writes
+        RunFolder(out, command="explain", force=force, protect=protect).close()
     timer = Timer("explain", quiet=quiet)
     timer.log(f"loading {cfg.model}")
-    lm = load_model(cfg.model, **_load_kwargs(cfg))
+    lm = load_model(cfg.model, **_load_kwargs(cfg, dist))
     result = explain(lm.model, lm.tokenizer, texts, config=cfg, progress=not quiet,
-                     model_name=cfg.model)  # fmt: skip
+                     model_name=cfg.model, dist=dist if dist.enabled else None)  # fmt: skip
     result.config["command_line"] = command_line
-    result.save(out, force=force, command=command_line or "qkcov explain", protect=protect)
+    if dist.is_main:
+        result.save(out, force=force, command=command_line or "qkcov explain", protect=protect)
     return result

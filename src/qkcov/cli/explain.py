@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..runtime import is_main_process
 from .common import add_config_flags, add_out_flags, config_from_args
 
 __all__ = ["register", "run"]
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         cfg, args.out, quiet=args.quiet, force=args.force,
         command_line=getattr(args, "command_line", None),
     )  # fmt: skip
-    print(result.summary())
-    print(f"atlas: {Path(args.out) / 'atlas.html'}")
+    if is_main_process():  # under torchrun the other ranks print nothing
+        print(result.summary())
+        print(f"atlas: {Path(args.out) / 'atlas.html'}")
     return 0

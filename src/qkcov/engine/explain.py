@@ -13,6 +13,7 @@ after the deepest selected layer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from ..models.loading import input_device, model_info
 from ..models.positions import encode
 from ..models.verify import causal_mask
 from ..tasks.hypotheses import Hypothesis, TokenSeq, token_seq
+from .distributed import Dist, all_reduce_sum, broadcast_object, gather_objects, shard_batches
 
 __all__ = ["tokenize_corpus", "CorpusPlan", "plan_corpus", "explain_heads", "attention_example"]
 
@@ -150,10 +152,14 @@ def explain_heads(
     max_rank: int = 8,
     progress: bool = True,
     pad_id: int = 0,
+    dist: Dist | None = None,
 ) -> tuple[list[HeadExplanation], dict[int, LayerSums]]:
     """One forward per batch over the corpus; every selected head explained.
 
     Returns the explanations (in ``heads`` order) and the per-layer running sums.
+    ``dist`` (under ``torchrun``): this rank runs its whole batches of the one-process
+    batching (:func:`qkcov.engine.distributed.shard_batches`) and the sums are added over
+    ranks (:func:`reduce_sums`), so every rank returns the one-process result.
     """
     info = model_info(model)
     by_layer: dict[int, list[int]] = {}
@@ -165,8 +171,10 @@ def explain_heads(
     device = input_device(model)
     last = max(by_layer)
     order = sorted(range(len(plan.seqs)), key=lambda i: len(plan.seqs[i]))
-    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    for idx in tqdm(batches, desc="explain", unit="batch", disable=not progress):
+    # this rank's whole batches (all of them in one process): each is a one-process batch
+    batches = [[order[i] for i in r] for r in shard_batches(len(order), batch_size, dist)]
+    show = progress and (dist is None or dist.is_main)
+    for idx in tqdm(batches, desc="explain", unit="batch", disable=not show):
         bt = plan.batch(idx, pad_id)
         pos, w, allowed = (bt[k].to(device) for k in ("pos", "weights", "allowed"))
 
@@ -190,6 +198,7 @@ def explain_heads(
                 logits_to_keep=1,
             )  # fmt: skip
         session.check_called(model, sorted(by_layer))
+    reduce_sums(sums, bool(batches), dist)
     out = []
     for layer, head in heads:
         acc = sums[layer]
@@ -207,6 +216,32 @@ def explain_heads(
             )  # fmt: skip
         )
     return out, sums
+
+
+def reduce_sums(sums: dict[int, LayerSums], ran: bool, dist: Dist | None = None) -> None:
+    """Add every rank's :class:`LayerSums` (in place): every ``torch.Tensor`` field of the
+    dataclass, whatever fields it has, layer by layer (one collective per layer; the flat
+    buffer is one layer's sums, not the whole model's). A field that is not a tensor (the
+    layer's ``scaling``, set by each update) is taken from the first rank that ran a batch
+    (``ran``). One process: nothing to do."""
+    if dist is None or not dist.enabled:
+        return
+    for layer in sorted(sums):
+        acc = sums[layer]
+        tensors = [getattr(acc, f.name) for f in dataclasses.fields(acc)]
+        all_reduce_sum([t for t in tensors if isinstance(t, torch.Tensor)], dist)
+    src = gather_objects(ran, dist).index(True)  # the corpus is never empty: some rank ran
+    other = {
+        layer: {
+            f.name: getattr(acc, f.name)
+            for f in dataclasses.fields(acc)
+            if not f.init and not isinstance(getattr(acc, f.name), torch.Tensor)
+        }
+        for layer, acc in sums.items()
+    }
+    for layer, values in broadcast_object(other, dist, src=src).items():
+        for name, value in values.items():
+            setattr(sums[layer], name, value)
 
 
 def attention_example(
