@@ -613,13 +613,15 @@ def run_explain(
     writes ``out`` and logs."""
     from .artifacts import RunFolder
     from .engine.distributed import Dist
-    from .models.loading import load_model
+    from .models.loading import check_heads_config, load_model
 
     texts = None
     protect: list[Path] = []
     if cfg.text is not None:
         texts = check_texts(load_texts(cfg.text), f"--text {cfg.text}")
         protect.append(Path(cfg.text))
+    if cfg.heads.strip().lower() != "all":  # --heads L99H0: from the config, before weights
+        check_heads_config(cfg.heads, cfg.model)
     dist = Dist.from_env(None if cfg.device.strip().lower() == "auto" else cfg.device)
     quiet = quiet or not dist.is_main
     if dist.is_main:  # --out check (and lock test) before the model; rank 0 alone writes
