@@ -122,6 +122,15 @@ def test_config_checks_before_any_model(tmp_path):
     t = tmp_path / "c.txt"
     t.write_text("para one\nstill one\n\npara two\n")
     assert load_texts(t) == ["para one\nstill one", "para two"]
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\u00e9 au lait\n\nna\u00efve".encode("latin-1"))
+    with pytest.raises(ValueError) as err:
+        load_texts(latin)
+    assert str(latin) in str(err.value) and "line 1" in str(err.value)
+    assert "UTF-8" in str(err.value) and "\n" not in str(err.value)
+    bom = tmp_path / "bom.jsonl"  # as some editors save it: the BOM is not part of the text
+    bom.write_bytes(b"\xef\xbb\xbf" + b'{"text": "one two"}\n')
+    assert load_texts(bom) == ["one two"]
 
 
 def test_default_corpus_is_fixed_and_holds_every_kind():

@@ -141,7 +141,17 @@ def load_texts(path: str | Path) -> list[str]:
     suffix = p.suffix.lower()
     if suffix not in (".txt", ".jsonl"):
         raise ValueError(f"--text {path}: expected a .txt or .jsonl file")
-    raw = p.read_text(encoding="utf-8")
+    from .artifacts import read_regular_bytes  # a FIFO or device: one line, never a blocked read
+
+    data = read_regular_bytes(p, cap=1 << 30, what="text file")
+    try:
+        raw = data.decode("utf-8-sig")  # a leading BOM is tolerated
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"--text {path}: line {line}: not valid UTF-8 (byte 0x{data[err.start]:02x}); "
+            "expected UTF-8 text"
+        ) from None
     if suffix == ".txt":
         docs = [d.strip() for d in re.split(r"\n\s*\n", raw)]
         return [d for d in docs if d]
