@@ -268,15 +268,16 @@ def test_sums_match_explicit_capture_and_attribution():
 
 
 # --------------------------------------------------------------------------- planted heads
-def _planted(kind: str, seed: int = 0):
+def _planted(kind: str, seed: int = 0, sign: float = 1.0):
     """Hand-wired attention: one head whose logits follow the planted relation exactly.
 
     Keys carry a position code ``p`` (4 rotary-like dims), a token code ``e`` (24 dims) and a
     class code ``c`` (4 dims); a previous-token head's query reads ``p`` one step back, an
     induction head's key holds the previous token's code and its query the current token's,
-    a class head's query and key hold their token's class."""
+    a class head's query and key hold their token's class. ``sign`` −1: the head avoids
+    those keys instead."""
     g = torch.Generator().manual_seed(seed)
-    V, D, beta = 24, 40, 6.0
+    V, D, beta = 24, 40, 6.0 * sign
     e = torch.linalg.qr(torch.randn(V, V, generator=g, dtype=torch.float64))[0]
     cls = torch.arange(V) % 4
     seqs, rows = [], []
@@ -332,6 +333,25 @@ def test_planted_hypothesis_ranks_first(kind, planted, seed):
     assert e.top.name == planted, e.sentence()
     assert e.top.share > e.top.random_share, e.sentence()  # above a random subspace's r/D
     assert e.top.attention > 3 * e.top.attention_baseline
+    assert e.top.direction == 1 and "avoid" not in e.sentence().split(";")[0]
+
+
+@pytest.mark.parametrize("kind", ["previous", "class"])
+def test_avoided_hypothesis_is_said_avoided(kind):
+    """A head that suppresses the keys of a hypothesis gets a share for it too (R² counts
+    variance either way); its direction and sentence must not read as if it picks them."""
+    e = _planted(kind, 0, sign=-1.0)
+    top = e.top
+    assert top.share > 0.2, e.sentence()
+    assert top.attention < top.attention_baseline and top.logit_contrast < 0
+    assert top.direction == -1, e.sentence()
+    assert ", by avoiding these keys" in e.sentence().split(";")[0]
+    from qkcov.report.atlas import _bars, _direction
+
+    assert _direction({"direction": -1}) == "avoided" and _direction({}) == "–"
+    head = {"hypotheses": [{"name": top.name, "share": top.share, "direction": -1}],
+            "unexplained": e.unexplained}  # fmt: skip
+    assert "(avoided)" in _bars(head)
 
 
 def test_explain_api_and_saved_folder(tmp_path):
@@ -382,7 +402,7 @@ def test_cli_explain_end_to_end(tiny_dir, tmp_path, capsys):
     assert len(data["heads"]) == 3
     assert any(x["name"] == "caps" for x in data["heads"][0]["hypotheses"])
     printed = capsys.readouterr().out
-    assert "rest" in printed and "atlas:" in printed
+    assert "unexplained" in printed and "atlas:" in printed
     # bad input: one line, exit 2, nothing written
     for argv, needle in [
         (["--hypotheses", "nope"], "unknown hypothesis 'nope'"),

@@ -242,6 +242,7 @@ class ExplainResult:
                         {
                             "name": x.name,
                             "part": x.part,
+                            "direction": x.direction,
                             "share": x.share,
                             "solo_share": x.solo_share,
                             "logit_contrast": x.logit_contrast,

@@ -65,19 +65,20 @@ def _selection(h: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _bars(h: dict[str, Any]) -> str:
     """Inline SVG: one bar per selection hypothesis (share), the unexplained rest last."""
-    rows = [(x["name"], float(x["share"])) for x in _selection(h)]
-    rows.append(("rest (unexplained)", float(h.get("unexplained", 0.0))))
+    rows = [(x["name"], float(x["share"]), _direction(x) == "avoided") for x in _selection(h)]
+    rows.append(("rest (unexplained)", float(h.get("unexplained", 0.0)), False))
     w, bh = 360, 16
-    parts = [f'<svg class="bars" width="{w + 190}" height="{bh * len(rows) + 4}" role="img">']
-    for i, (name, share) in enumerate(rows):
+    parts = [f'<svg class="bars" width="{w + 250}" height="{bh * len(rows) + 4}" role="img">']
+    for i, (name, share, avoided) in enumerate(rows):
         y = i * bh + 2
         width = max(0.0, min(1.0, share)) * w
         colour = hypothesis_colour(name, 0.8) if not name.startswith("rest") else "#bbb"
+        label = _pct(share) + (" (avoided)" if avoided else "")
         parts.append(
             f'<text x="0" y="{y + 12}" font-size="11">{_e(name)}</text>'
             f'<rect x="130" y="{y + 2}" width="{width:.1f}" height="{bh - 4}" fill="{colour}">'
-            f"<title>{_e(name)}: {_e(_pct(share))}</title></rect>"
-            f'<text x="{134 + width:.1f}" y="{y + 12}" font-size="11">{_e(_pct(share))}</text>'
+            f"<title>{_e(name)}: {_e(label)}</title></rect>"
+            f'<text x="{134 + width:.1f}" y="{y + 12}" font-size="11">{_e(label)}</text>'
         )
     parts.append("</svg>")
     gate = (
@@ -91,14 +92,25 @@ def _num(x: Any, fmt: str = "{:.3f}") -> str:
     return fmt.format(float(x)) if isinstance(x, (int, float)) else "–"
 
 
+def _direction(x: dict[str, Any]) -> str:
+    """``picked`` / ``avoided``: whether the head's logits are higher or lower on the
+    hypothesis' keys (a share counts variance either way); ``–`` for neither or an older
+    explain.json."""
+    d = x.get("direction")
+    if not isinstance(d, int) or isinstance(d, bool) or d == 0:
+        return "–"
+    return "picked" if d > 0 else "avoided"
+
+
 def _table(h: dict[str, Any]) -> str:
-    cols = ["hypothesis", "part", "share", "alone", "logit contrast", "in subspace",
+    cols = ["hypothesis", "part", "keys", "share", "alone", "logit contrast", "in subspace",
             "subspace variance", "random", "rank", "attention", "uniform", "pairs",
             "verdict"]  # fmt: skip
     head = "".join(f"<th>{_e(c)}</th>" for c in cols)
     body = []
     for x in h["hypotheses"]:
-        cells = [x["name"], x.get("part", "selection"), _pct(x["share"]), _pct(x["solo_share"]),
+        cells = [x["name"], x.get("part", "selection"), _direction(x), _pct(x["share"]),
+                 _pct(x["solo_share"]),
                  _num(x.get("logit_contrast"), "{:+.2f}"), _pct(x.get("subspace_share")),
                  _pct(x.get("subspace_variance")), _pct(x["random_share"]), x["rank"],
                  _num(x["attention"]), _num(x["attention_baseline"]), x["n_pairs"],
