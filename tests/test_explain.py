@@ -352,6 +352,8 @@ def test_avoided_hypothesis_is_said_avoided(kind):
     head = {"hypotheses": [{"name": top.name, "share": top.share, "direction": -1}],
             "unexplained": e.unexplained}  # fmt: skip
     assert "(avoided)" in _bars(head)
+    head["hypotheses"][0]["share"] = 0.001  # a share shown as 0 %: no direction beside it
+    assert "(avoided)" not in _bars(head)
 
 
 def test_explain_api_and_saved_folder(tmp_path):

@@ -65,7 +65,10 @@ def _selection(h: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _bars(h: dict[str, Any]) -> str:
     """Inline SVG: one bar per selection hypothesis (share), the unexplained rest last."""
-    rows = [(x["name"], float(x["share"]), _direction(x) == "avoided") for x in _selection(h)]
+    rows = [
+        (x["name"], float(x["share"]), _direction(x) == "avoided" and float(x["share"]) >= 0.005)
+        for x in _selection(h)
+    ]  # "(avoided)" only beside a share that shows (≥ 0.5 %)
     rows.append(("rest (unexplained)", float(h.get("unexplained", 0.0)), False))
     w, bh = 360, 16
     parts = [f'<svg class="bars" width="{w + 250}" height="{bh * len(rows) + 4}" role="img">']
@@ -152,7 +155,7 @@ _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 table.grid{border-collapse:collapse;margin:1em 0}
 table.grid td,table.grid th{padding:0;border:1px solid #fff;font-size:11px;text-align:center}
-table.grid a.cell{display:block;width:34px;height:22px;line-height:22px;color:#111;text-decoration:none}
+table.grid .cell{display:block;width:34px;height:22px;line-height:22px;color:#111;text-decoration:none}
 table.grid a.cell:hover,table.grid a.cell:focus{outline:2px solid #000}
 .legend span{display:inline-block;padding:2px 6px;margin:2px;font-size:12px;border-radius:3px}
 section.head{display:none;border-top:2px solid #444;margin-top:1em;padding-top:.5em}
