@@ -405,6 +405,13 @@ def test_cli_explain_end_to_end(tiny_dir, tmp_path, capsys):
     assert any(x["name"] == "caps" for x in data["heads"][0]["hypotheses"])
     printed = capsys.readouterr().out
     assert "unexplained" in printed and "atlas:" in printed
+    assert "note:" not in printed  # caps matched ("The"): nothing to say
+    rc = main(["explain", "--model", str(tiny_dir), "--text", str(txt), "--heads", "L0H0",
+               "--out", str(tmp_path / "none"), "--quiet", "--hypothesis", "zz:key~^zzq$"])  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    note = [line for line in printed.splitlines() if line.startswith("note:")]
+    assert len(note) == 1 and "'zz'" in note[0] and "no query–key pair" in note[0], printed
     # bad input: one line, exit 2, nothing written
     for argv, needle in [
         (["--hypotheses", "nope"], "unknown hypothesis 'nope'"),

@@ -219,9 +219,20 @@ class ExplainResult:
     def sentences(self) -> list[str]:
         return [h.sentence() for h in self.heads]
 
+    def unmatched(self) -> list[str]:
+        """Hypotheses that hold for no query–key pair of the corpus: their 0 % share says
+        nothing about the heads (a regex or category that never matched, for instance)."""
+        return [h["name"] for h in self.hypotheses if not h.get("n_pairs")]
+
     def summary(self, n: int = 20) -> str:
         lines = self.sentences()
         more = f"\n… and {len(lines) - n} more heads (explain.json)" if len(lines) > n else ""
+        none = self.unmatched()
+        if none:
+            more += (
+                f"\nnote: {', '.join(repr(x) for x in none)} held for no query–key pair of this "
+                "corpus, so their 0 % share was not tested; check the pattern or give text it matches"
+            )
         return "\n".join(lines[:n]) + more
 
     def to_json(self) -> dict[str, Any]:
