@@ -412,6 +412,17 @@ def test_cli_explain_end_to_end(tiny_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     note = [line for line in printed.splitlines() if line.startswith("note:")]
     assert len(note) == 1 and "'zz'" in note[0] and "no query–key pair" in note[0], printed
+    # --force into a folder whose atlas.html is the user's: refused before any work, kept
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "atlas.html").write_text("my own page")
+    from qkcov.explainer import ExplainConfig, run_explain
+
+    with pytest.raises(ValueError, match="atlas.html"):  # the model name does not exist:
+        run_explain(ExplainConfig(model=str(tmp_path / "no-model"), text=str(txt)), mine,
+                    force=True, quiet=True)  # fmt: skip
+    assert (mine / "atlas.html").read_text() == "my own page"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("mine")) == ["mine"]
     # bad input: one line, exit 2, nothing written
     for argv, needle in [
         (["--hypotheses", "nope"], "unknown hypothesis 'nope'"),

@@ -34,12 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigMixin, check_positive_int, check_range
+from .report.atlas import ATLAS_FILE
 from .runtime import Timer
 
 __all__ = ["ExplainConfig", "ExplainResult", "explain", "run_explain", "load_texts"]
 
 EXPLAIN_FILE = "explain.json"
 TENSOR_FILE = "explain.safetensors"
+#: what a run writes besides manifest.json (checked against --force before the model loads)
+RUN_FILES = (EXPLAIN_FILE, TENSOR_FILE, ATLAS_FILE)
 _AUTO = re.compile(r"(?i)^auto(?::(\d+))?$")
 AUTO_DEFAULT = 10
 
@@ -308,7 +311,7 @@ class ExplainResult:
         from .artifacts import RunFolder, save_tensors, write_json
         from .report.atlas import write_atlas
 
-        folder = RunFolder(out, command=command, force=force, protect=protect)
+        folder = RunFolder(out, command=command, force=force, protect=protect, files=RUN_FILES)
         with folder as staging:
             write_json(staging / EXPLAIN_FILE, self.to_json())
             save_tensors(staging / TENSOR_FILE, self.tensors())
@@ -524,7 +527,8 @@ def run_explain(
     if cfg.text is not None:
         texts = check_texts(load_texts(cfg.text), f"--text {cfg.text}")
         protect.append(Path(cfg.text))
-    RunFolder(out, command="explain", force=force, protect=protect).close()  # --out check, no model
+    # --out check before the model (with --force: none of the files it writes is taken)
+    RunFolder(out, command="explain", force=force, protect=protect, files=RUN_FILES).close()
     timer = Timer("explain", quiet=quiet)
     timer.log(f"loading {cfg.model}")
     lm = load_model(cfg.model, **_load_kwargs(cfg))
