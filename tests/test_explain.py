@@ -40,7 +40,8 @@ def test_builtin_masks_on_a_hand_example():
     assert h["same-token"][4, 0] and not h["same-token"][4, 4]  # earlier keys only
     assert h["induction"][4, 1] and h["induction"][5, 2] is not None  # after an earlier "A"
     assert not h["induction"][4, 0]
-    assert h["first-token"][:, 0].all() and not h["first-token"][:, 1:].any()
+    assert h["first-token"][1:, 0].all() and not h["first-token"][:, 1:].any()
+    assert not h["first-token"][0, 0]  # the first query has only itself to attend to
     assert h["delimiter"][5, 2] and not h["delimiter"][5, 3]
     assert h["capitalised"][5, 0] and not h["capitalised"][5, 1]
     assert h["number"][6, 6] and not h["number"][6, 5]
@@ -263,6 +264,9 @@ def test_sums_match_explicit_capture_and_attribution():
     assert e.sink_share == pytest.approx(gate / tot, rel=1e-4)
     assert e.sink_attention == pytest.approx(sink / sum(q.shape[0] - 1 for q in qs), rel=1e-4)
     assert e.hypotheses[-1].part == "gate" and e.hypotheses[-1].share == e.sink_share
+    # the gate's attention is the sink attention, over the same rows (not the first query's
+    # trivial 1 on itself)
+    assert e.hypotheses[-1].attention == pytest.approx(e.sink_attention, rel=1e-6)
     assert sum(h.share for h in sel) + e.unexplained == pytest.approx(1.0, abs=1e-9)
     assert memory_bytes(270, 10, 64) == 270 * (11 * 64 * 64 + 100) * 8 + 270 * 11 * 8
 
