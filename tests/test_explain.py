@@ -457,3 +457,18 @@ def test_verify_top_runs_the_whole_method_on_the_top_hypothesis():
     assert all(x.verdict == "untested" for x in first.hypotheses[1:])
     assert all(x.verdict == "untested" and "not verified" in x.verdict_reason
                for x in second.hypotheses)  # fmt: skip
+
+
+def test_token_view_shades_the_selection_apart_from_the_sink():
+    """A head with 86 % on the first key: the keys after it are shaded relative to the
+    largest of them, so what the head selects stays visible; the sink is said in numbers."""
+    import re
+
+    from qkcov.report.atlas import _token_view
+
+    ex = {"tokens": ["<s>", "a", "b", "c"], "document": 0, "query": 3,
+          "attention": {"L0H0": [0.86, 0.01, 0.1, 0.03]}}  # fmt: skip
+    html = _token_view(ex, "L0H0")
+    alphas = [float(a) for a in re.findall(r"rgba\(220,60,30,([0-9.]+)\)", html)]
+    assert alphas == pytest.approx([0.1, 1.0, 0.3], abs=1e-3)  # "b" full, "a" faint
+    assert "rgba(90,90,90," in html and "86 %" in html and "10.0 %" in html

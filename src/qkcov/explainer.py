@@ -234,7 +234,8 @@ class ExplainResult:
         if none:
             more += (
                 f"\nnote: {', '.join(repr(x) for x in none)} held for no query–key pair of this "
-                "corpus, so their 0 % share was not tested; check the pattern or give text it matches"
+                f"corpus, so {'its' if len(none) == 1 else 'their'} 0 % share was not tested; "
+                "check the pattern or give text it matches"
             )
         return "\n".join(lines[:n]) + more
 

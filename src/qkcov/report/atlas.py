@@ -135,19 +135,29 @@ def _token_view(example: dict[str, Any] | None, name: str) -> str:
     row = example["attention"][name]
     toks = example["tokens"]
     q = int(example.get("query", len(toks) - 1))
-    top = max(row) if row else 1.0
+    # the first key (the gate) in grey by its own attention; the others in red relative to
+    # the largest of them (the selection), so a strong sink does not blank what is selected
+    rest = [float(a) for a in row[1 : q + 1]]
+    top = max(rest, default=0.0)
     spans = []
     for i, tok in enumerate(toks[: q + 1]):
-        a = row[i] if i < len(row) else 0.0
-        alpha = a / top if top > 0 else 0.0
+        a = float(row[i]) if i < len(row) else 0.0
+        if i == 0 and q > 0:
+            colour = f"rgba(90,90,90,{0.6 * a:.3f})"
+        else:
+            colour = f"rgba(220,60,30,{(a / top if top > 0 else 0.0):.3f})"
         cls = "tok q" if i == q else "tok"
         spans.append(
-            f'<span class="{cls}" style="background:rgba(220,60,30,{alpha:.3f})" '
+            f'<span class="{cls}" style="background:{colour}" '
             f'title="{_e(f"position {i}: attention {a:.3f}")}">{_e(tok)}</span>'
         )
+    sink = float(row[0]) if row and q > 0 else 0.0
     return (
         f'<p class="tv-cap">Attention of the last token (boxed) of corpus document '
-        f'{_e(example.get("document", "?"))} over its keys:</p><p class="tokens">{"".join(spans)}</p>'
+        f"{_e(example.get('document', '?'))} over its keys: the first key (grey, the gate) holds "
+        f"{_e(_pct(sink))}; the others are shaded red relative to the largest of them "
+        f"({_e(f'{100 * top:.1f} %')}).</p>"
+        f'<p class="tokens">{"".join(spans)}</p>'
     )
 
 
