@@ -40,7 +40,8 @@ def test_builtin_masks_on_a_hand_example():
     assert h["same-token"][4, 0] and not h["same-token"][4, 4]  # earlier keys only
     assert h["induction"][4, 1] and h["induction"][5, 2] is not None  # after an earlier "A"
     assert not h["induction"][4, 0]
-    assert h["first-token"][:, 0].all() and not h["first-token"][:, 1:].any()
+    assert h["first-token"][1:, 0].all() and not h["first-token"][:, 1:].any()
+    assert not h["first-token"][0, 0]  # the first query has only itself to attend to
     assert h["delimiter"][5, 2] and not h["delimiter"][5, 3]
     assert h["capitalised"][5, 0] and not h["capitalised"][5, 1]
     assert h["number"][6, 6] and not h["number"][6, 5]
@@ -122,6 +123,15 @@ def test_config_checks_before_any_model(tmp_path):
     t = tmp_path / "c.txt"
     t.write_text("para one\nstill one\n\npara two\n")
     assert load_texts(t) == ["para one\nstill one", "para two"]
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\u00e9 au lait\n\nna\u00efve".encode("latin-1"))
+    with pytest.raises(ValueError) as err:
+        load_texts(latin)
+    assert str(latin) in str(err.value) and "line 1" in str(err.value)
+    assert "UTF-8" in str(err.value) and "\n" not in str(err.value)
+    bom = tmp_path / "bom.jsonl"  # as some editors save it: the BOM is not part of the text
+    bom.write_bytes(b"\xef\xbb\xbf" + b'{"text": "one two"}\n')
+    assert load_texts(bom) == ["one two"]
 
 
 def test_default_corpus_is_fixed_and_holds_every_kind():
@@ -254,20 +264,24 @@ def test_sums_match_explicit_capture_and_attribution():
     assert e.sink_share == pytest.approx(gate / tot, rel=1e-4)
     assert e.sink_attention == pytest.approx(sink / sum(q.shape[0] - 1 for q in qs), rel=1e-4)
     assert e.hypotheses[-1].part == "gate" and e.hypotheses[-1].share == e.sink_share
+    # the gate's attention is the sink attention, over the same rows (not the first query's
+    # trivial 1 on itself)
+    assert e.hypotheses[-1].attention == pytest.approx(e.sink_attention, rel=1e-6)
     assert sum(h.share for h in sel) + e.unexplained == pytest.approx(1.0, abs=1e-9)
     assert memory_bytes(270, 10, 64) == 270 * (11 * 64 * 64 + 100) * 8 + 270 * 11 * 8
 
 
 # --------------------------------------------------------------------------- planted heads
-def _planted(kind: str, seed: int = 0):
+def _planted(kind: str, seed: int = 0, sign: float = 1.0):
     """Hand-wired attention: one head whose logits follow the planted relation exactly.
 
     Keys carry a position code ``p`` (4 rotary-like dims), a token code ``e`` (24 dims) and a
     class code ``c`` (4 dims); a previous-token head's query reads ``p`` one step back, an
     induction head's key holds the previous token's code and its query the current token's,
-    a class head's query and key hold their token's class."""
+    a class head's query and key hold their token's class. ``sign`` −1: the head avoids
+    those keys instead."""
     g = torch.Generator().manual_seed(seed)
-    V, D, beta = 24, 40, 6.0
+    V, D, beta = 24, 40, 6.0 * sign
     e = torch.linalg.qr(torch.randn(V, V, generator=g, dtype=torch.float64))[0]
     cls = torch.arange(V) % 4
     seqs, rows = [], []
@@ -327,6 +341,27 @@ def test_planted_hypothesis_ranks_first(kind, planted, seed):
     # variance than a random subspace of its rank
     assert e.top.subspace_share is not None and e.top.subspace_share > 0.5, e.top
     assert e.top.subspace_variance > 1.5 * e.top.random_share
+    assert e.top.direction == 1 and "avoid" not in e.sentence().split(";")[0]
+
+
+@pytest.mark.parametrize("kind", ["previous", "class"])
+def test_avoided_hypothesis_is_said_avoided(kind):
+    """A head that suppresses the keys of a hypothesis gets a share for it too (R² counts
+    variance either way); its direction and sentence must not read as if it picks them."""
+    e = _planted(kind, 0, sign=-1.0)
+    top = e.top
+    assert top.share > 0.2, e.sentence()
+    assert top.attention < top.attention_baseline and top.logit_contrast < 0
+    assert top.direction == -1, e.sentence()
+    assert ", by avoiding these keys" in e.sentence().split(";")[0]
+    from qkcov.report.atlas import _bars, _direction
+
+    assert _direction({"direction": -1}) == "avoided" and _direction({}) == "–"
+    head = {"hypotheses": [{"name": top.name, "share": top.share, "direction": -1}],
+            "unexplained": e.unexplained}  # fmt: skip
+    assert "(avoided)" in _bars(head)
+    head["hypotheses"][0]["share"] = 0.001  # a share shown as 0 %: no direction beside it
+    assert "(avoided)" not in _bars(head)
 
 
 def test_explain_api_and_saved_folder(tmp_path):
@@ -383,7 +418,25 @@ def test_cli_explain_end_to_end(tiny_dir, tmp_path, capsys):
     assert len(data["heads"]) == 3
     assert any(x["name"] == "caps" for x in data["heads"][0]["hypotheses"])
     printed = capsys.readouterr().out
-    assert "rest" in printed and "atlas:" in printed
+    assert "unexplained" in printed and "atlas:" in printed
+    assert "note:" not in printed  # caps matched ("The"): nothing to say
+    rc = main(["explain", "--model", str(tiny_dir), "--text", str(txt), "--heads", "L0H0",
+               "--out", str(tmp_path / "none"), "--quiet", "--hypothesis", "zz:key~^zzq$"])  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    note = [line for line in printed.splitlines() if line.startswith("note:")]
+    assert len(note) == 1 and "'zz'" in note[0] and "no query–key pair" in note[0], printed
+    # --force into a folder whose atlas.html is the user's: refused before any work, kept
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "atlas.html").write_text("my own page")
+    from qkcov.explainer import ExplainConfig, run_explain
+
+    with pytest.raises(ValueError, match="atlas.html"):  # the model name does not exist:
+        run_explain(ExplainConfig(model=str(tmp_path / "no-model"), text=str(txt)), mine,
+                    force=True, quiet=True)  # fmt: skip
+    assert (mine / "atlas.html").read_text() == "my own page"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("mine")) == ["mine"]
     # bad input: one line, exit 2, nothing written
     for argv, needle in [
         (["--hypotheses", "nope"], "unknown hypothesis 'nope'"),
@@ -456,3 +509,18 @@ def test_attention_sums_match_the_models_own_attention(arch):
         acc = sums[l]
         j = acc.heads.index(h)
         assert torch.allclose(acc.attn_pos[:, j], on_pos[:, l, h], atol=1e-3)
+
+
+def test_token_view_shades_the_selection_apart_from_the_sink():
+    """A head with 86 % on the first key: the keys after it are shaded relative to the
+    largest of them, so what the head selects stays visible; the sink is said in numbers."""
+    import re
+
+    from qkcov.report.atlas import _token_view
+
+    ex = {"tokens": ["<s>", "a", "b", "c"], "document": 0, "query": 3,
+          "attention": {"L0H0": [0.86, 0.01, 0.1, 0.03]}}  # fmt: skip
+    html = _token_view(ex, "L0H0")
+    alphas = [float(a) for a in re.findall(r"rgba\(220,60,30,([0-9.]+)\)", html)]
+    assert alphas == pytest.approx([0.1, 1.0, 0.3], abs=1e-3)  # "b" full, "a" faint
+    assert "rgba(90,90,90," in html and "86 %" in html and "10.0 %" in html

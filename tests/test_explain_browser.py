@@ -108,3 +108,28 @@ def test_hostile_corpus_text_shows_as_text_and_nothing_is_fetched(browser):
     )
     assert all(h.startswith("#") for h in hrefs)
     assert browser.errors() == []
+
+
+def test_grid_of_a_few_heads_keeps_every_column_legible(tmp_path):
+    """With --heads naming a few heads, the empty cells keep their width: the column headers
+    (H0, H1, ...) must not run into each other."""
+    import qkcov
+    from qkcov.models.tiny import tiny_model, tiny_tokenizer
+
+    model = tiny_model("llama")
+    res = qkcov.explain(model, tiny_tokenizer(), ["The cat sat. The cat sat.", "abc abc 12 34!"],
+                        heads="L0H0", progress=False, max_len=32)  # fmt: skip
+    folder = res.save(tmp_path / "few")
+    b = Browser(CHROMIUM)
+    try:
+        b.open((folder / "atlas.html").as_uri())
+        widths = b.eval(
+            "Array.from(document.querySelectorAll('table.grid thead th')).slice(1)"
+            ".map(t=>t.getBoundingClientRect().width)"
+        )
+        cells = b.eval("document.querySelectorAll('table.grid .cell').length")
+    finally:
+        b.close()
+    assert len(widths) == res.shape["n_heads"] >= 2
+    assert cells == res.shape["n_heads"] * res.shape["n_layers"]
+    assert min(widths) >= 30, widths  # the width of a filled cell (34 px)

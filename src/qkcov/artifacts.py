@@ -817,7 +817,8 @@ class RunFolder:
     ``out`` on the same filesystem. An existing ``out`` is replaced only when it is empty or
     a complete qkcov run (its manifest verifies); any other folder is refused, or with
     ``force=True`` the run is written inside it file by file, keeping every file the
-    folder's manifest does not list (a run file name taken by such a file is refused).
+    folder's manifest does not list (a run file name taken by such a file is refused, at
+    once: the usual run files and ``files``, the names this command will write).
 
     Callers write every artifact (sub-runs in subfolders included) into the folder
     ``__enter__`` returns. On success ``manifest.json`` is written last (each file's relative
@@ -834,6 +835,7 @@ class RunFolder:
         command: str,
         force: bool = False,
         protect: Sequence[str | Path] = (),
+        files: Sequence[str] = (),
     ) -> None:
         if isinstance(out, (str, Path)) and str(out).strip():
             _protected_place(out, protect)
@@ -874,7 +876,7 @@ class RunFolder:
                     e for e in sorted(os.listdir(self.out))
                     if any(fnmatch.fnmatchcase(e, pat) for pat in RUN_FILE_PATTERNS)
                 ]  # fmt: skip
-                self._check_names([*RUN_FILE_NAMES, *present])
+                self._check_names([*RUN_FILE_NAMES, *files, *present])
             token = secrets.token_hex(8)
             self.staging = self.out.parent / f".{self.out.name}.staging-{os.getpid()}-{token}"
             make_owned_dir(self.staging, token)

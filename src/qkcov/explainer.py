@@ -34,12 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigMixin, check_positive_int, check_range
+from .report.atlas import ATLAS_FILE
 from .runtime import Timer
 
 __all__ = ["ExplainConfig", "ExplainResult", "explain", "run_explain", "load_texts"]
 
 EXPLAIN_FILE = "explain.json"
 TENSOR_FILE = "explain.safetensors"
+#: what a run writes besides manifest.json (checked against --force before the model loads)
+RUN_FILES = (EXPLAIN_FILE, TENSOR_FILE, ATLAS_FILE, "section.json")
 _AUTO = re.compile(r"(?i)^auto(?::(\d+))?$")
 AUTO_DEFAULT = 10
 
@@ -141,7 +144,17 @@ def load_texts(path: str | Path) -> list[str]:
     suffix = p.suffix.lower()
     if suffix not in (".txt", ".jsonl"):
         raise ValueError(f"--text {path}: expected a .txt or .jsonl file")
-    raw = p.read_text(encoding="utf-8")
+    from .artifacts import read_regular_bytes  # a FIFO or device: one line, never a blocked read
+
+    data = read_regular_bytes(p, cap=1 << 30, what="text file")
+    try:
+        raw = data.decode("utf-8-sig")  # a leading BOM is tolerated
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"--text {path}: line {line}: not valid UTF-8 (byte 0x{data[err.start]:02x}); "
+            "expected UTF-8 text"
+        ) from None
     if suffix == ".txt":
         docs = [d.strip() for d in re.split(r"\n\s*\n", raw)]
         return [d for d in docs if d]
@@ -211,9 +224,21 @@ class ExplainResult:
     def sentences(self) -> list[str]:
         return [h.sentence() for h in self.heads]
 
+    def unmatched(self) -> list[str]:
+        """Hypotheses that hold for no query–key pair of the corpus: their 0 % share says
+        nothing about the heads (a regex or category that never matched, for instance)."""
+        return [h["name"] for h in self.hypotheses if not h.get("n_pairs")]
+
     def summary(self, n: int = 20) -> str:
         lines = self.sentences()
         more = f"\n… and {len(lines) - n} more heads (explain.json)" if len(lines) > n else ""
+        none = self.unmatched()
+        if none:
+            more += (
+                f"\nnote: {', '.join(repr(x) for x in none)} held for no query–key pair of this "
+                f"corpus, so {'its' if len(none) == 1 else 'their'} 0 % share was not tested; "
+                "check the pattern or give text it matches"
+            )
         return "\n".join(lines[:n]) + more
 
     def to_json(self) -> dict[str, Any]:
@@ -235,6 +260,7 @@ class ExplainResult:
                         {
                             "name": x.name,
                             "part": x.part,
+                            "direction": x.direction,
                             "share": x.share,
                             "solo_share": x.solo_share,
                             "logit_contrast": x.logit_contrast,
@@ -289,7 +315,7 @@ class ExplainResult:
         :class:`qkcov.artifacts.RunFolder` (one complete folder or none)."""
         from .artifacts import RunFolder
 
-        folder = RunFolder(out, command=command, force=force, protect=protect)
+        folder = RunFolder(out, command=command, force=force, protect=protect, files=RUN_FILES)
         with folder as staging:
             self.write(staging)
         return Path(folder.out)
@@ -624,8 +650,9 @@ def run_explain(
         check_heads_config(cfg.heads, cfg.model)
     dist = Dist.from_env(None if cfg.device.strip().lower() == "auto" else cfg.device)
     quiet = quiet or not dist.is_main
-    if dist.is_main:  # --out check (and lock test) before the model; rank 0 alone writes
-        RunFolder(out, command="explain", force=force, protect=protect).close()
+    if dist.is_main:  # --out check before the model (with --force: none of the files it
+        # writes is taken by a user's file); rank 0 alone writes
+        RunFolder(out, command="explain", force=force, protect=protect, files=RUN_FILES).close()
     timer = Timer("explain", quiet=quiet)
     timer.log(f"loading {cfg.model}")
     lm = load_model(cfg.model, **_load_kwargs(cfg, dist))

@@ -331,6 +331,10 @@ class HypothesisExplanation:
     ``max_rank``) and the uncapped energy rank; ``singular_values``: ΔC's first 8;
     ``attention``: the head's mean attention mass on the positive keys over rows having one,
     ``attention_baseline`` the same for uniform attention; ``n_pairs``: positive pairs;
+    ``direction``: +1 when the head's logits are higher on the hypothesis' keys (it picks
+    them), −1 when lower (it avoids them: a share counts variance either way), 0 when
+    neither; for a selection hypothesis the sign of its indicator's weighted covariance with
+    the selection logits (the hypothesis alone), for the gate the sign of ``logit_contrast``;
     ``query_basis [D, r]``, ``key_basis [D, r]``."""
 
     name: str
@@ -352,6 +356,7 @@ class HypothesisExplanation:
     logit_contrast: float = 0.0
     subspace_share: float | None = None
     subspace_variance: float = 0.0
+    direction: int = 0
 
 
 @dataclass
@@ -378,18 +383,25 @@ class HeadExplanation:
         return sel[0] if sel else (self.hypotheses[0] if self.hypotheses else None)
 
     def sentence(self) -> str:
-        """``"L17H4: induction — 41 % of what it selects, reads-feature; same-token 6 %; rest
-        53 % · first key 78 % of attention"``."""
+        """``"L17H4: induction — 41 % of what it selects, reads-feature; number 6 % (avoided);
+        unexplained 53 % · first key 78 % of attention"``: a hypothesis whose keys the head
+        avoids (``direction`` −1) says so, since a share counts variance either way."""
         sink = f" · first key {100 * self.sink_attention:.0f} % of attention"
         sel = [h for h in self.hypotheses if h.part == "selection"]
         if not sel:
             return f"{self.name}: no hypothesis had pairs among the keys after the first" + sink
         first, *more = sel
         parts = [f"{self.name}: {first.name} — {100 * first.share:.0f} % of what it selects"]
+        if first.direction < 0:
+            parts[0] += ", by avoiding these keys"
         if first.verdict != "untested":
             parts[0] += f", {first.verdict}"
-        parts += [f"{h.name} {100 * h.share:.0f} %" for h in more[:2] if h.share >= 0.005]
-        parts.append(f"rest {100 * self.unexplained:.0f} %")
+        parts += [
+            f"{h.name} {100 * h.share:.0f} %" + (" (avoided)" if h.direction < 0 else "")
+            for h in more[:2]
+            if h.share >= 0.005
+        ]
+        parts.append(f"unexplained {100 * self.unexplained:.0f} %")
         return "; ".join(parts) + sink
 
 
@@ -491,6 +503,9 @@ def explain_head(
             carried = float(torch.trace(v.T @ delta @ v)) / tr
         rows = float(sums.rows_pos[n])
         is_gate = hyp in gates
+        contrast = scaling * float(torch.trace(sums.delta[n, index]))
+        lean = contrast if is_gate else (float(xy[n]) if n in candidates else 0.0)
+        scale_lean = 1e-12 * (max(abs(contrast), 1.0) if is_gate else max(yy, 1.0) ** 0.5)
         hyps.append(
             HypothesisExplanation(
                 name=hyp,
@@ -509,9 +524,10 @@ def explain_head(
                 verdict="untested",
                 verdict_reason="not verified (--verify-top)",
                 part="gate" if is_gate else "selection",
-                logit_contrast=scaling * float(torch.trace(sums.delta[n, index])),
+                logit_contrast=contrast,
                 subspace_share=carried,
                 subspace_variance=(_proj_trace(basis, g) / total) if total > 0 else 0.0,
+                direction=(lean > scale_lean) - (lean < -scale_lean),
             )
         )
     hyps.sort(key=lambda h: (h.part != "selection", -h.share, h.order))

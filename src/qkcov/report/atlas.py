@@ -65,19 +65,23 @@ def _selection(h: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _bars(h: dict[str, Any]) -> str:
     """Inline SVG: one bar per selection hypothesis (share), the unexplained rest last."""
-    rows = [(x["name"], float(x["share"])) for x in _selection(h)]
-    rows.append(("rest (unexplained)", float(h.get("unexplained", 0.0))))
+    rows = [
+        (x["name"], float(x["share"]), _direction(x) == "avoided" and float(x["share"]) >= 0.005)
+        for x in _selection(h)
+    ]  # "(avoided)" only beside a share that shows (≥ 0.5 %)
+    rows.append(("rest (unexplained)", float(h.get("unexplained", 0.0)), False))
     w, bh = 360, 16
-    parts = [f'<svg class="bars" width="{w + 190}" height="{bh * len(rows) + 4}" role="img">']
-    for i, (name, share) in enumerate(rows):
+    parts = [f'<svg class="bars" width="{w + 250}" height="{bh * len(rows) + 4}" role="img">']
+    for i, (name, share, avoided) in enumerate(rows):
         y = i * bh + 2
         width = max(0.0, min(1.0, share)) * w
         colour = hypothesis_colour(name, 0.8) if not name.startswith("rest") else "#bbb"
+        label = _pct(share) + (" (avoided)" if avoided else "")
         parts.append(
             f'<text x="0" y="{y + 12}" font-size="11">{_e(name)}</text>'
             f'<rect x="130" y="{y + 2}" width="{width:.1f}" height="{bh - 4}" fill="{colour}">'
-            f"<title>{_e(name)}: {_e(_pct(share))}</title></rect>"
-            f'<text x="{134 + width:.1f}" y="{y + 12}" font-size="11">{_e(_pct(share))}</text>'
+            f"<title>{_e(name)}: {_e(label)}</title></rect>"
+            f'<text x="{134 + width:.1f}" y="{y + 12}" font-size="11">{_e(label)}</text>'
         )
     parts.append("</svg>")
     gate = (
@@ -91,14 +95,25 @@ def _num(x: Any, fmt: str = "{:.3f}") -> str:
     return fmt.format(float(x)) if isinstance(x, (int, float)) else "–"
 
 
+def _direction(x: dict[str, Any]) -> str:
+    """``picked`` / ``avoided``: whether the head's logits are higher or lower on the
+    hypothesis' keys (a share counts variance either way); ``–`` for neither or an older
+    explain.json."""
+    d = x.get("direction")
+    if not isinstance(d, int) or isinstance(d, bool) or d == 0:
+        return "–"
+    return "picked" if d > 0 else "avoided"
+
+
 def _table(h: dict[str, Any]) -> str:
-    cols = ["hypothesis", "part", "share", "alone", "logit contrast", "in subspace",
+    cols = ["hypothesis", "part", "keys", "share", "alone", "logit contrast", "in subspace",
             "subspace variance", "random", "rank", "attention", "uniform", "pairs",
             "verdict"]  # fmt: skip
     head = "".join(f"<th>{_e(c)}</th>" for c in cols)
     body = []
     for x in h["hypotheses"]:
-        cells = [x["name"], x.get("part", "selection"), _pct(x["share"]), _pct(x["solo_share"]),
+        cells = [x["name"], x.get("part", "selection"), _direction(x), _pct(x["share"]),
+                 _pct(x["solo_share"]),
                  _num(x.get("logit_contrast"), "{:+.2f}"), _pct(x.get("subspace_share")),
                  _pct(x.get("subspace_variance")), _pct(x["random_share"]), x["rank"],
                  _num(x["attention"]), _num(x["attention_baseline"]), x["n_pairs"],
@@ -122,22 +137,30 @@ def _token_view(example: dict[str, Any] | None, name: str) -> str:
     q = int(example.get("query", len(toks) - 1))
     positives = {int(i) for i in example.get("positives") or [] if isinstance(i, int)}
     hyp = example.get("hypothesis")
-    top = max(row) if row else 1.0
+    # the first key (the gate) in grey by its own attention; the others in red relative to
+    # the largest of them (the selection), so a strong sink does not blank what is selected
+    rest = [float(a) for a in row[1 : q + 1]]
+    top = max(rest, default=0.0)
     spans = []
     for i, tok in enumerate(toks[: q + 1]):
-        a = row[i] if i < len(row) else 0.0
-        alpha = a / top if top > 0 else 0.0
+        a = float(row[i]) if i < len(row) else 0.0
+        if i == 0 and q > 0:
+            colour = f"rgba(90,90,90,{0.6 * a:.3f})"
+        else:
+            colour = f"rgba(220,60,30,{(a / top if top > 0 else 0.0):.3f})"
         cls = "tok" + (" q" if i == q else "") + (" pos" if i in positives else "")
         tip = f"position {i}: attention {a:.3f}" + (f"; {hyp} holds" if i in positives else "")
         spans.append(
-            f'<span class="{cls}" style="background:rgba(220,60,30,{alpha:.3f})" '
-            f'title="{_e(tip)}">{_e(tok)}</span>'
+            f'<span class="{cls}" style="background:{colour}" title="{_e(tip)}">{_e(tok)}</span>'
         )
-    where = f"; keys where {hyp} holds are underlined" if hyp and positives else ""
+    sink = float(row[0]) if row and q > 0 else 0.0
+    where = f" Keys where {hyp} holds are underlined." if hyp and positives else ""
     return (
         f'<p class="tv-cap">Attention of the boxed token of corpus document '
-        f"{_e(example.get('document', '?'))} over its keys (shade: attention ÷ the row's "
-        f'largest){_e(where)}:</p><p class="tokens">{"".join(spans)}</p>'
+        f"{_e(example.get('document', '?'))} over its keys: the first key (grey, the gate) holds "
+        f"{_e(_pct(sink))}; the others are shaded red relative to the largest of them "
+        f"({_e(f'{100 * top:.1f} %')}).{_e(where)}</p>"
+        f'<p class="tokens">{"".join(spans)}</p>'
     )
 
 
@@ -145,7 +168,7 @@ _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 table.grid{border-collapse:collapse;margin:1em 0}
 table.grid td,table.grid th{padding:0;border:1px solid #fff;font-size:11px;text-align:center}
-table.grid a.cell{display:block;width:34px;height:22px;line-height:22px;color:#111;text-decoration:none}
+table.grid .cell{display:block;width:34px;height:22px;line-height:22px;color:#111;text-decoration:none}
 table.grid a.cell:hover,table.grid a.cell:focus{outline:2px solid #000}
 table.grid .cell.empty{display:block;width:34px;height:22px;background:#f6f6f6}
 .legend span{display:inline-block;padding:2px 6px;margin:2px;font-size:12px;border-radius:3px}

@@ -284,8 +284,10 @@ def _induction(seq: TokenSeq) -> torch.Tensor:
 
 
 def _first(seq: TokenSeq) -> torch.Tensor:
+    """The first key, for every query after it: the first query can attend only to itself,
+    so its attention (always 1) says nothing about the head, and the gate leaves it out too."""
     q, k = _pairs(len(seq))
-    return k == 0
+    return (k == 0) & (q > 0)
 
 
 def _same_word(seq: TokenSeq) -> torch.Tensor:
