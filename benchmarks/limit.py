@@ -248,7 +248,10 @@ def memory_formula(model: Any, resolved: Sequence[Any], roles: dict[str, list[in
     keys = statistics.mean(len(resolved[i].keys) for i in proj_recs) if proj_recs else 0.0
     forward = B * S * d * b
     terms = {
-        "scan": forward + len(roles["scan"]) * L * H * S * 4,
+        # the scan rows, and (--heads auto's one pass) every head's q/k at the build sites
+        "scan": forward
+        + len(roles["scan"]) * L * H * S * 4
+        + sum(1 + len(resolved[i].keys) for i in roles["build"]) * L * H * D * b,
         "contrast": forward + h * (n_groups + 1) * 2 * D * D * 8 + h * n_build * (3 * D + 3) * 8,
         "subspaces": cfg.n_permutations * D * D * 8,
         "projections": int(h * len(proj_recs) * (1 + keys) * D * 4),
