@@ -53,6 +53,11 @@ midway, so the lean forwards before and after a run can differ and ratios moved 
 between repeats of one configuration): run_over_limit 1.61 / 1.36 / 1.43 at 240 records × 1 / 3 /
 8 heads, 0.88 / 1.24 / 1.22 at 960 records (a ratio below 1 is load drift, not a run faster
 than its limit); wall times across configurations are not comparable on such a machine.
+Measured 2026-12-06 after ``--heads auto`` became one forward over the build records (no scan
+forward; ``OMP_NUM_THREADS=1 python benchmarks/limit.py --quick --repeats 3``, load falling
+from ≈ 3 to ≈ 0.2): ``run_over_limit=1.17`` (runs 1.20, 1.17, 1.13), build phases (scan 0.95,
+contrast 0.00: it folds the captured q/k) 0.95 × the build limit; the two-pass run against the
+one-pass run interleaved in one process (load ≈ 1): 1.23 / 1.23 vs 1.18 / 1.14.
 """
 
 from __future__ import annotations
