@@ -116,3 +116,49 @@ def test_scan_capture_equals_its_parts():
             assert torch.equal(torch.cat([c.q for c in got]), ref[layer].q)
             assert torch.equal(torch.cat([c.k for c in got]), ref[layer].k)
             assert torch.equal(torch.cat([c.k_index for c in got]), ref[layer].k_index)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_after_the_one_pass_equals_uninterrupted(tmp_path, monkeypatch):
+    """A run stopped after its one pass (scan and ΔC accumulators checkpointed) resumes from
+    those checkpoints and writes the uninterrupted run's numbers, bit for bit (the scan's
+    checkpoint reads back: a safetensors file without tensors did not)."""
+    import importlib
+
+    from qkcov.artifacts import load_tensors, read_json
+    from qkcov.pipeline import run
+
+    run_mod = importlib.import_module("qkcov.pipeline.run")
+    model = tiny_model("llama").to(torch.float64)
+    tok = tiny_tokenizer()
+    cfg = RunConfig(heads="auto:2", seed=5, checkpoint_every=1, **FAST)
+    run(cfg, _records(), tmp_path / "ref", quiet=True, loaded=(model, tok))
+    orig = run_mod._head_step
+    calls = []
+
+    def stop_second(inputs, head):
+        calls.append(head)
+        if len(calls) == 2:
+            raise _Stop
+        return orig(inputs, head)
+
+    monkeypatch.setattr(run_mod, "_head_step", stop_second)
+    with pytest.raises(_Stop):
+        run(cfg, _records(), tmp_path / "out", quiet=True, loaded=(model, tok))
+    ckpt = tmp_path / ".out.checkpoint"
+    assert (ckpt / "scan.json").is_file() and any(ckpt.glob("contrast-*.safetensors"))
+    monkeypatch.setattr(run_mod, "_head_step", orig)
+    run(cfg, _records(), tmp_path / "out", quiet=True, loaded=(model, tok), resume=True)
+    a, b = read_json(tmp_path / "out" / "run.json"), read_json(tmp_path / "ref" / "run.json")
+    for d in (a, b):
+        for k in ("seconds", "timings_s", "provenance"):
+            d.pop(k, None)
+    assert a == b
+    ta, tb = (
+        load_tensors(tmp_path / "out" / "run.safetensors"),
+        load_tensors(tmp_path / "ref" / "run.safetensors"),
+    )
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
