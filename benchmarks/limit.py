@@ -53,6 +53,11 @@ midway, so the lean forwards before and after a run can differ and ratios moved 
 between repeats of one configuration): run_over_limit 1.61 / 1.36 / 1.43 at 240 records × 1 / 3 /
 8 heads, 0.88 / 1.24 / 1.22 at 960 records (a ratio below 1 is load drift, not a run faster
 than its limit); wall times across configurations are not comparable on such a machine.
+Measured 2026-12-06 after ``--heads auto`` became one forward over the build records (no scan
+forward; ``OMP_NUM_THREADS=1 python benchmarks/limit.py --quick --repeats 3``, load falling
+from ≈ 3 to ≈ 0.2): ``run_over_limit=1.17`` (runs 1.20, 1.17, 1.13), build phases (scan 0.95,
+contrast 0.00: it folds the captured q/k) 0.95 × the build limit; the two-pass run against the
+one-pass run interleaved in one process (load ≈ 1): 1.23 / 1.23 vs 1.18 / 1.14.
 """
 
 from __future__ import annotations
@@ -248,7 +253,10 @@ def memory_formula(model: Any, resolved: Sequence[Any], roles: dict[str, list[in
     keys = statistics.mean(len(resolved[i].keys) for i in proj_recs) if proj_recs else 0.0
     forward = B * S * d * b
     terms = {
-        "scan": forward + len(roles["scan"]) * L * H * S * 4,
+        # the scan rows, and (--heads auto's one pass) every head's q/k at the build sites
+        "scan": forward
+        + len(roles["scan"]) * L * H * S * 4
+        + sum(1 + len(resolved[i].keys) for i in roles["build"]) * L * H * D * b,
         "contrast": forward + h * (n_groups + 1) * 2 * D * D * 8 + h * n_build * (3 * D + 3) * 8,
         "subspaces": cfg.n_permutations * D * D * 8,
         "projections": int(h * len(proj_recs) * (1 + keys) * D * 4),

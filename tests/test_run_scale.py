@@ -56,12 +56,15 @@ def _deltas(out) -> dict[str, torch.Tensor]:
     return {k: v for k, v in tensors.items() if k.endswith(".delta")}
 
 
-@pytest.mark.parametrize("command", ["contrast", "run"])
-def test_two_processes_equal_one(command, setup):
+@pytest.mark.parametrize("command,heads", [("contrast", None), ("run", None), ("run", "auto:2")])
+def test_two_processes_equal_one(command, heads, setup):
+    """``auto:2``: the one pass over the build records (scan rows and every head's q/k) is
+    sharded by batch too; the ranks' scan rows are gathered before the heads are picked."""
     root, model, data = setup
+    flags = FLAGS if heads is None else [heads if f == "L0H1,L1H2" else f for f in FLAGS]
     outs = {}
     for nproc in (1, 2):
-        out = root / f"{command}-{nproc}"
+        out = root / f"{command}-{heads}-{nproc}"
         proc = _qkcov(
             command,
             "--model",
@@ -70,7 +73,7 @@ def test_two_processes_equal_one(command, setup):
             str(data),
             "--out",
             str(out),
-            *FLAGS,
+            *flags,
             nproc=nproc,
         )
         assert proc.stdout.count("report: ") == 1  # under torchrun only rank 0 prints
@@ -81,6 +84,9 @@ def test_two_processes_equal_one(command, setup):
         rel = float((one[k] - two[k]).norm() / one[k].norm())
         assert rel <= 1e-12, (k, rel)
     a, b = read_json(outs[1] / "run.json"), read_json(outs[2] / "run.json")
+    if heads is not None:
+        assert [h["name"] for h in a["scan"]] == [h["name"] for h in b["scan"]]
+        assert [h["diff"] for h in a["scan"]] == pytest.approx([h["diff"] for h in b["scan"]])
     for ha, hb in zip(a["heads"], b["heads"], strict=True):
         assert (
             ha["rank"] == hb["rank"]

@@ -14,7 +14,7 @@ every record weighs the same whatever its number of items. A record with only on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -314,6 +314,7 @@ def run_contrast(
     checkpoint: Checkpoint | None = None,
     frame: str = "post",
     vectors_for: Sequence[int] = (),
+    captured: Sequence[Mapping[int, CapturedQK]] | None = None,
 ) -> ContrastResult:
     """Accumulate ΔC for every head in ``heads`` over ``resolved`` records.
 
@@ -332,6 +333,9 @@ def run_contrast(
     ``vectors_for``: positions in ``resolved`` whose query and key vectors are also kept, as
     :func:`collect_qk` returns them for ``[resolved[i] for i in vectors_for]`` (the figures'
     centroid records: no second forward); ``result.vectors`` is ``None`` after a resume.
+    ``captured``: this rank's batches already captured with every head of the needed layers
+    (:class:`qkcov.engine.scan.ScanCapture`, the ``--heads auto`` pass): no forward; each
+    batch's rows of ``heads`` are folded in as the forward would hand them over.
     """
     if not resolved:
         raise ValueError("run_contrast: no records")
@@ -452,7 +456,17 @@ def run_contrast(
                         ).double()
             checkpoint.save(tensors, done, len(batches), dist)
 
-    if todo:
+    if todo and captured is not None:
+        if len(captured) != len(batches):
+            raise ValueError(
+                f"captured holds {len(captured)} batches, this rank has {len(batches)}"
+            )
+        head_list = sorted({h for _, h in heads})
+        for i, caps in enumerate(captured[start:]):
+            for layer in sorted(by_layer):
+                on_capture(layer, caps[layer].select(head_list))
+            on_batch(i)
+    elif todo:
         capture_prompts(
             model,
             tokenizer,

@@ -12,6 +12,7 @@ import contextlib
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,9 +20,12 @@ from tqdm.auto import tqdm
 
 from ..core.intervention import attention_weights
 from ..models.capture import (
+    CapturedQK,
     LayerCall,
+    QKSites,
     _StopForward,
     attention_hooks,
+    capture_qk,
     padded_forward,
     tokenize_batch,
 )
@@ -29,7 +33,30 @@ from ..models.heads import format_head, parse_heads
 from ..models.loading import input_device, model_info
 from .distributed import Dist, gather_objects, shard_batches
 
-__all__ = ["attention_rows", "scan_heads", "select_heads", "check_heads_spec", "scan_matrix"]
+__all__ = [
+    "attention_rows",
+    "ScanCapture",
+    "scan_capture",
+    "one_pass_bytes",
+    "scan_heads",
+    "select_heads",
+    "check_heads_spec",
+    "scan_matrix",
+]
+
+
+def query_row_attention(call: LayerCall, rows_b: torch.Tensor, q_pad: torch.Tensor) -> torch.Tensor:
+    """Attention of batch rows ``rows_b`` from their (padded) query positions ``q_pad`` over
+    the whole padded sequence, every head: ``[len(rows_b), H, S]`` float32, computed as the
+    model does (``softmax(softcap(scaling·q·kᵀ) + mask)`` with the model's own mask)."""
+    q = call.query[rows_b, :, q_pad][:, :, None]  # [B', H, 1, D]
+    k = call.key[rows_b].repeat_interleave(call.group_size, dim=1)  # [B', H, S, D]
+    m = call.mask()
+    m = m[rows_b if m.shape[0] > 1 else torch.zeros_like(rows_b), :, q_pad][
+        :, :, None
+    ]  # [B', 1|H, 1, S]
+    a = attention_weights(q.float(), k.float(), m, call.scaling, call.softcap)  # [B', H, 1, S]
+    return a[:, :, 0]
 
 
 def attention_rows(
@@ -75,16 +102,7 @@ def attention_rows(
         store: dict[int, torch.Tensor] = {}  # layer -> [B, H, S] query-row attention
 
         def hook(call: LayerCall, q_pad=q_pad, rows_b=rows_b, store=store) -> None:
-            q = call.query[rows_b, :, q_pad][:, :, None]  # [B, H, 1, D]
-            k = call.key.repeat_interleave(call.group_size, dim=1)  # [B, H, S, D]
-            m = call.mask()
-            m = m[rows_b if m.shape[0] > 1 else torch.zeros_like(rows_b), :, q_pad][
-                :, :, None
-            ]  # [B, 1|H, 1, S]
-            a = attention_weights(
-                q.float(), k.float(), m, call.scaling, call.softcap
-            )  # [B, H, 1, S]
-            store[call.layer] = a[:, :, 0]
+            store[call.layer] = query_row_attention(call, rows_b, q_pad)
 
         want = sorted(set(range(info.n_layers) if layers is None else layers))
         last = want[-1]
@@ -112,6 +130,105 @@ def attention_rows(
         for idx, rows in gather_objects((mine, out[mine]), dist):
             out[idx] = rows
     return out
+
+
+@dataclass
+class ScanCapture:
+    """One forward over the build records serving ``--heads auto`` whole (no scan forward).
+
+    ``rows``: the scan records' query-row attention, ``[n_scan, L, H, S_max]`` as
+    :func:`attention_rows` returns it for them (gathered over ranks); ``captures[i][b]``: the
+    ``b``-th of this rank's batches (:func:`shard_batches`) of the ``i``-th record list,
+    ``{layer: CapturedQK}`` with every head's q at each record's query and k at its key sites
+    (where the forward ran). :func:`qkcov.engine.contrast.run_contrast` folds the chosen
+    heads' rows of ``captures[i]`` (``captured=``) exactly as a forward of those heads would.
+    """
+
+    rows: torch.Tensor
+    captures: list[list[dict[int, CapturedQK]]]
+
+
+def one_pass_bytes(model: torch.nn.Module, resolved: Sequence[Any]) -> int:
+    """Bytes :func:`scan_capture` keeps for ``resolved``: records × (1 query + their keys)
+    × layers × heads × head_dim × the model's element size (the rows are apart)."""
+    info = model_info(model)
+    size = next(model.parameters()).element_size()
+    sites = sum(1 + len(r.keys) for r in resolved)
+    return sites * info.n_layers * info.n_heads * info.head_dim * size
+
+
+def scan_capture(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    resolved: Sequence[Any],
+    lists: Sequence[Sequence[int]],
+    scan_idx: Sequence[int],
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    dist: Dist | None = None,
+) -> ScanCapture:
+    """The head scan's rows and every head's q/k in ONE forward per batch (see
+    :class:`ScanCapture`).
+
+    ``lists``: positions in ``resolved``, one list per later ΔC pass (a feature's build
+    records), each batched exactly as :func:`~qkcov.engine.contrast.run_contrast` batches it
+    (``batch_size``, left padding, this rank's :func:`shard_batches`), so the captured rows
+    are the ones its own forward would capture. ``scan_idx``: the scan records (each in one
+    of ``lists``); their query rows are computed inside the same forward, in the attention
+    hook of every layer.
+    """
+    if not scan_idx:
+        raise ValueError("scan_capture: no scan records")
+    info = model_info(model)
+    device = input_device(model)
+    at = {int(i): j for j, i in enumerate(scan_idx)}
+    if len(at) != len(scan_idx) or not set(at) <= {int(i) for ids in lists for i in ids}:
+        raise ValueError("scan_capture: scan records must be distinct and in the record lists")
+    s_max = max(len(resolved[i].input_ids) for i in scan_idx)
+    rows = torch.zeros(len(scan_idx), info.n_layers, info.n_heads, s_max)
+    layers = list(range(info.n_layers))
+    shards = [shard_batches(len(ids), batch_size, dist) for ids in lists]
+    mine: list[int] = []
+    captures: list[list[dict[int, CapturedQK]]] = []
+    bar = tqdm(total=sum(map(len, shards)), desc="head scan + capture", unit="batch",
+               disable=not progress)  # fmt: skip
+    for ids, batches in zip(lists, shards, strict=True):
+        recs = [resolved[i] for i in ids]
+        sites = QKSites([[r.query] for r in recs], [r.key_positions for r in recs])
+        per: list[dict[int, CapturedQK]] = []
+        for rng in batches:
+            batch = recs[rng.start : rng.stop]
+            tok, mask = tokenize_batch(tokenizer, [r.text for r in batch], "left")
+            tok, mask = tok.to(device), mask.to(device)
+            lengths = mask.sum(1)
+            offset = tok.shape[1] - lengths
+            sel = [b for b in range(len(batch)) if int(ids[rng.start + b]) in at]
+            store: dict[int, torch.Tensor] = {}
+            on_call = None
+            if sel:
+                rows_b = torch.tensor(sel, device=device)
+                q_pad = offset[rows_b] + torch.tensor([batch[b].query for b in sel], device=device)
+
+                def on_call(call: LayerCall, rows_b=rows_b, q_pad=q_pad, store=store) -> None:
+                    store[call.layer] = query_row_attention(call, rows_b, q_pad)
+
+            per.append(capture_qk(model, tok, mask, sites.subset(rng.start, rng.stop), layers,
+                                  None, on_call=on_call, example_offset=rng.start))  # fmt: skip
+            if sel:
+                stacked = torch.stack([store[l] for l in layers], dim=1).cpu()  # [B', L, H, S]
+                for j, b in enumerate(sel):
+                    n, o, pos = int(lengths[b]), int(offset[b]), at[int(ids[rng.start + b])]
+                    rows[pos, :, :, :n] = stacked[j, :, :, o : o + n]
+                    mine.append(pos)
+            bar.update()
+        captures.append(per)
+    bar.close()
+    if dist is not None and dist.enabled:
+        idx = torch.tensor(mine, dtype=torch.long)
+        for i, part in gather_objects((idx, rows[idx]), dist):
+            rows[i] = part
+    return ScanCapture(rows, captures)
 
 
 def _per_record(

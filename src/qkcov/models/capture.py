@@ -425,6 +425,21 @@ class CapturedQK:
             first.scaling, first.softcap, first.sliding_window, first.pre_rope,
         )  # fmt: skip
 
+    def select(self, heads: Sequence[int], device: Any = None) -> CapturedQK:
+        """The rows of ``heads`` only (a subset of ``self.heads``, in the order given), on
+        ``device`` (default: where they are): the same values a capture of these heads alone
+        gives (a copy, no arithmetic)."""
+        missing = sorted(set(heads) - set(self.heads))
+        if missing:
+            raise ValueError(f"layer {self.layer}: heads {missing} were not captured")
+        j = [self.heads.index(h) for h in heads]
+        pick = lambda t: None if t is None else t[:, j].to(device or t.device)  # noqa: E731
+        move = lambda t: None if t is None else t.to(device or t.device)  # noqa: E731
+        return CapturedQK(
+            self.layer, list(heads), pick(self.q), pick(self.k), move(self.q_index),
+            move(self.k_index), self.scaling, self.softcap, self.sliding_window, self.pre_rope,
+        )  # fmt: skip
+
 
 def _sites_tensors(sites: QKSites, mask: torch.Tensor, offset: int):
     out = {}
@@ -453,6 +468,7 @@ def capture_qk(
     on_capture: Callable[[int, CapturedQK], None] | None = None,
     example_offset: int = 0,
     stop_early: bool = True,
+    on_call: Callable[[LayerCall], None] | None = None,
 ) -> dict[int, CapturedQK]:
     """One forward pass capturing q/k of ``heads`` (default all) at ``sites`` in ``layers``.
 
@@ -460,7 +476,9 @@ def capture_qk(
     each layer's :class:`CapturedQK` is handed to it inside the forward pass and not kept
     (returns ``{}``). ``example_offset`` is added to the example column of the indices.
     ``stop_early`` ends the forward pass right after the deepest requested layer (the
-    later layers and the LM head cannot change what is captured).
+    later layers and the LM head cannot change what is captured). ``on_call(call)`` sees each
+    requested layer's :class:`LayerCall` first, in the same forward (e.g. the head scan's
+    attention rows, :func:`qkcov.engine.scan.scan_capture`).
     """
     info = model_info(model)
     layers = check_layers(layers, info.n_layers)
@@ -482,6 +500,8 @@ def capture_qk(
     last_layer = max(layers)
 
     def hook(call: LayerCall) -> None:
+        if on_call is not None:
+            on_call(call)
         qsrc = call.pre_query if pre_rope and call.pre_query is not None else call.query
         ksrc = call.pre_key if pre_rope and call.pre_key is not None else call.key
         q = k = q_index = k_index = None

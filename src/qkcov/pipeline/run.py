@@ -1,6 +1,7 @@
 """The run as a list of named steps: :func:`analyze` (notebook) and :func:`run` (``qkcov
 run`` and the built-in tasks) plan the records (:mod:`.plan`), then :func:`_analyze` calls
-resolve → scan → ΔC + significance → collection → one :func:`~.steps.head._head_step` per
+resolve → scan (``--heads auto``: in the one forward over the build records that also
+captures every head's q/k, so ΔC needs no forward of its own) → ΔC + significance → collection → one :func:`~.steps.head._head_step` per
 head (subspaces, projections, swaps, token view, attribution, position, verdict); ``run``
 writes the run folder. Each step lives in :mod:`qkcov.pipeline.steps`."""
 
@@ -69,8 +70,11 @@ def _model_name(model: Any, given: str | None) -> str:
 def _analyze(
     model: Any, tokenizer: Any, plan: Plan, cfg: RunConfig, timer: Timer,
     model_name: str | None, state: RunState | None = None, dist: Any = None,
+    one_pass: bool = True,
 ) -> AnalysisResult:  # fmt: skip
-    """The steps of a run on a loaded model, in order (see the module docstring)."""
+    """The steps of a run on a loaded model, in order (see the module docstring).
+    ``one_pass=False``: ``--heads auto`` scans in its own forward before the ΔC forward (the
+    former two-pass path, kept for the test that the one pass equals it)."""
     from ..engine.position import offset_diagnostics
     from ..engine.scan import select_heads
     from ..models.loading import model_info
@@ -86,10 +90,11 @@ def _analyze(
     with timer.phase("resolve"):
         resolved = _resolve_step(model, tokenizer, plan, cfg)
     subsets = record_subsets(plan, cfg)
-    with timer.phase("scan"):
-        scan = _scan_step(
-            model, tokenizer, resolved, subsets["scan"], cfg, info, timer, state, dist
-        )
+    with timer.phase("scan"):  # auto: one forward over the build records for scan and ΔC
+        scan, captured = _scan_step(
+            model, tokenizer, resolved, plan, subsets["scan"], cfg, info, timer, state, dist,
+            one_pass=one_pass,
+        )  # fmt: skip
     heads = select_heads(cfg.heads, scan, info.n_layers, info.n_heads, k=cfg.n_heads)
     timer.log(f"heads: {', '.join(f'L{l}H{h}' for l, h in heads)}")
     offsets, offset_warnings = offset_diagnostics(
@@ -100,8 +105,9 @@ def _analyze(
     held, cent = subsets["projections"], subsets["centroid"]
     with timer.phase("contrast"):
         contrast = _contrast_step(
-            model, tokenizer, resolved, plan, heads, cent, cfg, timer, state, dist
+            model, tokenizer, resolved, plan, heads, cent, cfg, timer, state, dist, captured
         )
+    captured = None  # every head's q/k: only the chosen heads' ΔC is kept
     with timer.phase("collect"):
         collected = _collect_step(
             model, tokenizer, resolved, heads, cent, held, subsets["attribution"],

@@ -108,7 +108,11 @@ class RunState:
         from ..engine.checkpoint import save_checked
 
         if self.enabled and self._main:
-            save_checked(self.dir / "scan.json", self.dir / "scan.safetensors", {"scan": scan}, {})
+            import torch
+
+            # one small tensor: a safetensors file with none reads back as invalid
+            save_checked(self.dir / "scan.json", self.dir / "scan.safetensors", {"scan": scan},
+                         {"n_heads": torch.tensor([len(scan)])})  # fmt: skip
 
     def load_head(self, name: str) -> HeadResult | None:
         from ..engine.checkpoint import load_checked

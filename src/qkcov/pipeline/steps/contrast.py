@@ -38,20 +38,24 @@ class Contrasts:
 def _contrast_step(
     model: Any, tokenizer: Any, resolved: Sequence[Any], plan: Plan, heads: list[Head],
     cent: list[int], cfg: RunConfig, timer: Timer, state: RunState | None, dist: Any,
+    captured: Any = None,
 ) -> Contrasts:  # fmt: skip
     """One forward per build record: every feature's ΔC (and record statistics), and the
-    centroid records' vectors in ``cent`` order (see :class:`Contrasts`)."""
+    centroid records' vectors in ``cent`` order (see :class:`Contrasts`). ``captured``: the
+    ``--heads auto`` pass (:class:`qkcov.engine.scan.ScanCapture`, one record list per
+    feature in ``plan.features`` order) already holds every head's q/k: no forward here."""
     from ...engine.contrast import HeadVectors, run_contrast
 
     contrasts, stats, parts = {}, {}, []
     mine = set(cent)
-    for f in plan.features:
+    for fi, f in enumerate(plan.features):
         idx_f = plan.indices("build", f)
         contrasts[f] = run_contrast(
             model, tokenizer, [resolved[i] for i in idx_f], heads, batch_size=cfg.batch_size,
             progress=not timer.quiet, keep_records=cfg.n_permutations > 0 or cfg.n_bootstrap > 0,
             dist=dist, checkpoint=None if state is None else state.contrast(f),
             frame=cfg.frame, vectors_for=[j for j, i in enumerate(idx_f) if i in mine],
+            captured=None if captured is None else captured.captures[fi],
         )  # fmt: skip
         stats[f] = contrasts[f].record_stats
         parts.append(([i for i in idx_f if i in mine], contrasts[f].vectors))
