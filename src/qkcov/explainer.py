@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,16 +231,20 @@ class ExplainResult:
         return [h["name"] for h in self.hypotheses if not h.get("n_pairs")]
 
     def summary(self, n: int = 20) -> str:
+        """The first ``n`` heads' sentences, then how many more and any note, each wrapped at
+        120 characters."""
         lines = self.sentences()
-        more = f"\n… and {len(lines) - n} more heads (explain.json)" if len(lines) > n else ""
+        texts = lines[:n]
+        if len(lines) > n:
+            texts.append(f"… and {len(lines) - n} more heads (explain.json)")
         none = self.unmatched()
         if none:
-            more += (
-                f"\nnote: {', '.join(repr(x) for x in none)} held for no query–key pair of this "
+            texts.append(
+                f"note: {', '.join(repr(x) for x in none)} held for no query–key pair of this "
                 f"corpus, so {'its' if len(none) == 1 else 'their'} 0 % share was not tested; "
                 "check the pattern or give text it matches"
             )
-        return "\n".join(lines[:n]) + more
+        return "\n".join(w for t in texts for w in textwrap.wrap(t, 120, subsequent_indent="  "))
 
     def to_json(self) -> dict[str, Any]:
         heads = []
