@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from explain_speed import _vm  # same folder: python benchmarks/explain_memory.py
+
 EIGHT_B = {
     "num_hidden_layers": 32,
     "num_attention_heads": 32,
@@ -43,13 +45,6 @@ EIGHT_B = {
     "rope_theta": 500000.0,
     "tie_word_embeddings": False,
 }
-
-
-def _vm(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def _reset_peak() -> bool:

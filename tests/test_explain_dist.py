@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from qkcov.core.explain import LayerSums
+
 HERE = Path(__file__).resolve().parent
 SRC = str(HERE.parent / "src")
 HEADS = [(0, 1), (0, 3), (1, 0), (1, 2)]
@@ -80,7 +82,9 @@ def _flat(out, sums) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
 def _assert_same(a, b, rtol: float, what: str) -> None:
     ta, sa = a
     tb, sb = b
-    assert ta.keys() == tb.keys() and len(ta) >= 2 * 18, sorted(set(ta) ^ set(tb))
+    probe = LayerSums([0], 1, 2)  # every tensor field of both layers, and the scaling
+    n = sum(isinstance(getattr(probe, f.name), torch.Tensor) for f in dataclasses.fields(probe))
+    assert ta.keys() == tb.keys() and len(ta) == 2 * (n + 1), sorted(set(ta) ^ set(tb))
     for k in ta:
         scale = float(tb[k].abs().max()) if tb[k].numel() else 0.0
         torch.testing.assert_close(ta[k], tb[k], rtol=rtol, atol=rtol * scale,

@@ -322,12 +322,12 @@ class ExplainResult:
 
         folder = RunFolder(out, command=command, force=force, protect=protect, files=RUN_FILES)
         with folder as staging:
-            self.write(staging)
+            self._write(staging)
         return Path(folder.out)
 
-    def write(self, folder: str | Path) -> None:
-        """The folder's files (``save`` wraps them in a run folder; ``qkcov demo`` writes
-        them into its own): ``explain.json``, ``explain.safetensors``, ``atlas.html`` and
+    def _write(self, folder: str | Path) -> None:
+        """The folder's files, written without any overwrite check: only into a staging
+        folder qkcov made (``save``'s run folder, ``qkcov demo``'s): ``explain.json``, ``explain.safetensors``, ``atlas.html`` and
         ``section.json`` (the report's section: the best heads and a link to the atlas)."""
         from .artifacts import save_tensors, write_json
         from .report.atlas import write_atlas

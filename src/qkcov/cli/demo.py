@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             ecfg = ExplainConfig(model=cfg.model, seed=cfg.seed, batch_size=cfg.batch_size)
             explained = explain(lm.model, lm.tokenizer, config=ecfg, progress=not args.quiet,
                                 model_name=cfg.model)  # fmt: skip
-            explained.write(staging / "explain")
+            explained._write(staging / "explain")  # the demo's own staging folder
         build_report(staging, title="qkcov demo")
     for name, result in rows:
         print(f"\n{name}:\n{result.summary(wide=args.wide)}")

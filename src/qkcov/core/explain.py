@@ -188,7 +188,6 @@ class LayerSums:
     base_pos: torch.Tensor = field(init=False)  # [N] Σ share of positive keys per row
     rows_pos: torch.Tensor = field(init=False)  # [N] rows with >= 1 positive
     n_pos: torch.Tensor = field(init=False)  # [N] positive pairs
-    logit_var: torch.Tensor = field(init=False)  # [H] Σ centred logit² (scaled)
     total_ss: torch.Tensor = field(init=False)  # [H] Σ row-centred logit² (model's logits)
     sink_ss: torch.Tensor = field(init=False)  # [H] the first key's part of total_ss
     sink_attn: torch.Tensor = field(init=False)  # [H] Σ attention on the first key
@@ -210,7 +209,6 @@ class LayerSums:
         self.base_pos = torch.zeros(N, dtype=f64)
         self.rows_pos = torch.zeros(N, dtype=f64)
         self.n_pos = torch.zeros(N, dtype=f64)
-        self.logit_var = torch.zeros(H, dtype=f64)
         self.total_ss = torch.zeros(H, dtype=f64)
         self.sink_ss = torch.zeros(H, dtype=f64)
         self.sink_attn = torch.zeros(H, dtype=f64)
@@ -249,7 +247,6 @@ class LayerSums:
         centred = (dots - (dots * am).sum(-1, keepdim=True) / cnt) * am
         v = centred @ k  # [B, H, S, D]
         self.gram += torch.einsum("bhqd,bhqe->hde", q, v).double().cpu()
-        self.logit_var += ((centred * scaling) ** 2).sum((0, 2, 3)).double().cpu()
         raw = dots * scaling  # = attention_logits(q, k, scaling, softcap), one matmul
         if softcap is not None:
             raw = softcap * torch.tanh(raw / softcap)
@@ -533,7 +530,7 @@ def explain_head(
     hyps.sort(key=lambda h: (h.part != "selection", -h.share, h.order))
     unexplained = 1.0 - sum(shares.values()) if yy > 0 else 1.0
     n_rows = float(sums.rows_pos.max()) if sums.rows_pos.numel() else 0.0
-    std = (float(sums.logit_var[index]) / max(n_rows, 1.0)) ** 0.5
+    std = (float(sums.total_ss[index]) / max(n_rows, 1.0)) ** 0.5
     return HeadExplanation(
         layer, sums.heads[index], name, hyps, unexplained, std, sink_share, sink_attention
     )
