@@ -124,3 +124,54 @@ def test_contrast_pass_keeps_the_centroid_vectors_collect_would_give(setup):
         assert got.key_positive.tolist() == exp.key_positive.tolist()
         assert got.key_labels == exp.key_labels and got.record_groups == exp.record_groups
     assert run_contrast(model, tok, resolved, heads, progress=False).vectors is None
+
+
+@pytest.mark.parametrize("frame", ["post", "query"])
+def test_heldout_pass_takes_the_swap_records_from_the_swap_base(setup, frame, monkeypatch):
+    """The swap records' unedited forward is their held-out forward: the collection takes
+    their vectors (projections and full attribution keys) from the swap base instead of
+    forwarding them again, and gets the same vectors."""
+    import qkcov.engine.contrast as contrast
+    from qkcov.models.rotary import rotary_specs
+    from qkcov.pipeline import RunConfig
+    from qkcov.pipeline.steps.collect import _collect_step
+    from qkcov.runtime import Timer
+
+    model, tok, resolved, _ = setup
+    heads = [(1, 1), (0, 2)]
+    held = list(range(1, 10))
+    swap_idx = [7, 2, 5, 9]  # swap records: held-out ones, in the swap subset's own order
+    attr = [2, 4]  # one attribution record in the swap base, one forwarded
+    specs = rotary_specs(model, [0, 1]) if frame == "query" else None
+    base = capture_swap_base(model, tok, [resolved[i] for i in swap_idx], heads, batch_size=3,
+                             progress=False, specs=specs)  # fmt: skip
+    assert len(base.keep) >= 2  # the base holds records the collection can skip
+    texts: list[str] = []
+    orig = contrast.capture_prompts
+
+    def counting(model, tokenizer, batch_texts, *a, **kw):
+        texts.extend(batch_texts)
+        return orig(model, tokenizer, batch_texts, *a, **kw)
+
+    monkeypatch.setattr(contrast, "capture_prompts", counting)
+    cfg = RunConfig(frame=frame, batch_size=4)
+    timer = Timer("t", quiet=True)
+    fused = _collect_step(model, tok, resolved, heads, [], held, attr, None, cfg, timer, None,
+                          base, swap_idx)  # fmt: skip
+    in_base = {swap_idx[k] for k in base.keep}
+    assert sorted(texts) == sorted(resolved[i].text for i in held if i not in in_base)
+    texts.clear()
+    plain = _collect_step(model, tok, resolved, heads, [], held, attr, None, cfg, timer, None)
+    assert sorted(texts) == sorted(resolved[i].text for i in held)
+    for h in heads:
+        a, b = fused.vecs[h], plain.vecs[h]
+        torch.testing.assert_close(a.q, b.q, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-5)
+        assert a.key_record.tolist() == b.key_record.tolist()
+        assert a.key_positive.tolist() == b.key_positive.tolist()
+        fa, fb = fused.full[h], plain.full[h]
+        assert fa["scaling"] == fb["scaling"]
+        torch.testing.assert_close(fa["q"], fb["q"], atol=1e-5, rtol=1e-5)
+        for ka, kb in zip(fa["keys"], fb["keys"], strict=True):
+            torch.testing.assert_close(ka, kb, atol=1e-5, rtol=1e-5)
+    assert fused.tokens == plain.tokens

@@ -108,7 +108,15 @@ def attribute(
     K3 = K.double() if K.ndim == 3 else K.double().unsqueeze(0).expand(q2.shape[0], -1, -1)
     if K3.shape[0] != q2.shape[0]:
         raise ValueError(f"K has {K3.shape[0]} key sets for {q2.shape[0]} queries")
-    ortho = sequential_bases(basis_list)
+    return _attribute(q2, K3, names, sequential_bases(basis_list), scaling, single)
+
+
+def _attribute(
+    q2: torch.Tensor, K3: torch.Tensor, names: list[str], ortho: list[torch.Tensor],
+    scaling: float, single: bool,
+) -> Attribution:  # fmt: skip
+    """:func:`attribute` on checked ``q2 [n, d]``, ``K3 [n, S, d]`` (float64) and bases
+    already orthogonalised in priority order."""
     q_parts = [q2 @ b @ b.T for b in ortho]
     q_parts.append(q2 - sum(q_parts) if q_parts else q2)
     parts = torch.stack([torch.einsum("nd,nsd->ns", qp, K3) for qp in q_parts]) * scaling
@@ -157,8 +165,13 @@ def explain_logits(
     atts, fracs, centred, err = [], [], [], 0.0
     shares: list[torch.Tensor] = []
     norms: list[torch.Tensor] = []
+    names_in = list(priority) if priority is not None else list(bases)
+    if unknown := [x for x in names_in if x not in bases]:
+        raise ValueError(f"priority names {unknown} are not among the bases {list(bases)}")
+    ortho = sequential_bases([bases[x] for x in names_in])  # once for every prompt
     for i in range(n):
-        a = attribute(queries[i], keys[i], dict(bases), priority=priority, scaling=scaling)
+        a = _attribute(queries[i].double()[None], keys[i].double()[None], names_in, ortho,
+                       scaling, single=True)  # fmt: skip
         atts.append(a)
         fracs.append(a.explained_fraction())
         err = max(err, float((a.parts.sum(0) - a.total).abs().max()))

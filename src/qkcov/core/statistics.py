@@ -749,6 +749,14 @@ def _count_p(null: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
     return (1 + hits).to(_F64) / (1 + null.numel())
 
 
+def _top_singular(m: torch.Tensor) -> torch.Tensor:
+    """The largest singular value of each matrix of ``m [..., a, b]``: the root of the top
+    eigenvalue of its Gram matrix (``svdvals(m)[..., 0]`` to rounding, at about ⅔ of the cost
+    for the null's batches of square matrices)."""
+    g = m @ m.mT if m.shape[-2] <= m.shape[-1] else m.mT @ m
+    return torch.linalg.eigvalsh(g)[..., -1].clamp_min(0.0).sqrt()
+
+
 def _sequential(
     w_obs: torch.Tensor, w_null: torch.Tensor, alpha: float, max_rank: int
 ) -> tuple[int, list[float], torch.Tensor, torch.Tensor]:
@@ -762,19 +770,20 @@ def _sequential(
     Returns ``(rank, step p-values, step nulls [K, P], observed whitened spectrum)``.
     """
     u, s, vh = torch.linalg.svd(w_obs, full_matrices=True)
-    v = vh.mT
     limit = min(max_rank, int(_numerical_rank(s)))
     tops, ps = [], []
     top = None
+    rotated = None  # the null in the observed singular bases: step k deflates to [k:, k:]
     for k in range(limit):
         if top is None:
-            top = torch.linalg.svdvals(w_null)[:, 0]
+            top = _top_singular(w_null)
         else:
             top = top.clone()
             todo = top >= _MARGIN * s[k]
             if todo.any():
-                deflated = u[:, k:].T @ w_null[todo] @ v[:, k:]
-                top[todo] = torch.linalg.svdvals(deflated)[:, 0]
+                if rotated is None:
+                    rotated = u.T @ w_null @ vh.mT
+                top[todo] = _top_singular(rotated[todo, k:, k:])
         p = float(_count_p(top, s[k]))
         tops.append(top)
         ps.append(p)

@@ -16,6 +16,7 @@ from ..config import check_range
 __all__ = [
     "FeatureSubspace",
     "feature_subspace",
+    "feature_subspaces",
     "rank_at_energy",
     "union_basis",
     "union_subspace",
@@ -116,6 +117,36 @@ def feature_subspace(
         energy_curve=curve,
         energy=float(energy),
     )
+
+
+def feature_subspaces(
+    deltas: torch.Tensor, energy: float = 0.99, rank: int | None = None
+) -> list[FeatureSubspace]:
+    """:func:`feature_subspace` of each ``deltas[i]`` of ``deltas [B, d_q, d_k]``, from one
+    batched SVD (e.g. a null's label-permuted ΔCs)."""
+    if not isinstance(deltas, torch.Tensor) or deltas.ndim != 3:
+        shape = list(deltas.shape) if isinstance(deltas, torch.Tensor) else type(deltas).__name__
+        raise ValueError(f"deltas must be a 3-D tensor [B, d_q, d_k], got {shape}")
+    if not torch.isfinite(deltas).all():
+        raise ValueError("deltas contain NaN or inf")
+    check_range("energy", energy, 0.0, 1.0, low_open=True)
+    u, s, vh = torch.linalg.svd(deltas.double(), full_matrices=False)
+    if rank is not None and not 0 <= rank <= s.shape[-1]:
+        raise ValueError(f"rank must be in [0, {s.shape[-1]}], got {rank}")
+    out = []
+    for i in range(deltas.shape[0]):
+        r = rank_at_energy(s[i], energy) if rank is None else rank
+        out.append(
+            FeatureSubspace(
+                rank=r,
+                singular_values=s[i],
+                query_basis=u[i, :, :r].contiguous(),
+                key_basis=vh[i, :r].T.contiguous(),
+                energy_curve=_energy_curve(s[i]),
+                energy=float(energy),
+            )
+        )
+    return out
 
 
 def orthonormalize(basis: torch.Tensor, tol: float = 1e-8) -> torch.Tensor:

@@ -41,6 +41,7 @@ __all__ = [
     "ContrastResult",
     "run_contrast",
     "HeadVectors",
+    "KnownVectors",
     "collect_qk",
     "collect_full_keys",
     "POOLED",
@@ -684,6 +685,17 @@ class HeadVectors:
         }
 
 
+@dataclass
+class KnownVectors:
+    """One head's vectors that another forward already captured (see :func:`collect_qk`):
+    ``vectors`` maps a position in the records passed to ``(q [D], keys [S, D])`` — the query
+    and the keys of the record's unpadded positions (at least up to its query) in the frame
+    asked, post-RoPE; ``scaling``: the head's logit scale."""
+
+    vectors: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    scaling: float
+
+
 def collect_qk(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -696,6 +708,7 @@ def collect_qk(
     dist: Dist | None = None,
     frame: str = "post",
     full_keys: Sequence[int] | None = None,
+    known: Mapping[Head, KnownVectors] | None = None,
 ) -> dict[Head, HeadVectors] | tuple[dict[Head, HeadVectors], dict[Head, dict[str, Any]]]:
     """Each record's query vector and every key-site vector for ``heads`` (float32).
 
@@ -704,6 +717,9 @@ def collect_qk(
     ``full_keys``: positions in ``resolved`` whose every key up to the query is captured in
     the same forward for exact attribution; then returns ``(vectors, full)`` with ``full``
     as :func:`collect_full_keys` returns it for ``[resolved[i] for i in full_keys]``.
+    ``known``: head → :class:`KnownVectors`, what another forward of some of these records
+    already captured in ``frame`` (e.g. the swaps' unedited base): those records are not
+    forwarded again. Every head must know the same records.
     """
     if not resolved:
         raise ValueError("collect_qk: no records")
@@ -713,20 +729,30 @@ def collect_qk(
     wide = {int(i): j for j, i in enumerate(full_keys or [])}
     if len(wide) != len(full_keys or []) or any(not 0 <= i < len(resolved) for i in wide):
         raise ValueError(f"full_keys must be distinct positions in 0..{len(resolved) - 1}")
+    known = {h: known[h] for h in heads} if known else {}
+    seen = set(next(iter(known.values())).vectors) if known else set()
+    if known and (
+        pre_rope
+        or any(set(v.vectors) != seen for v in known.values())
+        or any(not 0 <= i < len(resolved) for i in seen)
+    ):
+        raise ValueError(
+            "collect_qk: known vectors are post-RoPE (pre_rope=False), for the same records "
+            f"of every head, at positions in 0..{len(resolved) - 1}"
+        )
+    todo = [i for i in range(len(resolved)) if i not in seen]
+    recs = [resolved[i] for i in todo]
     # key sites of a record: its key positions, then (full_keys) every position up to the query
     sites = QKSites(
-        [[r.query] for r in resolved],
-        [
-            r.key_positions + (list(range(r.query + 1)) if i in wide else [])
-            for i, r in enumerate(resolved)
-        ],
-    )
-    batches = shard_batches(len(resolved), batch_size, dist)
+        [[r.query] for r in recs],
+        [r.key_positions + (list(range(r.query + 1)) if i in wide else []) for i, r in zip(todo, recs, strict=True)],
+    )  # fmt: skip
+    batches = shard_batches(len(recs), batch_size, dist)
     caps = (
         capture_prompts(
             model,
             tokenizer,
-            [r.text for r in resolved],
+            [r.text for r in recs],
             sites,
             sorted(by_layer),
             sorted({h for _, h in heads}),
@@ -738,7 +764,7 @@ def collect_qk(
         if batches
         else {}
     )
-    if dist is not None and dist.enabled:
+    if dist is not None and dist.enabled and recs:
         caps = _gather_captures(caps, dist)
     if specs is not None:
         caps = {layer: to_query_frame(c, specs[layer]) for layer, c in caps.items()}
@@ -746,29 +772,36 @@ def collect_qk(
     key_positive = torch.tensor([k.positive for r in resolved for k in r.keys], dtype=torch.bool)
     labels = [k.label for r in resolved for k in r.keys]
     groups = [r.record.group for r in resolved]
-    site = torch.tensor(
-        [s for i, r in enumerate(resolved) for s in [True] * len(r.key_positions) + [False] * (r.query + 1 if i in wide else 0)],
-        dtype=torch.bool,
-    )  # fmt: skip  # True = a key site, False = a full-key row
+    rows = [len(r.key_positions) + (r.query + 1 if i in wide else 0) for i, r in zip(todo, recs, strict=True)]  # fmt: skip
     out, full = {}, {}
     for layer, head in heads:
-        cap = caps[layer]
-        j = cap.heads.index(head)
-        k = cap.k[:, j].cpu()
+        qs: list[torch.Tensor] = [torch.empty(0)] * len(resolved)
+        ks: list[torch.Tensor] = [torch.empty(0)] * len(resolved)  # every site row of a record
+        if recs:
+            cap = caps[layer]
+            j = cap.heads.index(head)
+            for i, q, k in zip(todo, cap.q[:, j].cpu(), cap.k[:, j].cpu().split(rows), strict=True):
+                qs[i], ks[i] = q, k
+        kv = known.get((layer, head))
+        for i, (q, k) in (kv.vectors if kv is not None else {}).items():
+            r = resolved[i]
+            extra = list(range(r.query + 1)) if i in wide else []
+            qs[i], ks[i] = q.cpu(), k.cpu()[r.key_positions + extra]
+        sites_of = [k[: len(r.key_positions)] for r, k in zip(resolved, ks, strict=True)]
         out[(layer, head)] = HeadVectors(
-            cap.q[:, j].float().cpu(),
-            k[site].float(),
+            torch.stack(qs).float(),
+            torch.cat(sites_of).float(),
             key_record,
             key_positive,
             labels,
             groups,
         )
         if full_keys is not None:
-            kex = cap.k_index[:, 0].cpu()
+            fq = [qs[i] for i in wide]
             full[(layer, head)] = {
-                "q": cap.q[list(wide), j].double().cpu(),
-                "keys": [k[(kex == i) & ~site].double() for i in wide],
-                "scaling": cap.scaling,
+                "q": (torch.stack(fq) if fq else qs[0].new_zeros(0, qs[0].shape[-1])).double(),
+                "keys": [ks[i][len(resolved[i].key_positions) :].double() for i in wide],
+                "scaling": caps[layer].scaling if recs else known[(layer, head)].scaling,
             }
     return out if full_keys is None else (out, full)
 

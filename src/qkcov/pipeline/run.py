@@ -108,17 +108,18 @@ def _analyze(
             model, tokenizer, resolved, plan, heads, cent, cfg, timer, state, dist, captured
         )
     captured = None  # every head's q/k: only the chosen heads' ΔC is kept
-    with timer.phase("collect"):
-        collected = _collect_step(
-            model, tokenizer, resolved, heads, cent, held, subsets["attribution"],
-            contrast.cent_vecs, cfg, timer, dist,
-        )  # fmt: skip
     done = state.load_heads(heads) if state is not None else {}
+    todo = [h for h in heads if h not in done]
     swap_records = [resolved[i] for i in subsets["swaps"]]
     swap_base = SwapBase(
-        model, tokenizer, swap_records, [h for h in heads if h not in done], cfg, specs,
-        not timer.quiet, dist,
+        model, tokenizer, swap_records, todo, cfg, specs, not timer.quiet, dist
     )  # fmt: skip
+    with timer.phase("collect"):  # one forward per held-out record: the swap records' is the base
+        collected = _collect_step(
+            model, tokenizer, resolved, todo, cent, held, subsets["attribution"],
+            contrast.cent_vecs, cfg, timer, dist,
+            swap_base() if swap_records and todo else None, subsets["swaps"],
+        )  # fmt: skip
     inputs = HeadInputs(
         model, tokenizer, plan, cfg, timer, resolved, cent, held, swap_records, contrast,
         collected, swap_base, scan, specs, no_rotary,

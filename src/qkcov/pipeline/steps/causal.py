@@ -10,7 +10,12 @@ from typing import Any
 
 import torch
 
-from ...core.subspace import energy_ordered_union, feature_subspace, random_orthonormal
+from ...core.subspace import (
+    energy_ordered_union,
+    feature_subspace,
+    feature_subspaces,
+    random_orthonormal,
+)
 from ...results import POOLED, FeatureResult
 from ...runtime import sub_seed
 from ..config import CAUSAL_FRACTION, CAUSAL_MAX, CURVE_RANDOM, RunConfig
@@ -190,13 +195,10 @@ def _causal_plan(
             groups = [g for g, sr in feat.groups.items() if g != POOLED and sr.rank > 0]
             if (f"{f}:groups" in bases and groups
                     and all(g in fam.group_deltas for g in groups)):  # fmt: skip
-                unions = [
-                    energy_ordered_union(
-                        [feature_subspace(fam.group_deltas[g][j], cfg.energy, rank=feat.groups[g].rank)
-                         for g in groups]
-                    )
-                    for j in range(P + 1)
-                ]  # fmt: skip
+                per_group = [feature_subspaces(fam.group_deltas[g][: P + 1],
+                                               cfg.energy, rank=feat.groups[g].rank)
+                             for g in groups]  # fmt: skip
+                unions = [energy_ordered_union([sub[j] for sub in per_group]) for j in range(P + 1)]
                 real_groups[f], perm_groups[f] = unions[0], unions[1:]
             elif f"{f}:groups" in bases and groups:
                 missing = [g for g in groups if g not in fam.group_deltas]
@@ -220,13 +222,10 @@ def _causal_plan(
             groups = [g for g, sr in feat.groups.items() if g != POOLED and sr.rank > 0]
             if f"{f}:groups" in bases and groups:
                 group_deltas = {g: relabelled_deltas(st_f, signs, g) for g in groups}
-                perm_groups[f] = [
-                    energy_ordered_union(
-                        [feature_subspace(dg[j], cfg.energy, rank=feat.groups[g].rank)
-                         for g, dg in group_deltas.items()]
-                    )
-                    for j in range(P)
-                ]  # fmt: skip
+                per_group = [feature_subspaces(dg[:P], cfg.energy, rank=feat.groups[g].rank)
+                             for g, dg in group_deltas.items()]  # fmt: skip
+                perm_groups[f] = [energy_ordered_union([sub[j] for sub in per_group])
+                                  for j in range(P)]  # fmt: skip
         plan.n_permuted = P
     elif not conditioned:
         plan.skipped = (

@@ -46,12 +46,14 @@ def save_png(fig: Any, path: str | Path, dpi: int = 120) -> Path:
     """Write a matplotlib figure as PNG (atomically) and close it. Log axes get plain tick
     labels: TeX is off for every figure (names from records are drawn as text), and the
     default log labels are TeX."""
-    from matplotlib.ticker import LogFormatter, NullFormatter
+    from matplotlib.ticker import LogFormatter, LogLocator, NullFormatter
 
     for ax in fig.axes:
         for axis in (ax.xaxis, ax.yaxis):
             if axis.get_scale() == "log":
                 axis.set_major_formatter(LogFormatter(labelOnlyBase=True))
+                # minor ticks at 2 and 5 per decade: readable, and a third of the tick objects
+                axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
                 axis.set_minor_formatter(NullFormatter())
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
