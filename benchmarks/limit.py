@@ -11,13 +11,13 @@ come from the pipeline's own split and subsets (:func:`qkcov.pipeline.plan_recor
 - ``build``: every build record — one forward feeds the head scan subset and every feature's
   ΔC (phases ``scan``, ``contrast``);
 - ``heldout``: every held-out record — one forward feeds the projections, the attribution's
-  full keys and the swaps' base state (phases ``collect``, ``projections``);
-- ``swaps``: a lean forward of the swap records (``--n-swap``; the base pass) plus, per head,
-  the downstream suffix: (conditions measured downstream — read from the saved ``run.json``:
-  every swap condition, the ceiling and every random draw that has a ``logprob_shift``) ×
-  swap prompts × (layers from the edited one to the last ÷ all layers; the edited layer is
-  counted: its attention output changes) × the lean forward's cost per swap record
-  (phases ``swaps``, ``token_view``).
+  full keys and the swaps' base state: the swap records' forward *is* the swaps' unedited
+  base, captured in the ``collect`` phase (phases ``collect``, ``projections``);
+- ``swaps``: per head the downstream suffix: (conditions measured downstream — read from the
+  saved ``run.json``: every swap condition, the ceiling and every random draw that has a
+  ``logprob_shift``) × swap prompts (``--n-swap``) × (layers from the edited one to the last
+  ÷ all layers; the edited layer is counted: its attention output changes) × the lean
+  forward's cost per swap record (phases ``swaps``, ``token_view``).
 
 Any other phase (``resolve``, ``subspaces``, ``attribution``, ``position``, …) does no forward:
 its seconds and share of the run are printed instead. Phase names are read from
@@ -58,6 +58,13 @@ forward; ``OMP_NUM_THREADS=1 python benchmarks/limit.py --quick --repeats 3``, l
 from ≈ 3 to ≈ 0.2): ``run_over_limit=1.17`` (runs 1.20, 1.17, 1.13), build phases (scan 0.95,
 contrast 0.00: it folds the captured q/k) 0.95 × the build limit; the two-pass run against the
 one-pass run interleaved in one process (load ≈ 1): 1.23 / 1.23 vs 1.18 / 1.14.
+Measured 2026-12-06 after the held-out records are forwarded once (the swap records' forward is
+the swaps' base; the collection reads their vectors from it), the sequential test's tops from
+the Gram matrix, the attribution's bases orthogonalised once (``OMP_NUM_THREADS=1 python
+benchmarks/limit.py --quick --repeats 3``, idle machine, load ≈ 0.9): ``run_over_limit=1.08``
+(runs 1.08, 1.08, 1.09; 58.0 s vs 53.8 s): build phases 0.92 ×, held-out phases 0.99 × (the
+base included), swaps 0.99 × the suffix; no-forward phases: subspaces 2.52 s, artifacts and
+report 2.18 s, attribution 0.32 s.
 """
 
 from __future__ import annotations
@@ -260,15 +267,15 @@ def memory_formula(model: Any, resolved: Sequence[Any], roles: dict[str, list[in
         "contrast": forward + h * (n_groups + 1) * 2 * D * D * 8 + h * n_build * (3 * D + 3) * 8,
         "subspaces": cfg.n_permutations * D * D * 8,
         "projections": int(h * len(proj_recs) * (1 + keys) * D * 4),
-        # the shared base's hidden state per studied layer, q/k per head, one LM-head output
-        "swaps": forward
-        + len(roles["swaps"]) * S * (n_layers_studied * d * b + h * D * 8)
-        + 64 * V * 4,
+        # one LM-head output (the shared base is already held when the phase starts)
+        "swaps": forward + 64 * V * 4,
         "attribution": h * len(roles["attribution"]) * S * D * 8,
         "token_view": forward,
     }
-    # today the projections' and attribution's vectors are collected in one "collect" phase
-    terms["collect"] = forward + terms["projections"] + terms["attribution"]
+    # the projections' and attribution's vectors are collected in one "collect" phase, which
+    # also captures the swaps' shared base: the hidden state per studied layer, q/k per head
+    base = len(roles["swaps"]) * S * (n_layers_studied * d * b + h * D * 8)
+    terms["collect"] = forward + terms["projections"] + terms["attribution"] + base
     terms["weights"] = sum(q.numel() * q.element_size() for q in model.parameters())
     return terms
 
@@ -335,7 +342,7 @@ def phase_limits(run: dict[str, Any]) -> dict[str, float]:
     """Limit seconds of each role for one run."""
     lean = run["lean"]
     suffix = sum(s["seconds"] for s in run["suffix"])
-    return {"build": lean["build"], "heldout": lean["heldout"], "swaps": lean["swaps"] + suffix,
+    return {"build": lean["build"], "heldout": lean["heldout"], "swaps": suffix,
             "suffix": suffix, "run": lean["build"] + lean["heldout"] + suffix}  # fmt: skip
 
 
