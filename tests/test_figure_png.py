@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+import tempfile
 
 import numpy as np
 from PIL import Image
 
-from qkcov.report.figures.common import palette_png, plt, save_png
+from qkcov.report.figures.common import _decade_label, palette_png, plt, save_png
 
 
 def _plot() -> bytes:
@@ -49,3 +50,22 @@ def test_transparent_figure_is_kept_as_is(tmp_path):
     ax.plot([0, 1], [1, 0])
     path = save_png(fig, tmp_path / "f.png")
     assert Image.open(path).mode == "P"
+
+
+def test_log_axes_label_decades_in_one_plain_style():
+    """Log axes: every decade labelled alike (0.1 … 1000 written out, 10ⁿ beyond; no TeX),
+    nothing between decades; an axis spanning under two decades also labels its 2s and 5s."""
+    assert [_decade_label(v) for v in (0.01, 0.1, 1, 10, 1000, 1e4, 1e6)] == [
+        "10⁻²", "0.1", "1", "10", "1000", "10⁴", "10⁶"
+    ]  # fmt: skip
+    assert [_decade_label(v) for v in (2, 50, 0, -10, float("nan"))] == [""] * 5
+    for lo, hi, labelled in ((3, 20, True), (5, 5e5, False)):
+        fig, ax = plt.subplots()
+        ax.plot([lo, hi], [lo, hi])
+        ax.set_yscale("log")
+        ax.set_ylim(lo, hi)
+        with tempfile.TemporaryDirectory() as d:
+            save_png(fig, f"{d}/f.png")
+        minor = [t.get_text() for t in ax.yaxis.get_minorticklabels() if t.get_text()]
+        assert bool(minor) == labelled, (lo, hi, minor)
+        assert all("$" not in t.get_text() for t in ax.yaxis.get_majorticklabels())

@@ -4,6 +4,7 @@ offline plotly JSON (older sections), written atomically; and the report's colou
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -46,19 +47,42 @@ def save_png(fig: Any, path: str | Path, dpi: int = 120) -> Path:
     """Write a matplotlib figure as PNG (atomically) and close it. Log axes get plain tick
     labels: TeX is off for every figure (names from records are drawn as text), and the
     default log labels are TeX."""
-    from matplotlib.ticker import LogFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     for ax in fig.axes:
         for axis in (ax.xaxis, ax.yaxis):
             if axis.get_scale() == "log":
-                axis.set_major_formatter(LogFormatter(labelOnlyBase=True))
-                # minor ticks at 2 and 5 per decade: readable, and a third of the tick objects
+                axis.set_major_formatter(FuncFormatter(_decade_label))
+                # minor ticks at 2 and 5 per decade: readable, and a third of the tick objects;
+                # labelled too when the axis spans under two decades (else one label or none)
                 axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
-                axis.set_minor_formatter(NullFormatter())
+                lo, hi = sorted(abs(float(x)) for x in axis.get_view_interval())
+                narrow = lo > 0 and hi / lo < 100
+                axis.set_minor_formatter(FuncFormatter(_plain) if narrow else NullFormatter())
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return atomic_write_bytes(path, palette_png(buf.getvalue()))
+
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def _decade_label(value: float, _pos: Any = None) -> str:
+    """A log axis' label at a power of ten, one style for all: 0.1 … 1000 written out, 10ⁿ
+    beyond (plain text, no TeX); nothing between decades."""
+    if not (value > 0 and math.isfinite(value)):
+        return ""
+    e = round(math.log10(value))
+    if abs(math.log10(value) - e) > 1e-9:
+        return ""
+    if -1 <= e <= 3:
+        return f"{10.0**e:g}"
+    return "10" + str(e).translate(_SUPERSCRIPT)
+
+
+def _plain(value: float, _pos: Any = None) -> str:
+    return f"{value:g}"
 
 
 def palette_png(png: bytes) -> bytes:
