@@ -21,7 +21,7 @@ from qkcov.pipeline import analyze
 from qkcov.tasks.builtin import build_task_records
 
 CHROMIUM = find_chromium()
-FAST = dict(n_random=19, n_permutations=50, n_bootstrap=20, batch_size=16, rank_rule="energy")
+FAST = dict(n_random=20, n_permutations=50, n_bootstrap=20, batch_size=16, rank_rule="energy")
 
 PAYLOADS = [
     "<script>top.__pwned=1</script>",

@@ -19,7 +19,7 @@ from qkcov.pipeline.run import _analyze
 from qkcov.runtime import Timer
 from qkcov.tasks.builtin import build_task_records
 
-FAST = dict(n_random=19, n_permutations=50, n_bootstrap=10, batch_size=5, n_scan=14)
+FAST = dict(n_random=20, n_permutations=50, n_bootstrap=10, batch_size=5, n_scan=14)
 
 
 def _records():

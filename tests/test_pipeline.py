@@ -20,7 +20,7 @@ from qkcov.results import VERDICTS, AnalysisResult, headline_of
 from qkcov.tasks.builtin import build_task_records
 from qkcov.tasks.records import ContrastRecord, Span, save_records
 
-FAST = dict(n_random=19, n_permutations=50, n_bootstrap=20, batch_size=16)
+FAST = dict(n_random=20, n_permutations=50, n_bootstrap=20, batch_size=16)
 SMALL_TASKS = {
     "filter": [
         "--n-build",
@@ -148,7 +148,7 @@ def _strip(info: dict) -> dict:
 @pytest.mark.parametrize("task", ["filter", "binding"])
 def test_task_command_equals_export_plus_run(task, tiny_dir, tmp_path):
     common = ["--model", str(tiny_dir), "--seed", "3", "--heads", "auto:1", "--quiet",
-              "--n-random", "19", "--n-permutations", "40", "--n-bootstrap", "20"]  # fmt: skip
+              "--n-random", "20", "--n-permutations", "40", "--n-bootstrap", "20"]  # fmt: skip
     assert main([task, *common, *SMALL_TASKS[task], "--out", str(tmp_path / "a")]) == 0
     data = tmp_path / "records.jsonl"
     assert (
@@ -428,7 +428,7 @@ def test_verdict_is_conditioned_on_the_offset(agreement_run):
         assert ev["conditioned_on"] == ["offset"] and ev["mixed_fraction"] == 0.0
         assert ev["confounded"] and ev["fixed_by"] == ["offset"]
         assert ev["p_floors"]["p_vs_permuted"] == pytest.approx(1 / 100)
-        assert ev["p_floors"]["p_vs_random"] == pytest.approx(1 / 20)
+        assert ev["p_floors"]["p_vs_random"] == pytest.approx(1 / 21)
         assert h.verdict.status != "reads-feature"
         lab = h.swaps.label_test
         if lab["available"]:

@@ -114,7 +114,7 @@ def test_offset_warning_names_the_feature_in_the_pipeline(tmp_path):
     from qkcov.pipeline import analyze
 
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    fast = dict(n_random=19, n_permutations=20, n_bootstrap=0, batch_size=16, heads="L1H0",
+    fast = dict(n_random=20, n_permutations=20, n_bootstrap=0, batch_size=16, heads="L1H0",
                 steps="projections", progress=False)  # fmt: skip
     conf = analyze(model, tok, _records(True), **fast)
     bal = analyze(model, tok, _records(False), **fast)

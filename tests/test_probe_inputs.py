@@ -118,7 +118,7 @@ def test_scaled_checkpoint_sums_are_refused(tmp_path):
 
 def test_resumed_head_checkpoint_is_verified(tmp_path):
     """RunState's finished-head checkpoint: edited on disk → refused on resume."""
-    cfg = RunConfig(checkpoint_every=1, heads="L0H1", n_random=19, n_permutations=0,
+    cfg = RunConfig(checkpoint_every=1, heads="L0H1", n_random=20, n_permutations=0,
                     n_bootstrap=0)  # fmt: skip
     recs = _records(16)
     state = RunState(tmp_path / "out", cfg, recs, resume=False)
@@ -128,7 +128,7 @@ def test_resumed_head_checkpoint_is_verified(tmp_path):
     again = RunState(tmp_path / "out", cfg, recs, resume=True)
     assert again.load_head("L0H1").to_dict() == head.to_dict()
     path = again.dir / "head-L0H1.json"
-    path.write_text(path.read_text().replace('"n_random": 19', '"n_random": 20'))
+    path.write_text(path.read_text().replace('"n_random": 20', '"n_random": 21'))
     with pytest.raises(ValueError, match="head-L0H1.json was changed after qkcov wrote it"):
         again.load_head("L0H1")
 
@@ -160,7 +160,7 @@ def test_analyze_records_none_and_ignored_device_are_refused(tmp_path):
         tok,
         path,
         heads="L0H1",
-        n_random=19,
+        n_random=20,
         n_permutations=0,
         n_bootstrap=0,
         steps="",

@@ -21,7 +21,7 @@ from qkcov.results import AnalysisResult
 from qkcov.tasks.records import find_spans
 
 N_CASES = 30
-FLAGS = ["--heads", "L0H1", "--n-random", "19", "--n-random-downstream", "1",
+FLAGS = ["--heads", "L0H1", "--n-random", "20", "--n-random-downstream", "1",
          "--n-permutations", "0", "--n-bootstrap", "0", "--batch-size", "16", "--quiet",
          "--n-scan", "8", "--n-swap", "8", "--n-attribution", "4"]  # fmt: skip
 WORDS = ["cat", "dog", "hen", "Ünï", "中文", "🙂", "a.b", "x", "é", "ﬁne", "naïve", "\u202eabc",

@@ -127,7 +127,7 @@ def tiny_saved_run(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("figs")
     save_records(base / "pronouns.jsonl", build_task_records("agreement", n=48))
-    cfg = RunConfig(heads="L1H2", n_random=19, n_permutations=50, n_bootstrap=0, batch_size=16)
+    cfg = RunConfig(heads="L1H2", n_random=20, n_permutations=50, n_bootstrap=0, batch_size=16)
     run(cfg, base / "pronouns.jsonl", base / "run", quiet=True,
         loaded=(tiny_model("llama"), tiny_tokenizer()))  # fmt: skip
     return base / "run"

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="no Chromium (/usr/bin/chromium): apt-get install -y chromium"
 )
 HOSTILE = '</script><img src=x onerror="window.__pwned=1">\'q\' "dq" & '
-FAST = dict(n_random=19, n_permutations=50, n_bootstrap=20, batch_size=16)
+FAST = dict(n_random=20, n_permutations=50, n_bootstrap=20, batch_size=16)
 
 
 def _shift(span: Span | None, n: int) -> Span | None:

@@ -19,7 +19,7 @@ from qkcov.tasks.builtin import build_task_records
 from qkcov.tasks.records import save_records
 
 FLAGS = ["--heads", "L0H1,L1H2", "--dtype", "float64", "--batch-size", "4", "--quiet",
-         "--n-random", "19", "--n-permutations", "20", "--n-bootstrap", "10"]  # fmt: skip
+         "--n-random", "20", "--n-permutations", "20", "--n-bootstrap", "10"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

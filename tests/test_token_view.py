@@ -15,7 +15,7 @@ from qkcov.report.views import json_block
 from qkcov.results import AnalysisResult
 from qkcov.tasks.builtin import build_task_records
 
-FAST = dict(n_random=19, n_permutations=50, n_bootstrap=20, batch_size=16)
+FAST = dict(n_random=20, n_permutations=50, n_bootstrap=20, batch_size=16)
 
 
 @pytest.fixture(scope="module")

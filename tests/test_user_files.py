@@ -26,8 +26,8 @@ from qkcov.pipeline import RunConfig, RunState, analyze
 from qkcov.results import AnalysisResult
 from qkcov.tasks.records import ContrastRecord, Span, save_records
 
-FAST = dict(n_random=19, n_permutations=20, n_bootstrap=0, batch_size=16)
-FAST_FLAGS = ["--n-random", "19", "--n-permutations", "20", "--n-bootstrap", "0", "--quiet"]
+FAST = dict(n_random=20, n_permutations=20, n_bootstrap=0, batch_size=16)
+FAST_FLAGS = ["--n-random", "20", "--n-permutations", "20", "--n-bootstrap", "0", "--quiet"]
 NO_MODEL = ["--model", "/nonexistent/model"]  # reaching the model load fails differently
 
 

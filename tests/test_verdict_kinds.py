@@ -15,7 +15,7 @@ from qkcov.pipeline import RunConfig, analyze, plan_records
 from qkcov.results import AnalysisResult
 from qkcov.tasks.builtin import build_task_records
 
-FAST = dict(n_permutations=20, n_random=19, n_bootstrap=0)
+FAST = dict(n_permutations=20, n_random=20, n_bootstrap=0)
 
 
 @pytest.fixture(scope="module")

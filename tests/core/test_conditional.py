@@ -97,7 +97,15 @@ def test_p_floors():
     assert min_draws(0.01) == 499
     errs = floor_errors(0.05, {"--n-permuted": 10, "--n-random": 100, "--n-permutations": 0})
     assert len(errs) == 1 and "--n-permuted 10" in errs[0] and "--n-permuted 99" in errs[0]
-    assert floor_errors(0.05, {"--n-permuted": 19}) == []  # floor 0.05 is not above α
+    # the tests reject at p < α: a floor equal to α can never reject, so it is refused too
+    (err,) = floor_errors(0.05, {"--n-random": 19})
+    assert "--n-random 19" in err and "can never reject" in err
+    assert floor_errors(0.1, {"--n-permuted": 9}) != []  # 1/10 is α exactly
+    assert floor_errors(0.05, {"--n-random": 20, "--n-permuted": 20}) == []  # 0.0476 < α
+    from qkcov.pipeline import RunConfig
+
+    with pytest.raises(ValueError, match=r"--n-permuted 19 .* can never reject"):
+        RunConfig(n_permuted=19)
 
 
 def test_decide_order_and_floors():
@@ -141,10 +149,10 @@ def test_planted_conditional_null_is_calibrated():
     (here ≤ 4 of 40 at α = 0.05; 400 seeds in the benchmark), while the unconditional null
     (no strata) rejects far more often."""
     seeds = range(40)
-    cond = [run_head(s, "tilted", n_perm=39, n_random=19, n_null=19) for s in seeds]
+    cond = [run_head(s, "tilted", n_perm=39, n_random=20, n_null=20) for s in seeds]
     assert sum(r["p_label"] < 0.05 for r in cond) <= 4
     assert sum(r["status"] == "reads-feature" for r in cond) <= 2
-    plain = [run_head(s, "tilted", control=(), n_perm=39, n_random=19, n_null=19) for s in seeds]
+    plain = [run_head(s, "tilted", control=(), n_perm=39, n_random=20, n_null=20) for s in seeds]
     assert sum(r["p_label"] < 0.05 for r in plain) >= 8
 
 

@@ -8,7 +8,7 @@ from qkcov.models.tiny import tiny_model, tiny_tokenizer
 from qkcov.pipeline import analyze
 from qkcov.tasks.builtin import build_task_records
 
-FAST = dict(n_random=19, n_permutations=50, n_bootstrap=20, batch_size=16, rank_rule="energy")
+FAST = dict(n_random=20, n_permutations=50, n_bootstrap=20, batch_size=16, rank_rule="energy")
 
 
 @pytest.fixture(scope="session")

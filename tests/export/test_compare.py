@@ -13,7 +13,7 @@ from qkcov.tasks.builtin import build_task_records
 from qkcov.tasks.records import coin_flip
 
 CFG = dict(
-    n_random=19, n_permutations=50, n_bootstrap=0, batch_size=16, rank_rule="energy",
+    n_random=20, n_permutations=50, n_bootstrap=0, batch_size=16, rank_rule="energy",
     steps="projections", heads="L1H2,L0H1", progress=False,
 )  # fmt: skip
 

@@ -19,8 +19,8 @@ from qkcov.results import headline_of
 from qkcov.tasks.builtin import build_task_records
 from qkcov.tasks.records import save_records
 
-FAST = ["--n-random", "19", "--n-permutations", "20", "--n-bootstrap", "0", "--quiet"]
-CFG = dict(n_random=19, n_permutations=20, n_bootstrap=0, heads="L1H2", progress=False)
+FAST = ["--n-random", "20", "--n-permutations", "20", "--n-bootstrap", "0", "--quiet"]
+CFG = dict(n_random=20, n_permutations=20, n_bootstrap=0, heads="L1H2", progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ def test_run_json_provenance(tiny_dir, tmp_path):
     data.write_text("\n".join(lines[:3] + [""] + lines[3:]))  # a blank line 4
     out = tmp_path / "run"
     argv = ["run", "--data", str(data), "--model", str(tiny_dir), "--heads", "L1H2", "--quiet",
-            "--n-random", "19", "--n-permutations", "20", "--n-bootstrap", "0", "--out", str(out)]  # fmt: skip
+            "--n-random", "20", "--n-permutations", "20", "--n-bootstrap", "0", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     prov = read_json(out / "run.json")["provenance"]
     assert prov["dtype"] == "float32" and prov["device"] == "cpu"

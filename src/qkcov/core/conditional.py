@@ -21,7 +21,7 @@ transformers):
   pipeline forms it) and the class centroids for a batch of key labellings.
 - :func:`p_floor` / :func:`min_draws` / :func:`floor_errors`: the smallest p a count of draws
   can give, the draws needed for a floor ≤ α / :data:`FLOOR_FACTOR`, and the one-line refusal
-  of a combination whose floor exceeds α.
+  of a combination whose floor reaches α (every test here rejects at ``p < α``).
 
 Permuting keys across records, a relabelled record may hold two positives or none, which the
 design's labelling never does; where keys of one record share a record-level component this
@@ -87,13 +87,14 @@ def min_draws(alpha: float, factor: int = FLOOR_FACTOR) -> int:
 
 
 def floor_errors(alpha: float, draws: Mapping[str, int]) -> list[str]:
-    """One message per ``{flag: n}`` (``n`` > 0: the test is on) whose p floor exceeds α: such
-    a test can never reject, so a verdict resting on it is decided before it runs."""
+    """One message per ``{flag: n}`` (``n`` > 0: the test is on) whose p floor is α or more: the
+    tests reject at ``p < α``, so such a test can never reject and a verdict resting on it is
+    decided before it runs (``--n-random 19`` at α = 0.05: floor 0.05, refused)."""
     out = []
     for flag, n in draws.items():
-        if isinstance(n, int) and not isinstance(n, bool) and n > 0 and p_floor(n) > alpha:
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0 and p_floor(n) >= alpha:
             out.append(
-                f"{flag} {n} gives p-values no smaller than 1/{n + 1} = {p_floor(n):.3g} > --alpha "
+                f"{flag} {n} gives p-values no smaller than 1/{n + 1} = {p_floor(n):.3g} ≥ --alpha "
                 f"{alpha:g}, so that test can never reject; use {flag} {min_draws(alpha)} or more "
                 f"(floor ≤ α/{FLOOR_FACTOR}), or 0 to turn it off"
             )
