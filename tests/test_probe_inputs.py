@@ -90,6 +90,23 @@ def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
     assert "--resume: no checkpoint to resume" in err and len(err.strip().splitlines()) == 1
 
 
+def test_resume_without_a_checkpoint_over_a_run_says_only_that(tmp_path, capsys):
+    """Nothing to resume: the one line says so, not that the run in --out is being replaced;
+    that run stays as it was."""
+    from qkcov.artifacts import RunFolder, atomic_write_bytes
+
+    with RunFolder(tmp_path / "out", command="qkcov run") as stage:
+        atomic_write_bytes(stage / "run.json", b'{"model": "m", "heads": []}')
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    data = tmp_path / "r.jsonl"
+    data.write_text(_line() + "\n" + _line() + "\n", encoding="utf-8")
+    rc = main(["run", "--data", str(data), "--out", str(tmp_path / "out"), *NO_MODEL, "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--resume: no checkpoint to resume" in err, err
+    assert len(err.strip().splitlines()) == 1 and "replacing" not in err, err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
 def test_edited_checkpoint_json_is_refused(tmp_path):
     js, ts = tmp_path / "head-L0H1.json", tmp_path / "head-L0H1.safetensors"
     save_checked(js, ts, {"swap": {"delta_p": 0.12}}, {"x": torch.ones(3, dtype=torch.float64)})

@@ -19,7 +19,7 @@ from ..runtime import Timer
 from ..tasks.records import ContrastRecord
 from .config import RunConfig, auto_device, provenance
 from .plan import Plan, plan_records, record_subsets
-from .state import RunState
+from .state import RunState, check_resume
 from .steps.collect import _collect_step
 from .steps.contrast import _contrast_step, _duplicate_notes, _feature_info, _zero_delta_notes
 from .steps.head import HeadInputs, _head_step
@@ -195,6 +195,8 @@ def run(
     dist = Dist.from_env(cfg.device)
     # --out is checked and locked before the model loads; rank 0 alone writes artifacts
     protect = [records] if isinstance(records, (str, Path)) else []
+    if resume:  # nothing to resume: refused before the folder check says it replaces a run
+        check_resume(out_dir)
     folder = (
         RunFolder(out_dir, command="run", force=force, protect=protect) if dist.is_main else None
     )

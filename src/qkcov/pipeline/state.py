@@ -11,6 +11,23 @@ from ..tasks.records import ContrastRecord
 from .config import Head, RunConfig
 
 
+def checkpoint_dir(out: str | Path) -> Path:
+    """The checkpoint folder of a run writing ``out``: ``.<out>.checkpoint/`` beside it."""
+    out = Path(out).expanduser().absolute()
+    return out.parent / f".{out.name}.checkpoint"
+
+
+def check_resume(out: str | Path) -> None:
+    """``--resume`` with no checkpoint of ``out``: one line, before anything is said or
+    written about ``--out``."""
+    d = checkpoint_dir(out)
+    if not (d / "fingerprint.json").is_file():
+        raise ValueError(
+            f"--resume: no checkpoint to resume in {d} (a run makes one with "
+            "--checkpoint-every N); run without --resume to start afresh"
+        )
+
+
 class RunState:
     """Checkpoints of one run in ``.<out>.checkpoint/`` beside ``out``: the contrast
     accumulators (every ``checkpoint_every`` batches, per rank), the head scan and each
@@ -28,8 +45,7 @@ class RunState:
     ) -> None:
         from ..engine.checkpoint import data_hash
 
-        out = Path(out).expanduser().absolute()
-        self.dir = out.parent / f".{out.name}.checkpoint"
+        self.dir = checkpoint_dir(out)
         self.cfg, self.resume, self.dist = cfg, resume, dist
         settings = {k: v for k, v in cfg.to_dict().items() if k != "checkpoint_every"}
         self.fingerprint = {
@@ -42,12 +58,8 @@ class RunState:
         from ..artifacts import read_json, write_json
 
         fp = self.dir / "fingerprint.json"
-        if resume and not fp.is_file():
-            raise ValueError(
-                f"--resume: no checkpoint to resume in {self.dir} (a run makes one with "
-                "--checkpoint-every N); run without --resume to start afresh"
-            )
         if resume:
+            check_resume(out)
             saved = read_json(fp)
             for key in ("records", "settings"):
                 if saved.get(key) != self.fingerprint[key]:
