@@ -66,6 +66,14 @@ def sequential_bases(bases: Sequence[torch.Tensor], tol: float = 1e-8) -> list[t
     return out
 
 
+def _priority(bases: Mapping[str, torch.Tensor], priority: Sequence[str] | None) -> list[str]:
+    """The bases' names in priority order (``priority``, or the mapping's own order)."""
+    names = list(priority) if priority is not None else list(bases)
+    if unknown := [n for n in names if n not in bases]:
+        raise ValueError(f"priority names {unknown} are not among the bases {list(bases)}")
+    return names
+
+
 def attribute(
     q: torch.Tensor,
     K: torch.Tensor,
@@ -87,10 +95,7 @@ def attribute(
         :class:`Attribution` whose ``parts`` sum exactly (to float rounding) to ``total``.
     """
     if isinstance(bases, dict):
-        names = list(priority) if priority is not None else list(bases)
-        unknown = [n for n in names if n not in bases]
-        if unknown:
-            raise ValueError(f"priority names {unknown} are not among the bases {list(bases)}")
+        names = _priority(bases, priority)
         basis_list = [bases[n] for n in names]
     else:
         if priority is not None:
@@ -165,9 +170,7 @@ def explain_logits(
     atts, fracs, centred, err = [], [], [], 0.0
     shares: list[torch.Tensor] = []
     norms: list[torch.Tensor] = []
-    names_in = list(priority) if priority is not None else list(bases)
-    if unknown := [x for x in names_in if x not in bases]:
-        raise ValueError(f"priority names {unknown} are not among the bases {list(bases)}")
+    names_in = _priority(bases, priority)
     ortho = sequential_bases([bases[x] for x in names_in])  # once for every prompt
     for i in range(n):
         a = _attribute(queries[i].double()[None], keys[i].double()[None], names_in, ortho,

@@ -99,24 +99,7 @@ def feature_subspace(
         raise ValueError(f"delta must be a 2-D tensor [d_q, d_k], got {shape}")
     if not torch.isfinite(delta).all():
         raise ValueError("delta contains NaN or inf")
-    check_range("energy", energy, 0.0, 1.0, low_open=True)
-    d = delta.double()
-    u, s, vh = torch.linalg.svd(d, full_matrices=False)
-    curve = _energy_curve(s)
-    if rank is None:
-        r = rank_at_energy(s, energy)
-    else:
-        if not 0 <= rank <= s.numel():
-            raise ValueError(f"rank must be in [0, {s.numel()}], got {rank}")
-        r = rank
-    return FeatureSubspace(
-        rank=r,
-        singular_values=s,
-        query_basis=u[:, :r].contiguous(),
-        key_basis=vh[:r].T.contiguous(),
-        energy_curve=curve,
-        energy=float(energy),
-    )
+    return feature_subspaces(delta[None], energy, rank)[0]
 
 
 def feature_subspaces(
